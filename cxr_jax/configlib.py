@@ -1,0 +1,86 @@
+"""Config blocks shared by every config file, and the checks that turn bad values into clear errors.
+
+Config files in `configs/` build their `ConfigDict` from these blocks so that every task reads the
+data the same way and a split made by one task is the split every other task sees.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from cxr_jax.errors import ConfigError
+
+# The paper's three classes. `LUNG_OPACITY` (later releases) can be added with --config.data.classes.
+PAPER_CLASSES = ("COVID", "NORMAL", "VIRAL_PNEUMONIA")
+
+
+def data_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """The `config.data` block: where the radiographs come from and how they are split."""
+  cfg = ml_collections.ConfigDict()
+  # Folder or Kaggle zip of the COVID-19 Radiography Database. Empty: the embedded synthetic set.
+  cfg.data_dir = ""
+  # Where prepared (array_record) datasets and the generated synthetic set are cached.
+  # Empty: $CXR_JAX_CACHE, else ~/.cache/cxr_jax.
+  cfg.cache_dir = ""
+  cfg.image_size = 256
+  cfg.classes = PAPER_CLASSES
+  # Stratified train / validation / test fractions (see README: 70/10/20 keeps ~44 real COVID
+  # test images at the first release's 219 COVID images, enough for a usable confidence interval).
+  cfg.split_fractions = (0.7, 0.1, 0.2)
+  cfg.split_seed = 0
+  # Near-duplicate (perceptual hash) pairs across train and test: always reported in the split
+  # manifest; dropped from the test split when True.
+  cfg.drop_near_duplicates = False
+  # The embedded synthetic default: class counts 219 : 1,341 : 1,345 (the first release) times
+  # `synthetic_scale`, rendered at `image_size`.
+  cfg.synthetic_scale = 1.0
+  cfg.synthetic_seed = 0
+  cfg.update(overrides)
+  return cfg
+
+
+def require(condition: bool, key: str, message: str) -> None:
+  """Raises a ConfigError naming `key` unless `condition` holds."""
+  if not condition:
+    raise ConfigError(f"config.{key}: {message}")
+
+
+def require_positive_int(cfg: ml_collections.ConfigDict, key: str) -> int:
+  """Reads `cfg.<key>` (dotted) and checks it is an int > 0."""
+  value = get_dotted(cfg, key)
+  require(isinstance(value, int) and not isinstance(value, bool) and value > 0, key,
+          f"must be a positive integer, got {value!r}")
+  return value
+
+
+def get_dotted(cfg: ml_collections.ConfigDict, key: str) -> Any:
+  node = cfg
+  for part in key.split("."):
+    if part not in node:
+      raise ConfigError(f"config.{key}: missing (no key {part!r})")
+    node = node[part]
+  return node
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+  """Flattens a (nested) ConfigDict into {'a.b': value}, for diffs and logging."""
+  out: dict[str, Any] = {}
+  items = cfg.items() if hasattr(cfg, "items") else []
+  for k, v in items:
+    key = f"{prefix}{k}"
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      out.update(flatten(v, key + "."))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def diff(a: Any, b: Any, ignore: tuple[str, ...] = ()) -> list[str]:
+  """Keys (dotted) whose values differ between two configs, ignoring any under `ignore` prefixes."""
+  fa, fb = flatten(a), flatten(b)
+  keys = sorted(set(fa) | set(fb))
+  return [k for k in keys
+          if fa.get(k, "<missing>") != fb.get(k, "<missing>")
+          and not any(k == p or k.startswith(p + ".") for p in ignore)]

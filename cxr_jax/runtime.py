@@ -1,0 +1,38 @@
+"""Process-level set-up done once before any task: multi-host join and the compilation cache."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import logging
+
+from cxr_jax import workdir as workdir_lib
+
+_initialized = False
+
+
+def enable_compilation_cache(cache_dir: str | None = None) -> None:
+  """Persists compiled XLA programs so that a second run (or test session) skips compilation."""
+  path = (os.environ.get("JAX_COMPILATION_CACHE_DIR") or cache_dir or
+          str(workdir_lib.default_cache_dir() / "jax-compilation"))
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def initialize(config) -> None:
+  """Joins a multi-host run when asked (or on a Cloud TPU VM) and turns on the compile cache."""
+  global _initialized
+  if _initialized:
+    return
+  multihost = bool(config.get("multihost", False))
+  if multihost or os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
+    # On Cloud TPU VMs and under SLURM / Open MPI the coordinator is found automatically; elsewhere
+    # set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    jax.distributed.initialize()
+  enable_compilation_cache()
+  _initialized = True
+  logging.info("JAX %s, process %d of %d, %d local / %d global devices (%s)", jax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].device_kind)

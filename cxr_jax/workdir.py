@@ -1,0 +1,77 @@
+"""A run's working directory: created once, reused only by the same config, never clobbered.
+
+The resolved config is written to `<workdir>/config.json`. Starting again with the same workdir and
+an equal config resumes the run; a different config is refused with the differing keys named,
+unless the user passes `--overwrite`, which moves the old contents aside instead of deleting them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import ml_collections
+
+from cxr_jax import configlib
+from cxr_jax.errors import UserError
+
+CONFIG_FILE = "config.json"
+# Keys that may change between a run and its resumption without changing what it computes.
+RESUME_SAFE_KEYS = ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
+                    "eval_every", "multihost", "progress")
+
+
+def default_cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("CXR_JAX_CACHE") or
+                      pathlib.Path.home() / ".cache" / "cxr_jax")
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def prepare(workdir: str | os.PathLike, config: ml_collections.ConfigDict, *,
+            overwrite: bool = False, write: bool = True) -> pathlib.Path:
+  """Creates `workdir` for `config`, or checks that an existing one belongs to an equal config."""
+  path = pathlib.Path(workdir)
+  saved = path / CONFIG_FILE
+  if saved.exists():
+    try:
+      old = json.loads(saved.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+      raise UserError(f"{saved}: cannot read the saved config ({e}); pass --overwrite to start "
+                      "a new run here (the old contents are kept aside)") from None
+    new = json.loads(config_to_json(config))
+    differing = configlib.diff(old, new, ignore=RESUME_SAFE_KEYS)
+    if differing and not overwrite:
+      shown = ", ".join(f"{k} ({_fmt(configlib.flatten(old).get(k))} -> "
+                        f"{_fmt(configlib.flatten(new).get(k))})" for k in differing[:12])
+      raise UserError(
+          f"{path} holds a run with a different config; differing keys: {shown}. Use another "
+          "--workdir, or pass --overwrite to move the old run aside and start afresh.")
+    if differing and overwrite:
+      stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+      aside = path.with_name(f"{path.name}.old-{stamp}")
+      shutil.move(str(path), str(aside))
+      print(f"Moved the previous run in {path} to {aside}")
+  path.mkdir(parents=True, exist_ok=True)
+  if write and is_writer():
+    tmp = path / (CONFIG_FILE + ".tmp")
+    tmp.write_text(config_to_json(config))
+    tmp.replace(saved)
+  return path
+
+
+def is_writer() -> bool:
+  """Only process 0 of a multi-host run writes logs, images and reports."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.process_index() == 0
+
+
+def _fmt(value: Any) -> str:
+  text = repr(value)
+  return text if len(text) <= 40 else text[:37] + "..."
