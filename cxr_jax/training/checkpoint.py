@@ -1,0 +1,144 @@
+"""Orbax checkpoints of a whole training state, saved asynchronously and restored exactly.
+
+The state pytree (nnx.State objects, optax states, step, RNG key) is saved as a flat dict keyed by
+its key paths, so that a checkpoint is readable without the Python classes that made it, and a
+mismatch with the model being restored is reported key by key instead of as an Orbax traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from cxr_jax.errors import UserError
+
+
+def flatten(tree: Any) -> dict[str, Any]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  flat = {}
+  for path, leaf in leaves:
+    flat[_key(path)] = leaf
+  return flat
+
+
+def unflatten(template: Any, flat: dict[str, Any]) -> Any:
+  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+  return jax.tree_util.tree_unflatten(treedef, [flat[_key(p)] for p, _ in paths_leaves])
+
+
+def _key(path) -> str:
+  parts = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+    else:
+      parts.append(str(entry))
+  return "/".join(parts)
+
+
+def abstract(tree: Any) -> Any:
+  """Shape/dtype/sharding stand-ins, the restore target Orbax needs."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)
+
+
+class Checkpointer:
+  """Keeps the last `max_to_keep` checkpoints of a run under `directory` (async writes).
+
+  With `best_metric`, a second manager under `<directory>/../best` keeps the single checkpoint with
+  the highest value of that metric (e.g. validation macro-F1), beside the latest ones.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
+               asynchronous: bool = True, best_metric: str | None = None):
+    self.directory = pathlib.Path(directory).absolute()
+    self._mgr = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             enable_async_checkpointing=asynchronous))
+    self.best_metric = best_metric
+    self._best = None
+    if best_metric:
+      self._best = ocp.CheckpointManager(
+          self.directory.parent / "best",
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=1, create=True, enable_async_checkpointing=asynchronous,
+              best_fn=lambda m: m[best_metric], best_mode="max"))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._mgr.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._mgr.latest_step()
+
+  def save(self, step: int, state: Any, *, metrics: dict[str, float] | None = None,
+           force: bool = False) -> None:
+    flat = flatten(state)
+    self._mgr.save(step, args=ocp.args.StandardSave(flat), force=force)
+    if self._best is not None and metrics is not None:
+      self._best.save(step, args=ocp.args.StandardSave(flat),
+                      metrics={k: float(v) for k, v in metrics.items()}, force=True)
+
+  def restore(self, step: int, template: Any, *, best: bool = False) -> Any:
+    mgr = self._best if best else self._mgr
+    self._check_compatible(mgr, step, template)
+    flat = mgr.restore(step, args=ocp.args.StandardRestore(abstract(flatten(template))))
+    return unflatten(template, flat)
+
+  def best_step(self) -> int | None:
+    return None if self._best is None else self._best.best_step()
+
+  def restore_latest(self, template: Any) -> tuple[Any, int | None]:
+    """The newest readable checkpoint, falling back to older ones (nothing is deleted)."""
+    for step in reversed(self.all_steps()):
+      try:
+        return self.restore(step, template), step
+      except UserError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("Checkpoint %s/%d is unreadable (%s: %s); trying the one before it. "
+                        "It is left on disk.", self.directory, step, type(e).__name__, e)
+    return None, None
+
+  def _check_compatible(self, mgr, step: int, template: Any) -> None:
+    try:
+      meta = mgr.item_metadata(step)
+    except Exception:  # pylint: disable=broad-except
+      return  # unreadable metadata: let restore fail and fall back
+    if meta is None:
+      return
+    saved = {k: tuple(getattr(v, "shape", ()) or ()) for k, v in dict(meta).items()}
+    wanted = {k: tuple(np.shape(v)) for k, v in flatten(template).items()}
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    shapes = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    if missing or extra or shapes:
+      parts = []
+      if shapes:
+        parts.append("shape differs for " + ", ".join(
+            f"{k} (checkpoint {saved[k]}, model {wanted[k]})" for k in shapes[:5]))
+      if missing:
+        parts.append("not in checkpoint: " + ", ".join(missing[:5]))
+      if extra:
+        parts.append("only in checkpoint: " + ", ".join(extra[:5]))
+      raise UserError(f"{self.directory}/{step} is a checkpoint of another model or config: "
+                      + "; ".join(parts))
+
+  def wait(self) -> None:
+    self._mgr.wait_until_finished()
+    if self._best is not None:
+      self._best.wait_until_finished()
+
+  def close(self) -> None:
+    self._mgr.close()
+    if self._best is not None:
+      self._best.close()

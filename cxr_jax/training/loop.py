@@ -1,0 +1,106 @@
+"""The host side of training, shared by every trainer.
+
+The trainer supplies a jitted `chunk_fn(state, num_steps)` that runs `num_steps` steps on the
+device (`lax.scan`) and returns per-step metrics stacked along axis 0. This loop only decides when
+to fetch those metrics, write summaries, run evaluations and save checkpoints; between those points
+it queues chunks without waiting for the device, so Python dispatch never gates a step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+
+from cxr_jax.errors import UserError
+from cxr_jax.training.checkpoint import Checkpointer
+from cxr_jax.training.summary import Progress, SummaryWriter
+
+
+class TrainingDiverged(UserError):
+  """A loss or gradient became NaN or infinite; the message names the step and the quantity."""
+
+
+@dataclasses.dataclass
+class Schedule:
+  total_steps: int
+  steps_per_call: int
+  log_every: int
+  checkpoint_every: int
+  # Optional periodic work: validation (returns metrics for the best checkpoint), sample images.
+  eval_every: int = 0
+  hook_every: int = 0
+
+
+def _next_boundary(step: int, every: int) -> int:
+  return (step // every + 1) * every if every > 0 else np.iinfo(np.int64).max
+
+
+def run(state: Any, *, chunk_fn: Callable[[Any, int], tuple[Any, Mapping[str, jax.Array]]],
+        schedule: Schedule, start_step: int, checkpointer: Checkpointer | None,
+        writer: SummaryWriter, name: str, images_per_step: int,
+        eval_fn: Callable[[int, Any], Mapping[str, float]] | None = None,
+        hook_fn: Callable[[int, Any], None] | None = None) -> Any:
+  """Trains from `start_step` to `schedule.total_steps`; returns the final state."""
+  s = schedule
+  step = start_step
+  pending: list[tuple[int, Mapping[str, jax.Array]]] = []
+  progress = Progress(s.total_steps, start_step, images_per_step=images_per_step, name=name)
+
+  def flush_metrics() -> dict[str, float]:
+    """Fetches queued metrics (the only host sync between log points) and checks them."""
+    if not pending:
+      return {}
+    fetched = jax.device_get(pending)
+    pending.clear()
+    _check_finite(fetched)
+    stacked = {k: np.concatenate([np.atleast_1d(m[k]) for _, m in fetched])
+               for k in fetched[0][1]}
+    return {k: float(np.mean(v)) for k, v in stacked.items()}
+
+  while step < s.total_steps:
+    boundaries = [s.total_steps, _next_boundary(step, s.log_every),
+                  _next_boundary(step, s.checkpoint_every), _next_boundary(step, s.eval_every),
+                  _next_boundary(step, s.hook_every)]
+    k = int(min([step + s.steps_per_call] + boundaries) - step)
+    state, metrics = chunk_fn(state, k)
+    pending.append((step, metrics))
+    step += k
+
+    at_end = step >= s.total_steps
+    if step % s.log_every == 0 or at_end:
+      means = flush_metrics()
+      rate = progress.rate(step)
+      progress.report(step, means, rate)
+      writer.scalars(step, {f"train/{k}": v for k, v in means.items()})
+      writer.scalars(step, {"perf/steps_per_sec": rate,
+                            "perf/images_per_sec": rate * images_per_step})
+    eval_metrics = None
+    if eval_fn is not None and ((s.eval_every and step % s.eval_every == 0) or at_end):
+      flush_metrics()
+      eval_metrics = dict(eval_fn(step, state))
+      writer.scalars(step, {f"val/{k}": v for k, v in eval_metrics.items()})
+    if hook_fn is not None and ((s.hook_every and step % s.hook_every == 0) or at_end):
+      hook_fn(step, state)
+    if checkpointer is not None and (step % s.checkpoint_every == 0 or at_end):
+      flush_metrics()  # never save a state that has already diverged
+      checkpointer.save(step, state, metrics=eval_metrics, force=at_end)
+  writer.flush()
+  if checkpointer is not None:
+    checkpointer.wait()
+  return state
+
+
+def _check_finite(fetched) -> None:
+  for first_step, metrics in fetched:
+    for name, values in metrics.items():
+      values = np.atleast_1d(np.asarray(values, np.float64))
+      bad = np.flatnonzero(~np.isfinite(values))
+      if bad.size:
+        raise TrainingDiverged(
+            f"training diverged: {name} is {values[bad[0]]} at step {first_step + int(bad[0]) + 1}"
+            "; the last checkpoint before it is kept. Lower the learning rate, or use float32 "
+            "compute (config.compute_dtype='float32').")

@@ -1,0 +1,61 @@
+"""The device mesh: one `data` axis over every device of every process.
+
+Training data is small (a few hundred MB at 256 px), so it is replicated on each device and each
+step gathers its share of the global batch there; parameters are replicated; the batch dimension
+of activations is sharded along `data`, which makes BatchNorm statistics global-batch statistics.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cxr_jax.errors import ConfigError
+
+DATA_AXIS = "data"
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D `data` mesh over the first `num_devices` devices (default: all)."""
+  devices = jax.devices()
+  n = num_devices or len(devices)
+  if n > len(devices):
+    raise ConfigError(f"config.num_devices: {n} requested, {len(devices)} available")
+  return Mesh(np.asarray(devices[:n]), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_global_batch(batch_size: int, mesh: Mesh, key: str = "batch_size") -> None:
+  n = mesh.devices.size
+  if batch_size % n:
+    raise ConfigError(f"config.{key}: the global batch ({batch_size}) must be a multiple of the "
+                      f"number of devices ({n}); use {max(n, batch_size // n * n)} or a multiple")
+
+
+def put_replicated(tree, mesh: Mesh):
+  """Host arrays -> arrays replicated on every device of the mesh (multi-host safe: each process
+  holds the same host copy and provides its local devices' data)."""
+  sharding = replicated(mesh)
+
+  def put(x):
+    x = np.asarray(x) if not isinstance(x, jax.Array) else x
+    if isinstance(x, jax.Array) and jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+  return jax.tree.map(put, tree)
+
+
+def put_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A host-global batch -> an array sharded along `data` (each process keeps its slices)."""
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, batch_sharding(mesh), lambda idx: host[idx])
