@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 from typing import Any
 
@@ -24,7 +23,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
@@ -34,6 +32,7 @@ from cxr_jax.errors import ConfigError, UserError
 from cxr_jax.models.patchgan import PatchGAN
 from cxr_jax.models.unet import UNetGenerator
 from cxr_jax.training import augment as augment_lib
+from cxr_jax.training import export
 from cxr_jax.training import loop
 from cxr_jax.training import mesh as mesh_lib
 from cxr_jax.training.checkpoint import Checkpointer
@@ -42,7 +41,6 @@ from cxr_jax.training.summary import SummaryWriter
 from cxr_jax.utils import grid
 
 GENERATOR_DIR = "generator"
-GENERATOR_META = "generator.json"
 _DATA_STREAM = 0x5EED  # separates the data-order stream from the per-step stream
 
 
@@ -297,34 +295,20 @@ class Generator:
 
 
 def export_generator(directory: pathlib.Path, model: Pix2Pix, state: State, meta: dict) -> None:
-  """Parameters + batch statistics (no optimiser state) and the model config, for synthesis."""
-  directory = pathlib.Path(directory).absolute()
-  meta = dict(meta, image_size=model.image_size, channels=model.channels,
-              model=model.config.model.to_dict(), compute_dtype=model.config.compute_dtype,
+  """The generator's parameters and batch statistics (no optimiser state), for synthesis."""
+  meta = dict(meta, kind="pix2pix_generator", image_size=model.image_size,
+              channels=model.channels, model=model.config.model.to_dict(),
+              compute_dtype=model.config.compute_dtype,
               inference_norm=model.config.model.inference_norm, step=int(state.step))
-  target = directory / "params"
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(target, {"params": nnx.to_pure_dict(state.g_params),
-                        "stats": nnx.to_pure_dict(state.g_stats)}, force=True)
-  if workdir_lib.is_writer():
-    (directory / GENERATOR_META).write_text(json.dumps(meta, indent=2, default=str))
+  export.save(directory, state.g_params, state.g_stats, meta)
 
 
 def load_generator(directory: str | pathlib.Path) -> Generator:
-  directory = pathlib.Path(directory).absolute()
-  meta_path = directory / GENERATOR_META
-  if not meta_path.exists():
-    raise UserError(f"{directory}: not an exported generator (no {GENERATOR_META}); train one "
-                    "with configs/pix2pix.py, which exports it to <workdir>/generator")
-  meta = json.loads(meta_path.read_text())
-  model_cfg = ml_collections.ConfigDict(meta["model"])
-  gen, _ = build_networks(model_cfg, meta["image_size"], meta["channels"],
-                          meta["compute_dtype"], seed=0)
+  meta = export.read_meta(directory, "pix2pix_generator")
+  gen, _ = build_networks(ml_collections.ConfigDict(meta["model"]), meta["image_size"],
+                          meta["channels"], meta["compute_dtype"], seed=0)
   gen_f, params, stats = Functional.split(gen)
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(directory / "params")
-  nnx.replace_by_pure_dict(params, restored["params"])
-  nnx.replace_by_pure_dict(stats, restored["stats"])
+  export.restore_into(directory, params, stats)
   return Generator(meta=meta, gen=gen_f, params=params, stats=stats)
 
 

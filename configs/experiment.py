@@ -1,0 +1,78 @@
+"""The paper's whole experiment: split, pix2pix, synthesis, classifiers, report.
+
+  python main.py --config=configs/experiment.py:demo     # synthetic data, small; <= 15 min on 2 CPU cores
+  python main.py --config=configs/experiment.py:paper --config.data.data_dir=/data/COVID-19_Radiography_Database \
+      --config.pretrained=/weights/resnet50-11ad3fa6.safetensors     # GPU / TPU
+  python main.py --config=configs/experiment.py:smoke    # seconds; used by the tests
+
+Re-running the same command skips finished stages and resumes an interrupted one.
+The report is <workdir>/report.md (and report.json, report.csv).
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+from cxr_jax import configlib
+
+
+def _sibling(name: str):
+  """Loads configs/<name>.py by path, so that this file works wherever the configs folder is."""
+  path = pathlib.Path(__file__).with_name(f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"cxr_jax_configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
+  pix2pix, classifier, synthesize = (_sibling(n) for n in ("pix2pix", "classifier", "synthesize"))
+  base = {"paper": "", "demo": "", "smoke": "smoke"}
+  if variant not in base:
+    raise ValueError(f"unknown variant {variant!r} of configs/experiment.py; use 'paper', 'demo' "
+                     "or 'smoke'")
+  config = ml_collections.ConfigDict()
+  config.task = "experiment"
+  config.name = f"experiment-{variant}"
+  config.multihost = False
+  config.data = configlib.data_config()
+  config.seeds = (0, 1, 2)
+  config.pretrained = ""               # ImageNet ResNet-50 weights: enables the transfer rows
+  config.pix2pix = pix2pix.get_config(base[variant])
+  config.synthesize = synthesize.get_config(base[variant])
+  config.classifier = classifier.get_config("smoke" if variant == "smoke" else "scratch")
+  transfer = classifier.get_config("transfer")
+  # What the transfer rows change relative to the scratch rows.
+  config.transfer = ml_collections.ConfigDict(dict(
+      learning_rate=transfer.learning_rate, num_epochs=transfer.num_epochs,
+      freeze_backbone_epochs=transfer.freeze_backbone_epochs))
+  for block in (config.pix2pix, config.synthesize, config.classifier):
+    del block["data"]                  # every stage uses config.data
+
+  if variant == "paper":
+    config.synthesize.num_synthetic = "1100"
+  elif variant == "demo":
+    config.data.image_size = 64
+    config.data.synthetic_scale = 0.25
+    config.seeds = (0, 1, 2)
+    p = config.pix2pix
+    p.model.ngf, p.model.ndf = 16, 16
+    p.batch_size, p.num_epochs, p.decay_epochs = 4, 12, 6
+    p.steps_per_call, p.log_every, p.sample_every, p.checkpoint_every = 25, 100, 250, 250
+    config.synthesize.num_synthetic = "balance"
+    c = config.classifier
+    c.model.stage_sizes, c.model.width = (1, 1, 1, 1), 16
+    c.compute_dtype = "float32"
+    c.image_size, c.batch_size, c.eval_batch_size = 56, 32, 128
+    c.num_epochs, c.warmup_epochs, c.learning_rate = 10, 1, 0.05
+    c.steps_per_call, c.log_every = 10, 50
+    c.n_bootstrap = 500
+    config.transfer.num_epochs = 5
+  elif variant == "smoke":
+    config.data.image_size = 32
+    config.data.synthetic_scale = 0.02
+    config.seeds = (0,)
+    config.synthesize.num_synthetic = "balance"
+    config.transfer.num_epochs = 2
+  return config

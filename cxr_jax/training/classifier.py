@@ -1,0 +1,399 @@
+"""ResNet-50 COVID / normal / viral-pneumonia classifier, from scratch or by ImageNet transfer.
+
+It runs on the machinery pix2pix uses (mesh, device-resident uint8 data, `lax.scan` chunks,
+Orbax, TensorBoard). Training data is `original` (the real training split) or `enhanced` (plus
+synthetic COVID images with provenance); validation and test are real images only. Each epoch ends
+with a validation pass; the checkpoint with the best validation macro-F1 is the one evaluated on
+the test split and exported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from cxr_jax import configlib
+from cxr_jax.errors import ConfigError, UserError
+from cxr_jax.models import pretrained as pretrained_lib
+from cxr_jax.models.resnet import ResNet
+from cxr_jax.training import augment as augment_lib
+from cxr_jax.training import export
+from cxr_jax.training import loop
+from cxr_jax.training import mesh as mesh_lib
+from cxr_jax.training.checkpoint import Checkpointer
+from cxr_jax.training.functional import Functional
+from cxr_jax.training.summary import SummaryWriter
+
+CLASSIFIER_DIR = "classifier"
+# Scratch models see [0, 1] intensities standardised with these (roughly a radiograph's statistics).
+SCRATCH_MEAN, SCRATCH_STD = 0.5, 0.25
+
+
+@flax.struct.dataclass
+class State:
+  step: jax.Array
+  rng: jax.Array
+  params: Any
+  stats: Any
+  opt: Any
+
+
+def _dtype(name: str):
+  if name not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.compute_dtype: {name!r} is not 'float32' or 'bfloat16'")
+  return jnp.float32 if name == "float32" else jnp.bfloat16
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """How uint8 radiographs become network input: size, and the normalisation the weights expect."""
+  image_size: int
+  in_channels: int
+  weights_preprocess: Any = None  # pretrained_lib's description, or None for scratch
+
+  def __call__(self, x01: jax.Array) -> jax.Array:
+    """float [B, S, S, 1] in [0, 1] -> normalised network input."""
+    if self.weights_preprocess is None:
+      return (x01 - SCRATCH_MEAN) / SCRATCH_STD
+    return pretrained_lib.normalize(x01, self.weights_preprocess, self.in_channels)
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int, compute_dtype: str,
+                seed: int, pretrained_path: str = "") -> tuple[ResNet, Any, str]:
+  """The ResNet, ImageNet weights applied when `pretrained_path` is given; returns
+  (model, weights preprocess or None, architecture variant)."""
+  variant, weights = model_cfg.variant, None
+  if pretrained_path:
+    weights = pretrained_lib.load_imagenet_resnet50(pretrained_path)
+    variant = weights.variant
+  model = ResNet(num_classes=num_classes, in_channels=model_cfg.in_channels,
+                 stage_sizes=tuple(model_cfg.stage_sizes), width=model_cfg.width,
+                 variant=variant, rngs=nnx.Rngs(seed), dtype=_dtype(compute_dtype))
+  if weights is not None:
+    pretrained_lib.apply_pretrained(model, weights, in_channels=model_cfg.in_channels)
+    return model, weights.preprocess, variant
+  return model, None, variant
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int):
+  """SGD with momentum (Nesterov) or AdamW; linear warm-up then cosine decay; decay on kernels."""
+  warmup = min(config.warmup_epochs * steps_per_epoch, max(total_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, total_steps,
+                                                end_value=0.0)
+  kernels = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+  if config.optimizer == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=kernels),
+                     optax.sgd(schedule, momentum=config.momentum, nesterov=True))
+  elif config.optimizer == "adamw":
+    tx = optax.adamw(schedule, weight_decay=config.weight_decay, mask=kernels)
+  else:
+    raise ConfigError(f"config.optimizer: {config.optimizer!r} is not 'sgd' or 'adamw'")
+  return tx, schedule
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """'Balanced' weights n / (K * n_c): the classical answer to class imbalance, a baseline
+  against GAN enhancement."""
+  counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+  weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+  return weights.astype(np.float32)
+
+
+def loss_fn(logits: jax.Array, labels: jax.Array, *, num_classes: int, label_smoothing: float,
+            weights: jax.Array | None) -> jax.Array:
+  """Cross-entropy with optional label smoothing and per-class weights (mean over the batch)."""
+  onehot = jax.nn.one_hot(labels, num_classes)
+  targets = onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
+  losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  if weights is not None:
+    losses = losses * weights[labels]
+  return jnp.mean(losses)
+
+
+class Classifier:
+  """Networks, optimiser and compiled functions of one classifier config on one mesh."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, num_classes: int,
+               steps_per_epoch: int, total_steps: int, mesh: jax.sharding.Mesh,
+               weights: np.ndarray | None):
+    self.config, self.mesh, self.num_classes = config, mesh, num_classes
+    self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+    model, weights_pre, self.variant = build_model(config.model, num_classes,
+                                                   config.compute_dtype, config.seed,
+                                                   config.pretrained)
+    self.net, params, stats = Functional.split(model)
+    self._init = (params, stats)
+    self.preprocess = Preprocess(config.image_size, config.model.in_channels, weights_pre)
+    self.tx, self.schedule = make_optimizer(config, total_steps, steps_per_epoch)
+    self.augment = augment_lib.AugmentSpec.from_config(config.augment, config.image_size)
+    self.class_w = None if weights is None else jnp.asarray(weights)
+    self.freeze_steps = config.freeze_backbone_epochs * steps_per_epoch
+    self._head_mask = jax.tree_util.tree_map_with_path(
+        lambda path, _: any(getattr(p, "key", None) == "fc" for p in path), params)
+    rep, batch = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+    self._batch_sharding = batch
+    self.chunk = jax.jit(self._chunk, static_argnames="num_steps", donate_argnums=0,
+                         in_shardings=(rep, rep, rep), out_shardings=(rep, rep))
+    self.predict_batch = jax.jit(self._predict, in_shardings=(rep, rep, batch),
+                                 out_shardings=batch)
+
+  def init_state(self) -> State:
+    params, stats = self._init
+    state = State(step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(self.config.seed),
+                  params=params, stats=stats, opt=self.tx.init(params))
+    return mesh_lib.put_replicated(state, self.mesh)
+
+  def inputs(self, images_u8: jax.Array, key: jax.Array | None) -> jax.Array:
+    """Augmented (training, with a key) or resized (evaluation) and normalised network input."""
+    x = (augment_lib.augment(images_u8, key, self.augment) if key is not None
+         else augment_lib.resize(images_u8, self.config.image_size))
+    return self.preprocess(x)
+
+  def train_step(self, state: State, images_u8: jax.Array, labels: jax.Array,
+                 key: jax.Array) -> tuple[State, dict[str, jax.Array]]:
+    x = jax.lax.with_sharding_constraint(self.inputs(images_u8, key), self._batch_sharding)
+
+    def objective(params):
+      logits, stats = self.net.apply(params, state.stats, x, train=True)
+      loss = loss_fn(logits, labels, num_classes=self.num_classes,
+                     label_smoothing=self.config.label_smoothing, weights=self.class_w)
+      return loss, (stats, logits)
+
+    (loss, (stats, logits)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    updates, opt = self.tx.update(grads, state.opt, state.params)
+    if self.freeze_steps:
+      train_backbone = (state.step >= self.freeze_steps).astype(jnp.float32)
+      updates = jax.tree.map(lambda u, head: u if head else u * train_backbone.astype(u.dtype),
+                             updates, self._head_mask)
+      # A frozen backbone keeps its ImageNet statistics too.
+      stats = jax.tree.map(lambda new, old: jnp.where(train_backbone > 0, new, old), stats,
+                           state.stats)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels)
+                                                  .astype(jnp.float32)),
+               "grad_norm": optax.global_norm(grads),
+               "learning_rate": jnp.asarray(self.schedule(state.step), jnp.float32)}
+    return state.replace(step=state.step + 1, params=params, stats=stats, opt=opt), metrics
+
+  def _chunk(self, state: State, images: jax.Array, labels: jax.Array, *, num_steps: int):
+    b, spe = self.config.batch_size, self.steps_per_epoch
+
+    def body(st, _):
+      epoch, within = st.step // spe, st.step % spe
+      order = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(st.rng, 0xDA7A),
+                                                        epoch), images.shape[0])
+      idx = jax.lax.dynamic_slice(order, (within * b,), (b,))
+      return self.train_step(st, images[idx], labels[idx], jax.random.fold_in(st.rng, st.step))
+
+    return jax.lax.scan(body, state, None, length=num_steps)
+
+  def _predict(self, params, stats, images_u8):
+    logits, _ = self.net.apply(params, stats, self.inputs(images_u8, None), train=False)
+    return jax.nn.softmax(logits)
+
+  def predict(self, params, stats, images_u8: np.ndarray) -> np.ndarray:
+    """Class probabilities [N, K] for uint8 images, in fixed-size (padded) batches."""
+    return predict_in_batches(self.predict_batch, params, stats, images_u8,
+                              self.config.eval_batch_size, self.mesh)
+
+
+def predict_in_batches(fn, params, stats, images_u8: np.ndarray, batch_size: int,
+                       mesh: jax.sharding.Mesh) -> np.ndarray:
+  n_dev = mesh.devices.size
+  batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
+  out = []
+  for start in range(0, len(images_u8), batch_size):
+    chunk = np.asarray(images_u8[start:start + batch_size])
+    n = len(chunk)
+    if n < batch_size:
+      chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+    out.append(np.asarray(jax.device_get(fn(params, stats, mesh_lib.put_batch(chunk, mesh))))[:n])
+  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+# ----------------------------------------------------------------------------------- export
+
+
+@dataclasses.dataclass
+class TrainedClassifier:
+  """An exported classifier: probabilities, pooled features (for FID) and Grad-CAM inputs."""
+  meta: dict
+  net: Functional
+  params: Any
+  stats: Any
+  preprocess: Preprocess
+
+  def __post_init__(self):
+    self._probs = jax.jit(self._probs_fn)
+    self._feats = jax.jit(self._feats_fn)
+
+  def network_input(self, images_u8):
+    return self.preprocess(augment_lib.resize(images_u8, self.preprocess.image_size))
+
+  def _probs_fn(self, params, stats, images_u8):
+    logits, _ = self.net.apply(params, stats, self.network_input(images_u8), train=False)
+    return jax.nn.softmax(logits)
+
+  def _feats_fn(self, params, stats, images_u8):
+    fmap, _ = self.net.apply(params, stats, self.network_input(images_u8), train=False,
+                             method="features")
+    return jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
+
+  def predict(self, images_u8: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    mesh = mesh_lib.make_mesh()
+    params, stats = mesh_lib.put_replicated((self.params, self.stats), mesh)
+    return predict_in_batches(self._probs, params, stats, images_u8, batch_size, mesh)
+
+  def features(self, images_u8: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Globally pooled last-stage features, [N, 2048] for ResNet-50."""
+    mesh = mesh_lib.make_mesh()
+    params, stats = mesh_lib.put_replicated((self.params, self.stats), mesh)
+    return predict_in_batches(self._feats, params, stats, images_u8, batch_size, mesh)
+
+  def feature_and_head_fns(self):
+    """(features_fn, head_fn) over network input, for Grad-CAM."""
+    def features_fn(x):
+      return self.net.apply(self.params, self.stats, x, train=False, method="features")[0]
+
+    def head_fn(fmap):
+      return self.net.apply(self.params, self.stats, fmap, method="head")[0]
+    return features_fn, head_fn
+
+
+def export_classifier(directory: pathlib.Path, model: Classifier, params, stats, meta: dict):
+  cfg = model.config
+  meta = dict(meta, kind="classifier", class_names=list(meta["class_names"]),
+              model=dict(cfg.model.to_dict(), variant=model.variant),
+              image_size=cfg.image_size, compute_dtype=cfg.compute_dtype,
+              weights_preprocess=model.preprocess.weights_preprocess)
+  export.save(directory, params, stats, meta)
+
+
+def load_classifier(directory: str | pathlib.Path) -> TrainedClassifier:
+  meta = export.read_meta(directory, "classifier")
+  model_cfg = ml_collections.ConfigDict(meta["model"])
+  model = ResNet(num_classes=len(meta["class_names"]), in_channels=model_cfg.in_channels,
+                 stage_sizes=tuple(model_cfg.stage_sizes), width=model_cfg.width,
+                 variant=model_cfg.variant, rngs=nnx.Rngs(0), dtype=_dtype(meta["compute_dtype"]))
+  net, params, stats = Functional.split(model)
+  export.restore_into(directory, params, stats)
+  pre = meta.get("weights_preprocess")
+  preprocess = Preprocess(meta["image_size"], model_cfg.in_channels,
+                          pretrained_lib.preprocess_from_json(pre) if pre else None)
+  return TrainedClassifier(meta=meta, net=net, params=params, stats=stats, preprocess=preprocess)
+
+
+# ------------------------------------------------------------------------------------- task
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  for key in ("batch_size", "eval_batch_size", "num_epochs", "steps_per_call", "log_every",
+              "keep_checkpoints", "image_size", "model.width", "model.in_channels"):
+    configlib.require_positive_int(config, key)
+  configlib.require(config.train_data in ("original", "enhanced"), "train_data",
+                    f"{config.train_data!r} is not 'original' or 'enhanced'")
+  configlib.require(config.train_data != "enhanced" or bool(config.synthetic_dir),
+                    "synthetic_dir", "train_data='enhanced' needs the folder written by the "
+                    "synthesize task (its manifest.csv)")
+  configlib.require(0.0 <= config.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
+  configlib.require(config.learning_rate > 0, "learning_rate", "must be > 0")
+  configlib.require(0 <= config.freeze_backbone_epochs <= config.num_epochs,
+                    "freeze_backbone_epochs", "must be between 0 and num_epochs")
+  configlib.require(config.model.in_channels in (1, 3), "model.in_channels", "must be 1 or 3")
+  configlib.require(config.image_size <= config.data.image_size, "image_size",
+                    f"must not exceed the prepared data's size (data.image_size="
+                    f"{config.data.image_size})")
+  _dtype(config.compute_dtype)
+
+
+def training_set(config, splits) -> Any:
+  """The real training split, plus the synthetic images for `enhanced` (leakage-checked)."""
+  from cxr_jax.data import enhanced  # pylint: disable=import-outside-toplevel
+  train = splits["train"]
+  if config.train_data == "enhanced":
+    synthetic = enhanced.load_synthetic_set(config.synthetic_dir, splits,
+                                            image_size=config.data.image_size)
+    logging.info("Enhanced training set: %d real + %d synthetic images (%s)", len(train),
+                 len(synthetic), config.synthetic_dir)
+    train = enhanced.concatenate(train, synthetic)
+  return train
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+  """The `classifier` task: trains, keeps the best checkpoint, evaluates it on the test split."""
+  from cxr_jax.data import dataset  # pylint: disable=import-outside-toplevel
+  from cxr_jax.evaluation import report_classifier  # pylint: disable=import-outside-toplevel
+
+  validate(config)
+  workdir = pathlib.Path(workdir)
+  mesh = mesh_lib.make_mesh(config.get("num_devices") or None)
+  mesh_lib.check_global_batch(config.batch_size, mesh)
+  mesh_lib.check_global_batch(config.eval_batch_size, mesh, "eval_batch_size")
+  splits = dataset.load_splits(config.data, workdir)
+  train = training_set(config, splits)
+  class_names = train.class_names
+  if len(train) < config.batch_size:
+    raise UserError(f"config.batch_size: {config.batch_size} is larger than the training set "
+                    f"({len(train)} images)")
+  steps_per_epoch = len(train) // config.batch_size
+  total_steps = config.num_epochs * steps_per_epoch
+  logging.info("classifier (%s, %s): %d training images %s, %d steps/epoch, %d steps",
+               config.train_data, "transfer" if config.pretrained else "scratch", len(train),
+               train.counts(), steps_per_epoch, total_steps)
+  weights = (class_weights(train.labels, len(class_names)) if config.class_weighted_loss
+             else None)
+  model = Classifier(config, num_classes=len(class_names), steps_per_epoch=steps_per_epoch,
+                     total_steps=total_steps, mesh=mesh, weights=weights)
+  state = model.init_state()
+  ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints,
+                      best_metric="macro_f1")
+  restored, start = ckpt.restore_latest(state)
+  if restored is not None:
+    state = restored
+    logging.info("Resumed from %s at step %d", ckpt.directory, start)
+  images_dev, labels_dev = mesh_lib.put_replicated(
+      (train.images, train.labels.astype(np.int32)), mesh)
+  writer = SummaryWriter(workdir / "tensorboard")
+  val = splits["val"]
+
+  def evaluate(step, st):
+    from sklearn.metrics import f1_score  # pylint: disable=import-outside-toplevel
+    probs = model.predict(st.params, st.stats, val.images)
+    pred = probs.argmax(-1)
+    return {"accuracy": float(np.mean(pred == val.labels)),
+            "macro_f1": float(f1_score(val.labels, pred, average="macro",
+                                       labels=list(range(len(class_names))), zero_division=0))}
+
+  state = loop.run(
+      state, chunk_fn=lambda st, k: model.chunk(st, images_dev, labels_dev, num_steps=k),
+      schedule=loop.Schedule(total_steps=total_steps, steps_per_call=config.steps_per_call,
+                             log_every=config.log_every, checkpoint_every=steps_per_epoch,
+                             eval_every=steps_per_epoch),
+      start_step=start or 0, checkpointer=ckpt, writer=writer, name="classifier",
+      images_per_step=config.batch_size, eval_fn=evaluate)
+  best_step = ckpt.best_step()
+  best = ckpt.restore(best_step, state, best=True) if best_step is not None else state
+  ckpt.close()
+  logging.info("Best validation macro-F1 at step %s; evaluating it on the test split", best_step)
+  meta = {"class_names": class_names, "train_data": config.train_data,
+          "pretrained": config.pretrained, "best_step": best_step,
+          "train_counts": train.counts(), "workdir": str(workdir)}
+  export_classifier(workdir / CLASSIFIER_DIR, model, best.params, best.stats, meta)
+  trained = load_classifier(workdir / CLASSIFIER_DIR)
+  result = report_classifier.evaluate_on_test(trained, splits["test"], workdir,
+                                              title=config.name, num_gradcam=config.num_gradcam,
+                                              n_bootstrap=config.n_bootstrap,
+                                              train_hashes=train.hashes)
+  writer.scalars(total_steps, {f"test/{k}": v for k, v in result["summary"].items()})
+  writer.close()
+  return result
