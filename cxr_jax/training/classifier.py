@@ -387,7 +387,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
   logging.info("Best validation macro-F1 at step %s; evaluating it on the test split", best_step)
   meta = {"class_names": class_names, "train_data": config.train_data,
           "pretrained": config.pretrained, "best_step": best_step,
-          "train_counts": train.counts(), "workdir": str(workdir)}
+          "train_counts": train.counts(), "workdir": str(workdir),
+          "data_image_size": config.data.image_size}
   export_classifier(workdir / CLASSIFIER_DIR, model, best.params, best.stats, meta)
   trained = load_classifier(workdir / CLASSIFIER_DIR)
   result = report_classifier.evaluate_on_test(trained, splits["test"], workdir,

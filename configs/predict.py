@@ -1,0 +1,23 @@
+"""Classify a folder of chest X-rays (or one image) with a trained classifier.
+
+  python main.py --config=configs/predict.py --config.classifier_dir=runs/classifier/classifier \
+      --config.input=/path/to/images --workdir=runs/predict
+
+Writes <workdir>/predictions.csv (file, predicted class, one probability per class) and prints it.
+"""
+
+import ml_collections
+
+from cxr_jax import configlib
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  if variant:
+    raise ValueError(f"configs/predict.py has no variant {variant!r}")
+  config = ml_collections.ConfigDict()
+  config.task = "predict"
+  config.name = "predict"
+  config.data = configlib.data_config()   # data.image_size: the size images are decoded at
+  config.classifier_dir = ""
+  config.input = ""
+  return config
