@@ -1,0 +1,122 @@
+"""Figures for the report: confusion matrix, one-vs-rest ROC curves, training curves.
+
+Figures are built on matplotlib's Agg canvas directly (no pyplot): no global figure registry to
+leak or close, no display needed on a headless machine, safe next to other threads. Each PNG is
+written to a temporary file and renamed, so a crash never leaves a half-written picture.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn import metrics as skm
+
+
+def new_figure(figsize: tuple[float, float]) -> Figure:
+  """A figure on its own Agg canvas (not registered with pyplot)."""
+  fig = Figure(figsize=figsize, dpi=100)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
+  """Saves `fig` as PNG atomically and releases it."""
+  path = os.fspath(path)
+  tmp = f"{path}.tmp"
+  fig.savefig(tmp, format="png", bbox_inches="tight")
+  fig.clear()
+  os.replace(tmp, path)
+
+
+def confusion_matrix_png(path: str | os.PathLike, cm, class_names: Sequence[str], *,
+                         title: str = "", normalize: bool = True) -> None:
+  """Confusion matrix (rows true, columns predicted): each cell shows the count and its share of
+  the true class; colours follow the row share (`normalize`) or the count."""
+  cm = np.asarray(cm, np.int64)
+  k = len(class_names)
+  if cm.shape != (k, k):
+    raise ValueError(f"cm must be [{k}, {k}] for {k} classes, got shape {cm.shape}")
+  rows = cm.sum(1, keepdims=True)
+  share = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
+  shown = share if normalize else cm.astype(np.float64)
+  vmax = 1.0 if normalize else max(float(cm.max()), 1.0)
+  size = 1.6 + 1.1 * k
+  fig = new_figure((size + 1.0, size))
+  ax = fig.add_subplot()
+  im = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=vmax)
+  fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04,
+               label="share of true class" if normalize else "count")
+  for i in range(k):
+    for j in range(k):
+      pct = f"{100 * share[i, j]:.1f} %" if rows[i, 0] > 0 else "-"
+      colour = "white" if shown[i, j] > 0.5 * vmax else "black"
+      ax.text(j, i, f"{cm[i, j]}\n{pct}", ha="center", va="center", color=colour, fontsize=9)
+  ax.set_xticks(range(k), class_names, rotation=30, ha="right")
+  ax.set_yticks(range(k), class_names)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  if title:
+    ax.set_title(title)
+  save_figure(fig, path)
+
+
+def roc_curves_png(path: str | os.PathLike, labels, probs, class_names: Sequence[str], *,
+                   title: str = "") -> None:
+  """One-vs-rest ROC curve of each class with its AUC in the legend; a class absent from the
+  labels (or the only one present) has no curve and is marked n/a."""
+  labels = np.asarray(labels)
+  probs = np.asarray(probs, np.float64)
+  k = len(class_names)
+  if probs.ndim != 2 or probs.shape[1] != k or labels.shape != (probs.shape[0],):
+    raise ValueError(f"need labels [N] and probs [N, {k}], got {labels.shape} and {probs.shape}")
+  fig = new_figure((5.5, 5.0))
+  ax = fig.add_subplot()
+  ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
+  for c, name in enumerate(class_names):
+    positive = labels == c
+    if positive.all() or not positive.any():
+      ax.plot([], [], label=f"{name} (AUC n/a: one class only)")
+      continue
+    fpr, tpr, _ = skm.roc_curve(positive, probs[:, c])
+    auc = skm.roc_auc_score(positive, probs[:, c])
+    ax.plot(fpr, tpr, linewidth=1.5, label=f"{name} (AUC = {auc:.3f})")
+  ax.set_xlim(-0.01, 1.01)
+  ax.set_ylim(-0.01, 1.01)
+  ax.set_aspect("equal")
+  ax.set_xlabel("false positive rate (1 - specificity)")
+  ax.set_ylabel("true positive rate (sensitivity)")
+  ax.legend(loc="lower right", fontsize=8)
+  ax.grid(alpha=0.3)
+  if title:
+    ax.set_title(title)
+  save_figure(fig, path)
+
+
+def training_curves_png(path: str | os.PathLike,
+                        history: Mapping[str, Sequence[tuple[float, float]]], *,
+                        title: str = "") -> None:
+  """One small panel per series of `(step, value)` pairs (losses have different scales)."""
+  names = list(history)
+  cols = max(1, min(3, len(names)))
+  rows = max(1, math.ceil(len(names) / cols))
+  fig = new_figure((4.0 * cols, 2.8 * rows))
+  if not names:
+    ax = fig.add_subplot()
+    ax.text(0.5, 0.5, "no training history", ha="center", va="center")
+    ax.set_axis_off()
+  for i, name in enumerate(names):
+    ax = fig.add_subplot(rows, cols, i + 1)
+    points = np.asarray(history[name], np.float64).reshape(-1, 2)
+    ax.plot(points[:, 0], points[:, 1], linewidth=1.2)
+    ax.set_title(name, fontsize=10)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  save_figure(fig, path)
