@@ -1,0 +1,214 @@
+"""`load_splits(config.data)`: the radiographs of a run, decoded, split and in memory.
+
+Every task that touches data goes through here so that all of them see the same images in the same
+splits: source (the configured database, or the embedded synthetic one) -> discovered layout ->
+prepared array_record copy at the run's size (cached, built once) -> numpy -> the run's classes ->
+duplicate-aware stratified split -> `<workdir>/split_manifest.csv`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from cxr_jax import workdir as workdir_lib
+from cxr_jax.data import classes as classes_lib
+from cxr_jax.data import layout as layout_lib
+from cxr_jax.data import splits as splits_lib
+from cxr_jax.errors import ConfigError
+from cxr_jax.errors import DataError
+
+# Smaller inputs cannot hold a radiograph's findings (and the synthetic renderer needs 32).
+MIN_IMAGE_SIZE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSet:
+  """Images of one split (or any subset): uint8 [N, H, W, 1] with labels into `class_names`."""
+  images: np.ndarray  # uint8 [N, H, W, 1]
+  labels: np.ndarray  # int32 [N], indices into class_names
+  files: tuple[str, ...]  # relative to the dataset root
+  hashes: tuple[str, ...]  # sha256 hex of the decoded 8-bit pixels
+  class_names: tuple[str, ...]  # canonical names, in config.data.classes order
+
+  def __post_init__(self):
+    n = len(self.labels)
+    if self.images.ndim != 4 or self.images.shape[-1] != 1 or self.images.dtype != np.uint8:
+      raise ValueError(f"images must be uint8 [N, H, W, 1], got {self.images.dtype} "
+                       f"{self.images.shape}")
+    if not (len(self.images) == n == len(self.files) == len(self.hashes)):
+      raise ValueError(f"lengths differ: {len(self.images)} images, {n} labels, "
+                       f"{len(self.files)} files, {len(self.hashes)} hashes")
+    if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+      raise ValueError(f"labels must index class_names {self.class_names}")
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def subset(self, indices_or_mask: Sequence[int] | Sequence[bool] | np.ndarray) -> ImageSet:
+    """The images at the given indices (in that order), or where a boolean mask is True."""
+    idx = np.asarray(indices_or_mask)
+    if idx.dtype == bool:
+      if idx.shape != (len(self),):
+        raise ValueError(f"mask of shape {idx.shape} for {len(self)} images")
+      idx = np.flatnonzero(idx)
+    idx = idx.astype(np.int64).reshape(-1)
+    return ImageSet(images=self.images[idx], labels=self.labels[idx],
+                    files=tuple(self.files[i] for i in idx),
+                    hashes=tuple(self.hashes[i] for i in idx), class_names=self.class_names)
+
+  def of_class(self, name: str) -> ImageSet:
+    """The images of one class; `name` in any spelling ('NORMAL', 'Normal', 'Viral Pneumonia')."""
+    c = classes_lib.canonical(name)
+    if c not in self.class_names:
+      raise ConfigError(f"class {name!r} is not among config.data.classes {self.class_names}")
+    return self.subset(self.labels == self.class_names.index(c))
+
+  def counts(self) -> dict[str, int]:
+    per = np.bincount(self.labels, minlength=len(self.class_names))
+    return {c: int(k) for c, k in zip(self.class_names, per)}
+
+
+def check_config(data_cfg: ml_collections.ConfigDict) -> tuple[tuple[str, ...], int]:
+  """Validates the data block; returns (canonical classes, image size)."""
+  classes = classes_lib.resolve(data_cfg.classes)
+  size = data_cfg.image_size
+  if not isinstance(size, int) or isinstance(size, bool) or size < MIN_IMAGE_SIZE:
+    raise ConfigError(f"config.data.image_size: must be an integer >= {MIN_IMAGE_SIZE}, got "
+                      f"{size!r}")
+  splits_lib.check_fractions(data_cfg.split_fractions)
+  if not isinstance(data_cfg.split_seed, int) or isinstance(data_cfg.split_seed, bool):
+    raise ConfigError(f"config.data.split_seed: must be an integer, got {data_cfg.split_seed!r}")
+  return classes, size
+
+
+def cache_dir(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
+  return pathlib.Path(os.path.expanduser(str(data_cfg.cache_dir or
+                                             workdir_lib.default_cache_dir())))
+
+
+def resolve_source(data_cfg: ml_collections.ConfigDict) -> layout_lib.Layout:
+  """The configured database, or the embedded synthetic one (generated once into the cache)."""
+  if data_cfg.data_dir:
+    return layout_lib.discover(data_cfg.data_dir)
+  from cxr_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  size = data_cfg.image_size
+  scale = float(data_cfg.get("synthetic_scale", 1.0))
+  seed = int(data_cfg.get("synthetic_seed", 0))
+  if not np.isfinite(scale) or scale <= 0:
+    raise ConfigError(f"config.data.synthetic_scale: must be > 0, got {scale!r}")
+  out = cache_dir(data_cfg) / "synthetic" / f"size{size}-scale{scale:g}-seed{seed}"
+  try:
+    root = synthetic.generate_database(out, image_size=size, scale=scale, seed=seed)
+  except OSError as e:
+    raise DataError(f"{out}: cannot write the synthetic database ({e}); set "
+                    "config.data.cache_dir to a writable folder") from None
+  logging.warning("config.data.data_dir is empty: using the EMBEDDED SYNTHETIC radiographs in %s "
+                  "(procedurally generated, not patient data; results say nothing about real "
+                  "COVID-19 diagnosis). Set config.data.data_dir to the COVID-19 Radiography "
+                  "Database for real runs.", root)
+  return layout_lib.discover(root)
+
+
+# One in-memory copy per process: the experiment loads the same data for every stage.
+_MEMORY: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def _load_prepared(layout: layout_lib.Layout, size: int, cache: pathlib.Path):
+  from cxr_jax.data import tfds_builder  # pylint: disable=import-outside-toplevel
+  prepared = tfds_builder.prepare(layout, size, cache)
+  key = (str(prepared.data_dir), layout.fingerprint)
+  if key not in _MEMORY:
+    arrays = tfds_builder.load_arrays(prepared)
+    arrays["image"].setflags(write=False)
+    _MEMORY.clear()
+    _MEMORY[key] = arrays
+  return prepared, _MEMORY[key]
+
+
+def load_splits(data_cfg: ml_collections.ConfigDict,
+                workdir: str | os.PathLike | None = None) -> dict[str, ImageSet]:
+  """{'train', 'val', 'test'} ImageSets of `config.data`; writes the split manifest to `workdir`."""
+  classes, size = check_config(data_cfg)
+  layout = resolve_source(data_cfg)
+  layout.require_classes(classes)
+  prepared, arrays = _load_prepared(layout, size, cache_dir(data_cfg))
+  wanted = {classes_lib.index(c): k for k, c in enumerate(classes)}
+  skipped = [s for s in prepared.skipped if s["class"] in classes]
+  if skipped:
+    shown = "; ".join(f"{s['file']} ({s['reason']})" for s in skipped[:20])
+    more = f"; and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+    logging.warning("Skipped %d unreadable file(s) of %s: %s%s", len(skipped), prepared.source,
+                    shown, more)
+
+  keep = np.flatnonzero(np.isin(arrays["label"], list(wanted)))
+  labels = np.array([wanted[int(v)] for v in arrays["label"][keep]], np.int32)
+  files = [arrays["file"][i] for i in keep]
+  hashes = [arrays["sha256"][i] for i in keep]
+  images = arrays["image"][keep] if len(keep) != len(arrays["label"]) else arrays["image"]
+  counts = np.bincount(labels, minlength=len(classes))
+  empty = [classes[k] for k in range(len(classes)) if counts[k] == 0]
+  if empty:
+    raise DataError(f"{prepared.source}: no readable image of class {', '.join(empty)} (all "
+                    f"skipped as unreadable: see the warning above)")
+
+  split = splits_lib.make_split(files, labels, hashes, images, class_names=classes,
+                                fractions=data_cfg.split_fractions, seed=data_cfg.split_seed,
+                                drop_near_duplicates=bool(data_cfg.drop_near_duplicates))
+  out = {}
+  for name in splits_lib.SPLITS:
+    idx = split.indices(name)
+    out[name] = ImageSet(images=images[idx], labels=labels[idx], files=tuple(files[i] for i in idx),
+                         hashes=tuple(hashes[i] for i in idx), class_names=classes)
+  if workdir is not None and workdir_lib.is_writer():
+    rows = _manifest_rows(files, labels, hashes, split, classes, skipped, prepared.conversions)
+    splits_lib.write_manifest(workdir, rows, class_names=classes, extra={
+        "source": prepared.source, "release": prepared.release, "image_size": size,
+        "split_fractions": list(splits_lib.check_fractions(data_cfg.split_fractions)),
+        "split_seed": int(data_cfg.split_seed),
+        "drop_near_duplicates": bool(data_cfg.drop_near_duplicates),
+        "near_duplicate_pairs": len(split.near_duplicates)})
+  _log_counts(out, classes, split)
+  return out
+
+
+def _manifest_rows(files, labels, hashes, split: splits_lib.Split, classes, skipped,
+                   conversions: Mapping[str, Sequence[str]]) -> list[splits_lib.ManifestRow]:
+  converted: dict[str, list[str]] = {}
+  for kind, names in conversions.items():
+    for f in names:
+      converted.setdefault(f, []).append(kind)
+  rows = []
+  for i, f in enumerate(files):
+    note = "; ".join(x for x in (split.notes[i], "; ".join(f"converted: {k}"
+                                                           for k in converted.get(f, ()))) if x)
+    rows.append(splits_lib.ManifestRow(f, hashes[i], classes[labels[i]], split.assignment[i],
+                                       note))
+  for s in skipped:
+    rows.append(splits_lib.ManifestRow(s["file"], "", s["class"], splits_lib.SKIPPED,
+                                       f"unreadable: {s['reason']}"))
+  return rows
+
+
+def _log_counts(sets: Mapping[str, ImageSet], classes, split: splits_lib.Split) -> None:
+  width = max(len(c) for c in classes)
+  lines = [f"{'':{width}}  " + "  ".join(f"{s:>6}" for s in sets)]
+  for c in classes:
+    lines.append(f"{c:{width}}  " + "  ".join(f"{sets[s].counts()[c]:>6}" for s in sets))
+  dropped = sum(a == splits_lib.DROPPED for a in split.assignment)
+  logging.info("Split (images per class):\n%s%s", "\n".join(lines),
+               f"\n{dropped} image(s) dropped (see the split manifest)" if dropped else "")
+
+
+def prepare_task(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+  """The `prepare_data` task: prepare the cached copy, split it, write the manifest."""
+  sets = load_splits(config.data, workdir)
+  counts = {name: s.counts() for name, s in sets.items()}
+  logging.info("Split manifest: %s", pathlib.Path(workdir) / splits_lib.MANIFEST)
+  return counts

@@ -1,0 +1,311 @@
+"""Finding the COVID-19 Radiography Database in whatever form the user has it.
+
+Accepted forms of `config.data.data_dir`:
+- the database folder of the first release: flat class folders `COVID/`, `NORMAL/`,
+  `Viral Pneumonia/` holding `COVID (1).png`, ... (`COVID-19/` is accepted for `COVID/`);
+- the folder of a later release: `<Class>/images/*.png` beside `<Class>/masks/` (lung masks,
+  ignored), `Normal/`, an extra `Lung_Opacity/` class and `*.metadata.xlsx` / README files
+  (ignored);
+- any folder up to `MAX_DEPTH` levels above one of those (e.g. the folder the Kaggle download was
+  unzipped into, which holds `COVID-19_Radiography_Dataset/`);
+- the Kaggle zip itself. Members are read straight from the zip when the dataset is prepared,
+  nothing is extracted to disk: the prepared array_record copy is the only copy made.
+
+Directory symlinks are followed (a database assembled from links works) but each real directory is
+visited once, so symlink loops cannot hang the scan. Hidden files and folders, macOS `__MACOSX/`
+and AppleDouble `._*` files, and `masks/` folders are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import pathlib
+import zipfile
+from typing import Callable, Iterator, Sequence
+
+from absl import logging
+
+from cxr_jax.data import classes as classes_lib
+from cxr_jax.data import images
+from cxr_jax.errors import DataError
+
+# How many folder levels below `data_dir` the database root may sit.
+MAX_DEPTH = 3
+# Stop looking for the root after this many folders (someone pointed data_dir at `/` or `~`).
+MAX_SCANNED_DIRS = 5000
+_SKIPPED_DIRS = ("masks", "__macosx")
+
+FIRST_RELEASE = "first"  # flat class folders
+LATER_RELEASE = "later"  # <Class>/images/
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  file: str  # relative to the database root, '/'-separated, e.g. 'COVID/images/COVID-1.png'
+  label: str  # canonical class name
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """The database as discovered: where it is, which release, and every image with its class."""
+  source: pathlib.Path  # the resolved folder or zip the user gave
+  is_zip: bool
+  root: str  # the database root, relative to `source` ('' when `source` is the root), '/'-separated
+  release: str  # FIRST_RELEASE or LATER_RELEASE
+  entries: tuple[Entry, ...]  # sorted by file
+  class_folders: dict[str, tuple[str, ...]]  # canonical class -> folder name(s) as on disk
+  ignored_folders: tuple[str, ...] = ()  # unknown folders beside the class folders
+  fingerprint: str = ""  # changes when files are added, removed or modified
+
+  @property
+  def root_path(self) -> str:
+    """The root as the user would name it (a folder, or a path inside the zip), for messages."""
+    return str(self.source / self.root) if self.root else str(self.source)
+
+  def display(self, file: str) -> str:
+    return f"{self.root_path}/{file}"
+
+  def counts(self) -> dict[str, int]:
+    out = {c: 0 for c in classes_lib.CANONICAL}
+    for e in self.entries:
+      out[e.label] += 1
+    return out
+
+  def require_classes(self, wanted: Sequence[str]) -> None:
+    """Raises DataError naming the root when a class the run needs has no image."""
+    counts = self.counts()
+    missing = [c for c in wanted if counts[c] == 0]
+    if missing:
+      found = ", ".join(f"{'/'.join(self.class_folders[c])} ({counts[c]} images)"
+                        for c in classes_lib.CANONICAL if counts[c]) or "none"
+      raise DataError(
+          f"{self.root_path}: no images of class {', '.join(missing)}, which config.data.classes "
+          f"asks for (expected a folder named "
+          f"{', '.join(repr(classes_lib.FOLDER_NAMES[c]) for c in missing)}). Class folders "
+          f"found: {found}. Set config.data.classes to the classes this copy has.")
+
+  @contextlib.contextmanager
+  def reader(self) -> Iterator[Callable[[str], bytes]]:
+    """Yields read(file) -> bytes; safe to call from several threads (zipfile locks its reads)."""
+    if not self.is_zip:
+      base = self.source / self.root if self.root else self.source
+      yield lambda file: (base / file).read_bytes()
+      return
+    try:
+      zf = zipfile.ZipFile(self.source)
+    except (OSError, zipfile.BadZipFile) as e:
+      raise DataError(f"{self.source}: cannot open the zip file ({e})") from None
+    prefix = self.root + "/" if self.root else ""
+    with zf:
+      yield lambda file: zf.read(prefix + file)
+
+
+def discover(data_dir: str | os.PathLike) -> Layout:
+  """Finds the database under `data_dir` (a folder, a parent folder or the Kaggle zip)."""
+  given = pathlib.Path(os.path.expanduser(str(data_dir)))
+  if not given.exists():
+    hint = " (a broken symlink)" if given.is_symlink() else ""
+    raise DataError(f"config.data.data_dir: {given} does not exist{hint}. Download the COVID-19 "
+                    "Radiography Database from Kaggle and point config.data.data_dir at its "
+                    "folder or zip, or leave it empty for the embedded synthetic data.")
+  source = given.resolve()
+  if source.is_dir():
+    tree: _Tree = _FolderTree(source)
+  elif source.is_file() and zipfile.is_zipfile(source):
+    tree = _ZipTree(source)
+  else:
+    raise DataError(f"config.data.data_dir: {given} is neither a folder nor a zip file; point it "
+                    "at the COVID-19 Radiography Database folder or its Kaggle zip.")
+  root = _find_root(tree, given)
+  return _read_layout(tree, source, root)
+
+
+class _Tree:
+  """A read-only directory tree: a real folder or the member list of a zip."""
+
+  def children(self, rel: str) -> tuple[list[str], list[str]]:
+    """(folder names, file names) directly in `rel` ('' is the top), hidden ones left out."""
+    raise NotImplementedError
+
+  def file_stamp(self, rel: str) -> str:
+    """A string that changes when the file at `rel` changes (for the cache fingerprint)."""
+    raise NotImplementedError
+
+
+class _FolderTree(_Tree):
+
+  def __init__(self, top: pathlib.Path):
+    self.top = top
+    self._visited: set[tuple[int, int]] = set()
+
+  def children(self, rel):
+    path = self.top / rel if rel else self.top
+    try:
+      st = os.stat(path)
+    except OSError:
+      return [], []
+    key = (st.st_dev, st.st_ino)
+    if key in self._visited:
+      logging.warning("Not scanning %s again: it is a link to a folder already scanned", path)
+      return [], []
+    self._visited.add(key)
+    dirs, files = [], []
+    try:
+      with os.scandir(path) as it:
+        for e in it:
+          if _hidden(e.name):
+            continue
+          try:
+            if e.is_dir():  # follows symlinks; loops are cut by `_visited`
+              dirs.append(e.name)
+            elif e.is_file():
+              files.append(e.name)
+          except OSError:
+            continue  # broken link or vanished file
+    except OSError as e:
+      logging.warning("Cannot list %s (%s); skipping it", path, e.strerror or e)
+    return sorted(dirs), sorted(files)
+
+  def reset(self):
+    self._visited.clear()
+
+  def file_stamp(self, rel):
+    try:
+      st = os.stat(self.top / rel)
+      return f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+      return "?"
+
+
+class _ZipTree(_Tree):
+
+  def __init__(self, path: pathlib.Path):
+    try:
+      with zipfile.ZipFile(path) as zf:
+        infos = [i for i in zf.infolist() if not i.is_dir()]
+    except (OSError, zipfile.BadZipFile) as e:
+      raise DataError(f"{path}: cannot read the zip file ({e})") from None
+    self._dirs: dict[str, set[str]] = {"": set()}
+    self._files: dict[str, list[str]] = {"": []}
+    self._stamps: dict[str, str] = {}
+    for info in infos:
+      parts = [p for p in info.filename.split("/") if p]
+      if not parts or any(_hidden(p) for p in parts):
+        continue
+      for i in range(len(parts) - 1):
+        parent = "/".join(parts[:i])
+        self._dirs.setdefault(parent, set()).add(parts[i])
+        self._dirs.setdefault("/".join(parts[:i + 1]), set())
+      parent = "/".join(parts[:-1])
+      self._files.setdefault(parent, []).append(parts[-1])
+      self._stamps["/".join(parts)] = f"{info.file_size}:{info.CRC}"
+    self.top = path
+
+  def children(self, rel):
+    return sorted(self._dirs.get(rel, ())), sorted(self._files.get(rel, ()))
+
+  def file_stamp(self, rel):
+    return self._stamps.get(rel, "?")
+
+
+def _hidden(name: str) -> bool:
+  return name.startswith(".") or name.lower() == "__macosx"
+
+
+def _join(*parts: str) -> str:
+  return "/".join(p for p in parts if p)
+
+
+def _find_root(tree: _Tree, given: pathlib.Path) -> str:
+  """Breadth-first search for the shallowest folder that holds class folders."""
+  level = [""]
+  seen: list[str] = []
+  scanned = 0
+  for _ in range(MAX_DEPTH + 1):
+    found, below = [], []
+    for rel in level:
+      dirs, _ = tree.children(rel)
+      scanned += 1
+      if any(classes_lib.canonical(d) for d in dirs):
+        found.append(rel)
+      for d in dirs:
+        if d.lower() in _SKIPPED_DIRS:
+          continue
+        below.append(_join(rel, d))
+    if len(found) > 1:
+      shown = ", ".join(str(given / f) if f else str(given) for f in found)
+      raise DataError(f"config.data.data_dir: {given} holds several copies of the database "
+                      f"({shown}); point config.data.data_dir at one of them.")
+    if found:
+      if isinstance(tree, _FolderTree):
+        tree.reset()  # the root's own scan starts afresh
+      return found[0]
+    seen.extend(below)
+    level = below
+    if scanned + len(level) > MAX_SCANNED_DIRS:
+      break
+  shown = ", ".join(f"'{s}'" for s in seen[:20]) + (f" and {len(seen) - 20} more"
+                                                     if len(seen) > 20 else "")
+  hint = ""
+  if any(s.lower() in ("images", "masks") for s in seen[:3]):
+    hint = " It looks like a single class folder: point at the folder above it."
+  raise DataError(
+      f"config.data.data_dir: no class folder found in {given} (searched {MAX_DEPTH} levels "
+      f"down). Folders seen: {shown or 'none'}. Expected folders named "
+      f"{classes_lib.expected_names()}.{hint}")
+
+
+def _read_layout(tree: _Tree, source: pathlib.Path, root: str) -> Layout:
+  dirs, _ = tree.children(root)
+  class_folders: dict[str, list[str]] = {}
+  ignored = []
+  for d in dirs:
+    c = classes_lib.canonical(d)
+    if c is None:
+      ignored.append(d)
+    else:
+      class_folders.setdefault(c, []).append(d)
+  root_shown = str(source / root) if root else str(source)
+  for d in ignored:
+    logging.warning("Ignoring folder '%s' in %s: not a known class (expected %s)", d, root_shown,
+                    classes_lib.expected_names())
+  for c, folders in class_folders.items():
+    if len(folders) > 1:
+      logging.warning("Folders %s in %s all hold class %s: reading all of them",
+                      ", ".join(repr(f) for f in folders), root_shown, c)
+  entries: list[Entry] = []
+  skipped_masks = skipped_other = 0
+  in_images_folder = 0
+  for c, folders in class_folders.items():
+    for folder in folders:
+      stack = [folder]
+      while stack:
+        rel = stack.pop()
+        sub_dirs, files = tree.children(_join(root, rel))
+        for d in sub_dirs:
+          if d.lower() in _SKIPPED_DIRS:
+            skipped_masks += 1
+          else:
+            stack.append(_join(rel, d))
+        for f in files:
+          if images.is_image_name(f):
+            entries.append(Entry(_join(rel, f), c))
+            in_images_folder += rel.rsplit("/", 1)[-1].lower() == "images"
+          else:
+            skipped_other += 1
+  entries.sort(key=lambda e: e.file)
+  if skipped_masks or skipped_other:
+    logging.info("Dataset %s: ignored %d masks/ folder(s) and %d non-image file(s)",
+                 root_shown, skipped_masks, skipped_other)
+  release = LATER_RELEASE if in_images_folder else FIRST_RELEASE
+  digest = hashlib.sha256()
+  for e in entries:
+    digest.update(f"{e.file}\t{e.label}\t{tree.file_stamp(_join(root, e.file))}\n".encode())
+  return Layout(source=source, is_zip=isinstance(tree, _ZipTree), root=root, release=release,
+                entries=tuple(entries),
+                class_folders={c: tuple(f) for c, f in sorted(class_folders.items())},
+                ignored_folders=tuple(ignored), fingerprint=digest.hexdigest()[:16])
+

@@ -1,0 +1,292 @@
+"""Deterministic, stratified, duplicate-aware train / val / test splits and the split manifest.
+
+Test accuracy means something only if no test image is also a training image. The COVID-19
+Radiography Database merges several public sources and holds exact and near copies, so:
+- images with equal pixels (equal sha256 at the run's size) form one group, and a group goes to one
+  split as a whole; a group spread over several classes has no trustworthy label and is dropped
+  (warning + manifest);
+- near-duplicates (a re-encoded, re-leveled or re-scaled copy) are found with a 64-bit perceptual
+  hash (pHash: DCT of a 32 x 32 area-downsample, 8 x 8 lowest frequencies against their median).
+  A train/test pair is a near-duplicate when the hashes differ in at most `PHASH_MAX_DISTANCE`
+  bits *and* the 32 x 32 thumbnails correlate at `MIN_CORRELATION` or more. The two tests are
+  needed together: on the database's uniform paediatric radiographs, different patients can be
+  4 bits apart, yet their thumbnails correlate below 0.96; a JPEG re-encode, a +15 % brightness
+  or +30 % contrast copy stays within 6 bits and above 0.98. Pairs are always written to the
+  manifest; `config.data.drop_near_duplicates` also drops their test images.
+
+Each class is shuffled by its own generator, seeded by (split_seed, class name): adding a class to
+`config.data.classes` does not move the images of the others. Per class, the split sizes are the
+fractions of the class's images, rounded by largest remainder; a class of 3 or more groups gets at
+least one group in every split.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+import zlib
+from typing import Iterable, Sequence
+
+import numpy as np
+from absl import logging
+
+from cxr_jax.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+DROPPED = "dropped"
+SKIPPED = "skipped"
+PHASH_MAX_DISTANCE = 10
+MIN_CORRELATION = 0.98
+MANIFEST = "split_manifest.csv"
+SUMMARY = "split_summary.json"
+MANIFEST_COLUMNS = ("file", "sha256", "class", "split", "note")
+
+
+def check_fractions(fractions: Sequence[float], key: str = "data.split_fractions"
+                    ) -> tuple[float, float, float]:
+  """Train / val / test fractions: three positive numbers that sum to 1."""
+  try:
+    values = tuple(float(f) for f in fractions)
+  except (TypeError, ValueError):
+    raise ConfigError(f"config.{key}: expected three numbers (train, val, test), got "
+                      f"{fractions!r}") from None
+  if len(values) != 3:
+    raise ConfigError(f"config.{key}: expected three fractions (train, val, test), got "
+                      f"{len(values)}: {fractions!r}")
+  if not all(np.isfinite(v) and v > 0 for v in values):
+    raise ConfigError(f"config.{key}: every fraction must be > 0, got {fractions!r}")
+  if abs(sum(values) - 1.0) > 1e-6:
+    raise ConfigError(f"config.{key}: the fractions must sum to 1, got {fractions!r} "
+                      f"(sum {sum(values):g})")
+  return values  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True)
+class NearDuplicate:
+  train: int  # index of the train image
+  test: int  # index of the test image
+  distance: int  # pHash Hamming distance
+  correlation: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """Per-image assignment ('train' / 'val' / 'test' / 'dropped') and the reasons behind it."""
+  assignment: tuple[str, ...]
+  notes: tuple[str, ...]
+  near_duplicates: tuple[NearDuplicate, ...]
+
+  def indices(self, split: str) -> np.ndarray:
+    return np.array([i for i, a in enumerate(self.assignment) if a == split], np.int64)
+
+
+def make_split(files: Sequence[str], labels: Sequence[int], hashes: Sequence[str],
+               images: np.ndarray, *, class_names: Sequence[str], fractions: Sequence[float],
+               seed: int, drop_near_duplicates: bool = False) -> Split:
+  """Splits images (already filtered to the run's classes) into train / val / test."""
+  fractions = check_fractions(fractions)
+  n = len(files)
+  labels = np.asarray(labels)
+  assignment = [""] * n
+  notes: list[list[str]] = [[] for _ in range(n)]
+
+  groups: dict[str, list[int]] = collections.defaultdict(list)
+  for i, h in enumerate(hashes):
+    groups[h].append(i)
+  per_class: dict[int, list[list[int]]] = collections.defaultdict(list)
+  ambiguous = []
+  for members in groups.values():
+    members.sort(key=lambda i: files[i])
+    group_labels = sorted({int(labels[i]) for i in members})
+    if len(group_labels) > 1:
+      names = ", ".join(class_names[c] for c in group_labels)
+      for i in members:
+        assignment[i] = DROPPED
+        others = "; ".join(files[j] for j in members if j != i)
+        notes[i].append(f"identical image in classes {names} (ambiguous label): {others}")
+      ambiguous.append(members)
+      continue
+    if len(members) > 1:
+      for i in members:
+        notes[i].append(f"identical to {'; '.join(files[j] for j in members if j != i)} "
+                        "(kept in one split)")
+    per_class[group_labels[0]].append(members)
+  if ambiguous:
+    shown = "; ".join(" = ".join(f"{files[i]} ({class_names[labels[i]]})" for i in m)
+                      for m in ambiguous[:5])
+    logging.warning("Dropped %d image(s): identical pixels under different classes, so the label "
+                    "is ambiguous: %s%s", sum(len(m) for m in ambiguous), shown,
+                    f" and {len(ambiguous) - 5} more groups (see the split manifest)"
+                    if len(ambiguous) > 5 else "")
+
+  for c, class_groups in sorted(per_class.items()):
+    class_groups.sort(key=lambda m: files[m[0]])
+    rng = np.random.default_rng([seed, zlib.crc32(class_names[c].encode())])
+    order = rng.permutation(len(class_groups))
+    sizes = [len(class_groups[k]) for k in order]
+    quotas = _quotas(sum(sizes), fractions, min_each=len(class_groups) >= len(SPLITS))
+    for k, split in zip(order, _assign(sizes, quotas)):
+      for i in class_groups[k]:
+        assignment[i] = SPLITS[split]
+
+  near = find_near_duplicates(images, [i for i in range(n) if assignment[i] == "train"],
+                              [i for i in range(n) if assignment[i] == "test"])
+  partners: dict[int, list[NearDuplicate]] = collections.defaultdict(list)
+  for d in near:
+    partners[d.train].append(d)
+    partners[d.test].append(d)
+  for i, ds in partners.items():
+    is_test = assignment[i] == "test"
+    shown = ", ".join(f"{files[d.train if is_test else d.test]} (pHash distance {d.distance}, "
+                      f"correlation {d.correlation:.3f})" for d in ds[:3])
+    more = f" and {len(ds) - 3} more" if len(ds) > 3 else ""
+    note = f"near-duplicate of {'train' if is_test else 'test'} image(s) {shown}{more}"
+    if is_test and drop_near_duplicates:
+      note += ": dropped from test"
+    notes[i].append(note)
+  if near:
+    logging.warning("%d near-duplicate train/test pair(s) (listed in the split manifest)%s",
+                    len(near), "; their test images are dropped" if drop_near_duplicates else
+                    "; set config.data.drop_near_duplicates=True to drop their test images")
+  if drop_near_duplicates:
+    for d in near:
+      assignment[d.test] = DROPPED
+  return Split(tuple(assignment), tuple("; ".join(x) for x in notes), tuple(near))
+
+
+def _quotas(n: int, fractions: Sequence[float], min_each: bool) -> list[int]:
+  """Largest-remainder rounding of n * fractions (sums to n exactly)."""
+  raw = [n * f for f in fractions]
+  quotas = [int(np.floor(r)) for r in raw]
+  by_remainder = sorted(range(len(raw)), key=lambda k: (-(raw[k] - quotas[k]), k))
+  for k in by_remainder[:n - sum(quotas)]:
+    quotas[k] += 1
+  if min_each:
+    for k in range(len(quotas)):
+      if quotas[k] == 0:
+        quotas[int(np.argmax(quotas))] -= 1
+        quotas[k] = 1
+  return quotas
+
+
+def _assign(sizes: Sequence[int], quotas: Sequence[int]) -> list[int]:
+  """The split of each group (given in shuffled order): one that still has room for all of it.
+
+  Groups go biggest first (singletons keep the shuffled order), each to the split with the most
+  room left relative to its quota. Singletons, almost every group, then fill the quotas exactly;
+  a group that fits nowhere goes where most room is left, so sizes stay within a group of target.
+  """
+  left = list(quotas)
+  chosen = [0] * len(sizes)
+  for k in sorted(range(len(sizes)), key=lambda k: (-sizes[k], k)):
+    fits = [s for s in range(len(left)) if left[s] >= sizes[k]]
+    if fits:
+      s = max(fits, key=lambda s: (left[s] / max(quotas[s], 1), -s))
+    else:
+      s = int(np.argmax(left))
+    chosen[k] = s
+    left[s] -= sizes[k]
+  return chosen
+
+
+def perceptual_hash(images: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+  """64-bit pHash (uint64 [N]) and unit-norm, zero-mean 32 x 32 thumbnails (float32 [N, 1024])."""
+  images = np.asarray(images)
+  if images.ndim == 4:
+    images = images[..., 0]
+  n = len(images)
+  hashes = np.zeros(n, np.uint64)
+  thumbs = np.zeros((n, 32 * 32), np.float32)
+  dct = _dct_matrix(32)
+  for start in range(0, n, chunk):
+    t = _area_downsample(images[start:start + chunk], 32)
+    coef = (dct @ t @ dct.T)[:, :8, :8].reshape(len(t), 64)
+    bits = coef > np.median(coef[:, 1:], axis=1, keepdims=True)
+    hashes[start:start + chunk] = np.packbits(bits, axis=1).view(">u8")[:, 0]
+    flat = t.reshape(len(t), -1)
+    flat = flat - flat.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(flat, axis=1, keepdims=True)
+    thumbs[start:start + chunk] = flat / np.where(norm > 0, norm, 1.0)
+  return hashes, thumbs
+
+
+def find_near_duplicates(images: np.ndarray, train: Sequence[int], test: Sequence[int],
+                         block: int = 256) -> list[NearDuplicate]:
+  """Train/test pairs within PHASH_MAX_DISTANCE bits and MIN_CORRELATION (see module doc)."""
+  train, test = np.asarray(train, np.int64), np.asarray(test, np.int64)
+  if not len(train) or not len(test):
+    return []
+  hashes, thumbs = perceptual_hash(images)
+  train_hashes, train_thumbs = hashes[train], thumbs[train]
+  out = []
+  for start in range(0, len(test), block):
+    rows = test[start:start + block]
+    dist = np.bitwise_count(hashes[rows][:, None] ^ train_hashes[None, :])
+    close = dist <= PHASH_MAX_DISTANCE
+    if not close.any():
+      continue
+    corr = thumbs[rows] @ train_thumbs.T
+    for r, t in zip(*np.nonzero(close & (corr >= MIN_CORRELATION))):
+      out.append(NearDuplicate(int(train[t]), int(rows[r]), int(dist[r, t]), float(corr[r, t])))
+  return sorted(out, key=lambda d: (d.test, d.train))
+
+
+def _area_downsample(x: np.ndarray, size: int) -> np.ndarray:
+  """[N, H, W] -> float32 [N, size, size], each output pixel the mean of its input area."""
+  _, h, w = x.shape
+  r = np.linspace(0, h, size + 1).astype(int)
+  c = np.linspace(0, w, size + 1).astype(int)
+  s = np.add.reduceat(np.add.reduceat(x, r[:-1], axis=1, dtype=np.float32), c[:-1], axis=2,
+                      dtype=np.float32)
+  return s / np.outer(np.diff(r), np.diff(c)).astype(np.float32)
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+  k = np.arange(n)[:, None]
+  i = np.arange(n)[None, :]
+  return np.cos(np.pi * (2 * i + 1) * k / (2 * n)).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestRow:
+  file: str
+  sha256: str
+  cls: str
+  split: str  # train / val / test / dropped / skipped
+  note: str = ""
+
+
+def write_manifest(workdir: str | os.PathLike, rows: Iterable[ManifestRow], *,
+                   class_names: Sequence[str], extra: dict | None = None) -> pathlib.Path:
+  """Writes `<workdir>/split_manifest.csv` (one row per file) and `split_summary.json` (counts)."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  rows = sorted(rows, key=lambda r: r.file)
+  path = workdir / MANIFEST
+  tmp = path.with_suffix(".tmp")
+  with open(tmp, "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(MANIFEST_COLUMNS)
+    for r in rows:
+      w.writerow((r.file, r.sha256, r.cls, r.split, r.note))
+  tmp.replace(path)
+  counts = {s: {c: 0 for c in class_names} for s in (*SPLITS, DROPPED, SKIPPED)}
+  for r in rows:
+    counts[r.split][r.cls] = counts[r.split].get(r.cls, 0) + 1
+  summary = {"classes": list(class_names), "counts": counts,
+             "totals": {s: sum(v.values()) for s, v in counts.items()},
+             "near_duplicate_rule": {"phash_max_distance": PHASH_MAX_DISTANCE,
+                                     "min_correlation": MIN_CORRELATION}}
+  summary.update(extra or {})
+  (workdir / SUMMARY).write_text(json.dumps(summary, indent=1, sort_keys=False))
+  return path
+
+
+def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
+  with open(path, newline="", encoding="utf-8") as f:
+    return [ManifestRow(r["file"], r["sha256"], r["class"], r["split"], r["note"])
+            for r in csv.DictReader(f)]
