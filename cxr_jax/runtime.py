@@ -29,8 +29,14 @@ def initialize(config) -> None:
   multihost = bool(config.get("multihost", False))
   if multihost or os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
     # On Cloud TPU VMs and under SLURM / Open MPI the coordinator is found automatically; elsewhere
-    # set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
-    jax.distributed.initialize()
+    # set CXR_COORDINATOR_ADDRESS (host:port of process 0), CXR_NUM_PROCESSES and CXR_PROCESS_ID.
+    env = os.environ
+    kwargs = {}
+    if env.get("CXR_COORDINATOR_ADDRESS"):
+      kwargs = dict(coordinator_address=env["CXR_COORDINATOR_ADDRESS"],
+                    num_processes=int(env["CXR_NUM_PROCESSES"]),
+                    process_id=int(env["CXR_PROCESS_ID"]))
+    jax.distributed.initialize(**kwargs)
   enable_compilation_cache()
   _initialized = True
   logging.info("JAX %s, process %d of %d, %d local / %d global devices (%s)", jax.__version__,

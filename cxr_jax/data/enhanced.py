@@ -18,7 +18,7 @@ import numpy as np
 
 from cxr_jax.data import images as images_lib
 from cxr_jax.data.dataset import ImageSet
-from cxr_jax.data.tfds_builder import pixel_hash
+from cxr_jax.data.images import pixel_hash
 from cxr_jax.errors import DataError
 
 MANIFEST = "manifest.csv"

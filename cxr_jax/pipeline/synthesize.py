@@ -17,7 +17,7 @@ from absl import logging
 from cxr_jax import configlib
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.data import enhanced
-from cxr_jax.data.tfds_builder import pixel_hash
+from cxr_jax.data.images import pixel_hash
 from cxr_jax.errors import ConfigError, UserError
 from cxr_jax.utils import grid
 

@@ -142,7 +142,7 @@ class Classifier:
         lambda path, _: any(getattr(p, "key", None) == "fc" for p in path), params)
     rep, batch = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
     self._batch_sharding = batch
-    self.chunk = jax.jit(self._chunk, static_argnames="num_steps", donate_argnums=0,
+    self.chunk = jax.jit(self._chunk, static_argnums=3, donate_argnums=0,
                          in_shardings=(rep, rep, rep), out_shardings=(rep, rep))
     self.predict_batch = jax.jit(self._predict, in_shardings=(rep, rep, batch),
                                  out_shardings=batch)
@@ -181,11 +181,11 @@ class Classifier:
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels)
                                                   .astype(jnp.float32)),
-               "grad_norm": optax.global_norm(grads),
+               "grad_norm": optax.tree.norm(grads),
                "learning_rate": jnp.asarray(self.schedule(state.step), jnp.float32)}
     return state.replace(step=state.step + 1, params=params, stats=stats, opt=opt), metrics
 
-  def _chunk(self, state: State, images: jax.Array, labels: jax.Array, *, num_steps: int):
+  def _chunk(self, state: State, images: jax.Array, labels: jax.Array, num_steps: int):
     b, spe = self.config.batch_size, self.steps_per_epoch
 
     def body(st, _):
@@ -375,7 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
                                        labels=list(range(len(class_names))), zero_division=0))}
 
   state = loop.run(
-      state, chunk_fn=lambda st, k: model.chunk(st, images_dev, labels_dev, num_steps=k),
+      state, chunk_fn=lambda st, k: model.chunk(st, images_dev, labels_dev, k),
       schedule=loop.Schedule(total_steps=total_steps, steps_per_call=config.steps_per_call,
                              log_every=config.log_every, checkpoint_every=steps_per_epoch,
                              eval_every=steps_per_epoch),

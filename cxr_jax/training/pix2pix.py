@@ -30,7 +30,7 @@ from cxr_jax import configlib
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.errors import ConfigError, UserError
 from cxr_jax.models.patchgan import PatchGAN
-from cxr_jax.models.unet import UNetGenerator
+from cxr_jax.models.unet import UNet
 from cxr_jax.training import augment as augment_lib
 from cxr_jax.training import export
 from cxr_jax.training import loop
@@ -103,9 +103,9 @@ def build_networks(model_cfg: ml_collections.ConfigDict, image_size: int, channe
                    compute_dtype: str, seed: int) -> tuple[nnx.Module, nnx.Module]:
   rngs = nnx.Rngs(seed)
   dtype = _dtype(compute_dtype)
-  gen = UNetGenerator(image_size=image_size, in_channels=channels, out_channels=channels,
-                      ngf=model_cfg.ngf, norm=model_cfg.norm, dropout=model_cfg.dropout,
-                      rngs=rngs, dtype=dtype)
+  gen = UNet(image_size=image_size, in_channels=channels, out_channels=channels,
+             ngf=model_cfg.ngf, norm=model_cfg.norm, use_dropout=model_cfg.use_dropout,
+             rngs=rngs, dtype=dtype)
   disc = PatchGAN(in_channels=2 * channels, ndf=model_cfg.ndf, n_layers=model_cfg.n_layers_d,
                   norm=model_cfg.norm, rngs=rngs, dtype=dtype)
   return gen, disc
@@ -141,7 +141,7 @@ class Pix2Pix:
                     if config.augment.enabled else None)
     self._replicated = mesh_lib.replicated(mesh)
     self._batch = mesh_lib.batch_sharding(mesh)
-    self.chunk = jax.jit(self._chunk, static_argnames="num_steps", donate_argnums=0,
+    self.chunk = jax.jit(self._chunk, static_argnums=3, donate_argnums=0,
                          in_shardings=(self._replicated,) * 3,
                          out_shardings=(self._replicated, self._replicated))
 
@@ -197,7 +197,7 @@ class Pix2Pix:
         "g_loss": g_loss, "g_gan": g_adv, "g_l1": g_l1, "d_loss": d_loss,
         "d_acc_real": jnp.mean((real_logits > threshold).astype(jnp.float32)),
         "d_acc_fake": jnp.mean((fake_logits < threshold).astype(jnp.float32)),
-        "g_grad_norm": optax.global_norm(g_grads), "d_grad_norm": optax.global_norm(d_grads),
+        "g_grad_norm": optax.tree.norm(g_grads), "d_grad_norm": optax.tree.norm(d_grads),
         "learning_rate": jnp.asarray(self.schedule(state.step), jnp.float32),
     }
     new_state = state.replace(step=state.step + 1, g_params=g_params, g_stats=g_stats,
@@ -224,7 +224,7 @@ class Pix2Pix:
     tgt = jax.lax.with_sharding_constraint(tgt, self._batch)
     return src, tgt, k_drop
 
-  def _chunk(self, state: State, normal: jax.Array, covid: jax.Array, *, num_steps: int):
+  def _chunk(self, state: State, normal: jax.Array, covid: jax.Array, num_steps: int):
     def body(st, _):
       src, tgt, k_drop = self.sample_batch(st.step, st.rng, normal, covid)
       return self.train_step(st, src, tgt, k_drop)
@@ -370,7 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
   sampler = _Sampler(model, normal, covid, workdir / "samples", writer, config.num_samples)
 
   state = loop.run(
-      state, chunk_fn=lambda st, k: model.chunk(st, normal_dev, covid_dev, num_steps=k),
+      state, chunk_fn=lambda st, k: model.chunk(st, normal_dev, covid_dev, k),
       schedule=loop.Schedule(total_steps=total_steps, steps_per_call=config.steps_per_call,
                              log_every=config.log_every,
                              checkpoint_every=config.checkpoint_every,

@@ -1,0 +1,137 @@
+"""The shared training machinery: checkpoints, the host loop, augmentation, the mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cxr_jax.errors import ConfigError, UserError
+from cxr_jax.training import augment
+from cxr_jax.training import checkpoint
+from cxr_jax.training import loop
+from cxr_jax.training import mesh as mesh_lib
+from cxr_jax.training.summary import SummaryWriter
+
+
+def _state(scale=1.0):
+  return {"params": {"w": jnp.full((3, 2), scale), "b": jnp.zeros(2)},
+          "step": jnp.int32(0), "rng": jax.random.PRNGKey(1)}
+
+
+def test_flatten_roundtrip_keys_name_the_path():
+  state = _state()
+  flat = checkpoint.flatten(state)
+  assert set(flat) == {"params/w", "params/b", "step", "rng"}
+  back = checkpoint.unflatten(state, flat)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), state, back))
+
+
+def test_save_restore_exact_and_keeps_last_k(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path / "ck", max_to_keep=2)
+  for step in (1, 2, 3):
+    ckpt.save(step, _state(float(step)))
+  ckpt.wait()
+  assert ckpt.all_steps() == [2, 3]
+  restored, step = ckpt.restore_latest(_state(0.0))
+  assert step == 3
+  np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 3.0))
+  ckpt.close()
+
+
+def test_restore_refuses_other_model_naming_key(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path / "ck")
+  ckpt.save(1, _state())
+  ckpt.wait()
+  other = {"params": {"w": jnp.zeros((4, 2)), "b": jnp.zeros(2)}, "step": jnp.int32(0),
+           "rng": jax.random.PRNGKey(0)}
+  with pytest.raises(UserError, match=r"params/w.*\(3, 2\).*\(4, 2\)"):
+    ckpt.restore_latest(other)
+  ckpt.close()
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path / "ck", max_to_keep=3)
+  ckpt.save(1, _state(1.0))
+  ckpt.save(2, _state(2.0))
+  ckpt.wait()
+  ckpt.close()
+  # Damage every data file of step 2.
+  for f in (tmp_path / "ck" / "2").rglob("*"):
+    if f.is_file() and "metadata" not in f.name.lower() and f.suffix != ".txt":
+      f.write_bytes(b"garbage")
+  ckpt = checkpoint.Checkpointer(tmp_path / "ck", max_to_keep=3)
+  restored, step = ckpt.restore_latest(_state(0.0))
+  assert step == 1
+  np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 1.0))
+  assert (tmp_path / "ck" / "2").exists()
+  ckpt.close()
+
+
+def _counting_chunk(nan_at=None):
+  """A fake trainer: the state counts steps; metric 'loss' is NaN at global step `nan_at`."""
+  @jax.jit
+  def run(state, steps):
+    def body(s, _):
+      bad = (s["step"] == nan_at) if nan_at is not None else False
+      loss = jnp.where(bad, jnp.nan, 1.0 / (1.0 + s["step"]))
+      return {"step": s["step"] + 1, "x": s["x"] + 1.0}, {"loss": loss}
+    return jax.lax.scan(body, state, steps)
+  return lambda state, k: run(state, jnp.arange(k))
+
+
+def test_loop_runs_to_total_and_checkpoints(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path / "ck", max_to_keep=5)
+  writer = SummaryWriter(tmp_path / "tb")
+  state = {"step": jnp.int32(0), "x": jnp.float32(0)}
+  final = loop.run(state, chunk_fn=_counting_chunk(),
+                   schedule=loop.Schedule(total_steps=10, steps_per_call=3, log_every=4,
+                                          checkpoint_every=5),
+                   start_step=0, checkpointer=ckpt, writer=writer, name="t", images_per_step=1)
+  assert int(final["step"]) == 10 and float(final["x"]) == 10.0
+  assert ckpt.all_steps() == [5, 10]
+  ckpt.close()
+  writer.close()
+  assert list((tmp_path / "tb").iterdir())
+
+
+def test_loop_stops_on_non_finite_loss_naming_step_and_keeps_last_good(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path / "ck", max_to_keep=5)
+  state = {"step": jnp.int32(0), "x": jnp.float32(0)}
+  with pytest.raises(loop.TrainingDiverged, match=r"loss is nan at step 7"):
+    loop.run(state, chunk_fn=_counting_chunk(nan_at=6),
+             schedule=loop.Schedule(total_steps=20, steps_per_call=2, log_every=10,
+                                    checkpoint_every=4),
+             start_step=0, checkpointer=ckpt, writer=SummaryWriter(tmp_path / "tb"), name="t",
+             images_per_step=1)
+  ckpt.wait()
+  assert ckpt.all_steps() == [4]
+  ckpt.close()
+
+
+def test_augment_shapes_ranges_and_identity():
+  images = jax.random.randint(jax.random.PRNGKey(0), (3, 40, 40, 1), 0, 256).astype(jnp.uint8)
+  spec = augment.AugmentSpec(out_size=32)
+  out = augment.augment(images, jax.random.PRNGKey(1), spec)
+  assert out.shape == (3, 32, 32, 1) and out.dtype == jnp.float32
+  assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+  identity = augment.AugmentSpec(out_size=40, crop_scale=(1.0, 1.0), max_rotate_deg=0.0,
+                                 max_translate=0.0, brightness=0.0, contrast=0.0)
+  same = augment.augment(images, jax.random.PRNGKey(2), identity)
+  np.testing.assert_allclose(np.asarray(same), np.asarray(images) / 255.0, atol=1e-5)
+  flipped = augment.augment(images, jax.random.PRNGKey(2),
+                            augment.AugmentSpec(out_size=40, crop_scale=(1.0, 1.0),
+                                                max_rotate_deg=0.0, max_translate=0.0,
+                                                brightness=0.0, contrast=0.0, hflip=True))
+  for i in range(3):  # each image is either unchanged or mirrored
+    x, y = np.asarray(images[i]) / 255.0, np.asarray(flipped[i])
+    assert np.allclose(y, x, atol=1e-5) or np.allclose(y, x[:, ::-1], atol=1e-5)
+
+
+def test_mesh_and_batch_checks():
+  mesh = mesh_lib.make_mesh()
+  assert mesh.devices.size == jax.device_count() == 4
+  mesh_lib.check_global_batch(8, mesh)
+  with pytest.raises(ConfigError, match="config.batch_size"):
+    mesh_lib.check_global_batch(6, mesh)
+  x = mesh_lib.put_batch(np.arange(8.0).reshape(8, 1), mesh)
+  assert len(x.addressable_shards) == 4 and x.addressable_shards[0].data.shape == (2, 1)
