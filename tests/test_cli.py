@@ -17,7 +17,7 @@ from conftest import REPO_ROOT
 
 VARIANTS = {"pix2pix": ["", "cpu", "smoke"], "classifier": ["scratch", "transfer", "smoke"],
             "synthesize": ["", "smoke"], "experiment": ["paper", "demo", "smoke"],
-            "predict": [""]}
+            "predict": [""], "prepare_data": [""]}
 
 
 def _load(name):
