@@ -31,6 +31,7 @@ def write_predictions(path: pathlib.Path, files, labels, probs, class_names) -> 
   """Per-image class probabilities as CSV (the experiment's paired tests read these)."""
   if not workdir_lib.is_writer():
     return
+  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp")
   with open(tmp, "w", newline="") as f:
     w = csv.writer(f)

@@ -20,7 +20,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax import nnx
 
 from cxr_jax import configlib
 from cxr_jax.errors import ConfigError, UserError
@@ -31,6 +30,7 @@ from cxr_jax.training import export
 from cxr_jax.training import loop
 from cxr_jax.training import mesh as mesh_lib
 from cxr_jax.training.checkpoint import Checkpointer
+from cxr_jax.training import functional
 from cxr_jax.training.functional import Functional
 from cxr_jax.training.summary import SummaryWriter
 
@@ -55,7 +55,7 @@ def _dtype(name: str):
 
 
 @dataclasses.dataclass(frozen=True)
-class Preprocess:
+class InputSpec:
   """How uint8 radiographs become network input: size, and the normalisation the weights expect."""
   image_size: int
   in_channels: int
@@ -69,20 +69,25 @@ class Preprocess:
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int, compute_dtype: str,
-                seed: int, pretrained_path: str = "") -> tuple[ResNet, Any, str]:
-  """The ResNet, ImageNet weights applied when `pretrained_path` is given; returns
-  (model, weights preprocess or None, architecture variant)."""
-  variant, weights = model_cfg.variant, None
+                seed: int, pretrained_path: str = "") -> tuple[ResNet, Any, dict]:
+  """The ResNet, with ImageNet weights applied when `pretrained_path` is given. The architecture
+  (variant, depth, width) then follows the weights file. Returns (model, the weights'
+  preprocessing or None, the architecture actually built)."""
+  arch = {"variant": model_cfg.variant, "stage_sizes": tuple(model_cfg.stage_sizes),
+          "width": model_cfg.width}
+  weights = None
   if pretrained_path:
     weights = pretrained_lib.load_imagenet_resnet50(pretrained_path)
-    variant = weights.variant
-  model = ResNet(num_classes=num_classes, in_channels=model_cfg.in_channels,
-                 stage_sizes=tuple(model_cfg.stage_sizes), width=model_cfg.width,
-                 variant=variant, rngs=nnx.Rngs(seed), dtype=_dtype(compute_dtype))
+    arch = {"variant": weights.variant, "stage_sizes": tuple(weights.stage_sizes),
+            "width": weights.width}
+  dtype = _dtype(compute_dtype)
+  model = functional.build(
+      lambda rngs: ResNet(num_classes=num_classes, in_channels=model_cfg.in_channels,
+                          rngs=rngs, dtype=dtype, **arch), seed)
   if weights is not None:
     pretrained_lib.apply_pretrained(model, weights, in_channels=model_cfg.in_channels)
-    return model, weights.preprocess, variant
-  return model, None, variant
+    return model, weights.preprocess, arch
+  return model, None, arch
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int):
@@ -128,12 +133,11 @@ class Classifier:
                weights: np.ndarray | None):
     self.config, self.mesh, self.num_classes = config, mesh, num_classes
     self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
-    model, weights_pre, self.variant = build_model(config.model, num_classes,
-                                                   config.compute_dtype, config.seed,
-                                                   config.pretrained)
+    model, weights_pre, self.arch = build_model(config.model, num_classes, config.compute_dtype,
+                                                config.seed, config.pretrained)
     self.net, params, stats = Functional.split(model)
     self._init = (params, stats)
-    self.preprocess = Preprocess(config.image_size, config.model.in_channels, weights_pre)
+    self.preprocess = InputSpec(config.image_size, config.model.in_channels, weights_pre)
     self.tx, self.schedule = make_optimizer(config, total_steps, steps_per_epoch)
     self.augment = augment_lib.AugmentSpec.from_config(config.augment, config.image_size)
     self.class_w = None if weights is None else jnp.asarray(weights)
@@ -185,15 +189,20 @@ class Classifier:
                "learning_rate": jnp.asarray(self.schedule(state.step), jnp.float32)}
     return state.replace(step=state.step + 1, params=params, stats=stats, opt=opt), metrics
 
-  def _chunk(self, state: State, images: jax.Array, labels: jax.Array, num_steps: int):
+  def sample_batch(self, step: jax.Array, rng: jax.Array, images: jax.Array,
+                   labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The batch of `step`: a slice of this epoch's seeded permutation of the training set."""
     b, spe = self.config.batch_size, self.steps_per_epoch
+    epoch, within = step // spe, step % spe
+    order = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(rng, 0xDA7A), epoch),
+                                   images.shape[0])
+    idx = jax.lax.dynamic_slice(order, (within * b,), (b,))
+    return images[idx], labels[idx]
 
+  def _chunk(self, state: State, images: jax.Array, labels: jax.Array, num_steps: int):
     def body(st, _):
-      epoch, within = st.step // spe, st.step % spe
-      order = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(st.rng, 0xDA7A),
-                                                        epoch), images.shape[0])
-      idx = jax.lax.dynamic_slice(order, (within * b,), (b,))
-      return self.train_step(st, images[idx], labels[idx], jax.random.fold_in(st.rng, st.step))
+      batch_images, batch_labels = self.sample_batch(st.step, st.rng, images, labels)
+      return self.train_step(st, batch_images, batch_labels, jax.random.fold_in(st.rng, st.step))
 
     return jax.lax.scan(body, state, None, length=num_steps)
 
@@ -231,7 +240,7 @@ class TrainedClassifier:
   net: Functional
   params: Any
   stats: Any
-  preprocess: Preprocess
+  preprocess: InputSpec
 
   def __post_init__(self):
     self._probs = jax.jit(self._probs_fn)
@@ -273,23 +282,27 @@ class TrainedClassifier:
 def export_classifier(directory: pathlib.Path, model: Classifier, params, stats, meta: dict):
   cfg = model.config
   meta = dict(meta, kind="classifier", class_names=list(meta["class_names"]),
-              model=dict(cfg.model.to_dict(), variant=model.variant),
+              model=dict(cfg.model.to_dict(), **model.arch),
               image_size=cfg.image_size, compute_dtype=cfg.compute_dtype,
-              weights_preprocess=model.preprocess.weights_preprocess)
+              weights_preprocess=(None if model.preprocess.weights_preprocess is None else
+                                  pretrained_lib.preprocess_to_json(
+                                      model.preprocess.weights_preprocess)))
   export.save(directory, params, stats, meta)
 
 
 def load_classifier(directory: str | pathlib.Path) -> TrainedClassifier:
   meta = export.read_meta(directory, "classifier")
   model_cfg = ml_collections.ConfigDict(meta["model"])
-  model = ResNet(num_classes=len(meta["class_names"]), in_channels=model_cfg.in_channels,
-                 stage_sizes=tuple(model_cfg.stage_sizes), width=model_cfg.width,
-                 variant=model_cfg.variant, rngs=nnx.Rngs(0), dtype=_dtype(meta["compute_dtype"]))
+  model = functional.build(
+      lambda rngs: ResNet(num_classes=len(meta["class_names"]), in_channels=model_cfg.in_channels,
+                          stage_sizes=tuple(model_cfg.stage_sizes), width=model_cfg.width,
+                          variant=model_cfg.variant, rngs=rngs,
+                          dtype=_dtype(meta["compute_dtype"])), 0, abstract=True)
   net, params, stats = Functional.split(model)
   export.restore_into(directory, params, stats)
   pre = meta.get("weights_preprocess")
-  preprocess = Preprocess(meta["image_size"], model_cfg.in_channels,
-                          pretrained_lib.preprocess_from_json(pre) if pre else None)
+  preprocess = InputSpec(meta["image_size"], model_cfg.in_channels,
+                         pretrained_lib.preprocess_from_json(pre) if pre else None)
   return TrainedClassifier(meta=meta, net=net, params=params, stats=stats, preprocess=preprocess)
 
 

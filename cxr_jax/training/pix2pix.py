@@ -36,6 +36,7 @@ from cxr_jax.training import export
 from cxr_jax.training import loop
 from cxr_jax.training import mesh as mesh_lib
 from cxr_jax.training.checkpoint import Checkpointer
+from cxr_jax.training import functional
 from cxr_jax.training.functional import Functional
 from cxr_jax.training.summary import SummaryWriter
 from cxr_jax.utils import grid
@@ -100,14 +101,18 @@ def _dtype(name: str):
 
 
 def build_networks(model_cfg: ml_collections.ConfigDict, image_size: int, channels: int,
-                   compute_dtype: str, seed: int) -> tuple[nnx.Module, nnx.Module]:
-  rngs = nnx.Rngs(seed)
+                   compute_dtype: str, seed: int, *,
+                   abstract: bool = False) -> tuple[nnx.Module, nnx.Module]:
   dtype = _dtype(compute_dtype)
-  gen = UNet(image_size=image_size, in_channels=channels, out_channels=channels,
-             ngf=model_cfg.ngf, norm=model_cfg.norm, use_dropout=model_cfg.use_dropout,
-             rngs=rngs, dtype=dtype)
-  disc = PatchGAN(in_channels=2 * channels, ndf=model_cfg.ndf, n_layers=model_cfg.n_layers_d,
-                  norm=model_cfg.norm, rngs=rngs, dtype=dtype)
+  gen = functional.build(
+      lambda rngs: UNet(image_size=image_size, in_channels=channels, out_channels=channels,
+                        ngf=model_cfg.ngf, norm=model_cfg.norm,
+                        use_dropout=model_cfg.use_dropout, rngs=rngs, dtype=dtype), seed,
+      abstract=abstract)
+  disc = functional.build(
+      lambda rngs: PatchGAN(in_channels=2 * channels, ndf=model_cfg.ndf,
+                            n_layers=model_cfg.n_layers_d, norm=model_cfg.norm, rngs=rngs,
+                            dtype=dtype), seed + 1, abstract=abstract)
   return gen, disc
 
 
@@ -306,7 +311,7 @@ def export_generator(directory: pathlib.Path, model: Pix2Pix, state: State, meta
 def load_generator(directory: str | pathlib.Path) -> Generator:
   meta = export.read_meta(directory, "pix2pix_generator")
   gen, _ = build_networks(ml_collections.ConfigDict(meta["model"]), meta["image_size"],
-                          meta["channels"], meta["compute_dtype"], seed=0)
+                          meta["channels"], meta["compute_dtype"], seed=0, abstract=True)
   gen_f, params, stats = Functional.split(gen)
   export.restore_into(directory, params, stats)
   return Generator(meta=meta, gen=gen_f, params=params, stats=stats)

@@ -1,0 +1,189 @@
+"""The ResNet classifier: loss and weights by hand, batch sampling, freezing, the enhanced-data
+leakage refusal, and the task end to end (scratch and transfer) with predict."""
+
+import importlib.util
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cxr_jax import workdir as workdir_lib
+from cxr_jax.data import enhanced
+from cxr_jax.data.dataset import ImageSet
+from cxr_jax.data.images import pixel_hash
+from cxr_jax.errors import DataError
+from cxr_jax.training import classifier
+from cxr_jax.training import mesh as mesh_lib
+from cxr_jax.utils import grid
+
+from conftest import REPO_ROOT
+
+NAMES = ("COVID", "NORMAL", "VIRAL_PNEUMONIA")
+
+
+def smoke_config(**overrides):
+  spec = importlib.util.spec_from_file_location("cls_cfg", REPO_ROOT / "configs/classifier.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("smoke")
+  config.update(overrides)
+  return config
+
+
+def test_loss_by_hand():
+  logits = jnp.zeros((2, 3))
+  labels = jnp.array([0, 2])
+  assert float(classifier.loss_fn(logits, labels, num_classes=3, label_smoothing=0.0,
+                                  weights=None)) == pytest.approx(math.log(3), rel=1e-6)
+  logits = jnp.array([[2.0, 0.0, 0.0]])
+  p = np.exp([2.0, 0.0, 0.0]) / np.exp([2.0, 0.0, 0.0]).sum()
+  # Smoothing 0.3 over 3 classes: targets (0.8, 0.1, 0.1).
+  expected = -(0.8 * np.log(p[0]) + 0.1 * np.log(p[1]) + 0.1 * np.log(p[2]))
+  got = classifier.loss_fn(logits, jnp.array([0]), num_classes=3, label_smoothing=0.3,
+                           weights=None)
+  assert float(got) == pytest.approx(expected, rel=1e-6)
+  weighted = classifier.loss_fn(jnp.zeros((2, 3)), jnp.array([0, 1]), num_classes=3,
+                                label_smoothing=0.0, weights=jnp.array([2.0, 0.5, 1.0]))
+  assert float(weighted) == pytest.approx(math.log(3) * (2.0 + 0.5) / 2, rel=1e-6)
+
+
+def test_class_weights_balanced():
+  w = classifier.class_weights(np.array([0, 0, 0, 1]), 3)
+  # n / (K * n_c): 4 / (3 * 3), 4 / (3 * 1); an absent class gets 0.
+  np.testing.assert_allclose(w, [4 / 9, 4 / 3, 0.0], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+  config = smoke_config(batch_size=4, freeze_backbone_epochs=1, num_epochs=2)
+  return classifier.Classifier(config, num_classes=3, steps_per_epoch=3, total_steps=6,
+                               mesh=mesh_lib.make_mesh(), weights=None)
+
+
+def test_sampled_batches_keep_labels_with_their_images(tiny_model):
+  labels = np.arange(12, dtype=np.int32) % 3
+  images = np.repeat(np.arange(12, dtype=np.uint8)[:, None, None, None] * 20, 32, 1)
+  images = np.repeat(images, 32, 2)
+  seen = []
+  for step in range(3):  # one epoch: every image once
+    x, y = tiny_model.sample_batch(jnp.int32(step), jax.random.PRNGKey(0), jnp.asarray(images),
+                                   jnp.asarray(labels))
+    ids = np.asarray(x)[:, 0, 0, 0] // 20
+    np.testing.assert_array_equal(np.asarray(y), labels[ids])
+    seen.extend(ids.tolist())
+  assert sorted(seen) == list(range(12))
+  x = tiny_model.inputs(jnp.asarray(images[:4]), jax.random.PRNGKey(1))
+  assert x.shape == (4, 32, 32, 1) and bool(jnp.all(jnp.isfinite(x)))
+
+
+def test_frozen_backbone_only_trains_the_head(tiny_model):
+  state = tiny_model.init_state()
+  rng = np.random.default_rng(0)
+  images = mesh_lib.put_replicated(rng.integers(0, 256, (12, 32, 32, 1)).astype(np.uint8),
+                                   tiny_model.mesh)
+  labels = mesh_lib.put_replicated((np.arange(12) % 3).astype(np.int32), tiny_model.mesh)
+  before = jax.device_get(state.params)
+  state, _ = tiny_model.chunk(state, images, labels, 2)   # inside the frozen first epoch
+  after = jax.device_get(state.params)
+  changed = jax.tree_util.tree_map_with_path(
+      lambda path, a, b: (jax.tree_util.keystr(path), not np.array_equal(a, b)), before, after)
+  flags = dict(jax.tree.leaves(changed, is_leaf=lambda x: isinstance(x, tuple)))
+  assert any(v for k, v in flags.items() if "fc" in k)
+  assert not any(v for k, v in flags.items() if "fc" not in k)
+
+
+def _image_set(values, labels, prefix):
+  images = np.stack([np.full((32, 32), v, np.uint8) for v in values])[..., None]
+  return ImageSet(images=images, labels=np.asarray(labels, np.int32),
+                  files=tuple(f"{prefix}/{i}.png" for i in range(len(values))),
+                  hashes=tuple(pixel_hash(im[..., 0]) for im in images), class_names=NAMES)
+
+
+def _splits():
+  return {"train": _image_set([10, 20, 30, 40], [0, 1, 1, 2], "train"),
+          "val": _image_set([50, 60], [1, 2], "val"),
+          "test": _image_set([70, 80], [1, 0], "test")}
+
+
+def _write_synthetic(root, splits, sources, pixel_values):
+  (root / "COVID").mkdir(parents=True)
+  rows = []
+  for i, ((split, idx), value) in enumerate(zip(sources, pixel_values)):
+    name = f"COVID/synthetic-{i + 1:05d}.png"
+    image = np.full((32, 32), value, np.uint8)
+    grid.save_png(root / name, image)
+    rows.append({"file": name, "sha256": pixel_hash(image), "class": "COVID",
+                 "source_file": splits[split].files[idx],
+                 "source_sha256": splits[split].hashes[idx], "generator": "g",
+                 "generator_step": 1, "seed": 0})
+  enhanced.write_manifest(root, rows)
+
+
+def test_enhanced_set_loads_when_traced_to_training_images(tmp_path):
+  splits = _splits()
+  _write_synthetic(tmp_path, splits, [("train", 1), ("train", 2)], [200, 210])
+  synthetic = enhanced.load_synthetic_set(tmp_path, splits, image_size=32)
+  assert len(synthetic) == 2 and set(synthetic.labels.tolist()) == {0}
+  both = enhanced.concatenate(splits["train"], synthetic)
+  assert len(both) == 6 and both.images.dtype == np.uint8
+
+
+@pytest.mark.parametrize("source, value, message", [
+    (("test", 0), 200, "made from test image"),
+    (("val", 1), 200, "made from val image"),
+    (("train", 1), 70, "identical to a test image"),
+])
+def test_enhanced_set_refuses_leaks(tmp_path, source, value, message):
+  splits = _splits()
+  _write_synthetic(tmp_path, splits, [source], [value])
+  with pytest.raises(DataError, match=message):
+    enhanced.load_synthetic_set(tmp_path, splits, image_size=32)
+
+
+def test_enhanced_set_refuses_paths_outside_and_unknown_sources(tmp_path):
+  splits = _splits()
+  _write_synthetic(tmp_path / "syn", splits, [("train", 1)], [200])
+  manifest = (tmp_path / "syn" / "manifest.csv").read_text()
+  (tmp_path / "syn" / "manifest.csv").write_text(
+      manifest.replace("COVID/synthetic-00001.png", "../outside.png", 1))
+  with pytest.raises(DataError, match="points outside"):
+    enhanced.load_synthetic_set(tmp_path / "syn", splits, image_size=32)
+  other = dict(splits, train=_image_set([11, 21], [1, 1], "train"))
+  _write_synthetic(tmp_path / "syn2", splits, [("train", 1)], [200])
+  with pytest.raises(DataError, match="not in this run's training split"):
+    enhanced.load_synthetic_set(tmp_path / "syn2", other, image_size=32)
+  with pytest.raises(DataError, match="no synthetic-image manifest"):
+    enhanced.load_synthetic_set(tmp_path, splits, image_size=32)
+
+
+def test_scratch_smoke_end_to_end_and_predict(tmp_path):
+  config = smoke_config()
+  run = workdir_lib.prepare(tmp_path / "run", config)
+  result = classifier.train_and_evaluate(config, run)
+  for name in ("metrics.json", "metrics.md", "confusion_matrix.png", "roc_curves.png",
+               "gradcam.png", "test_predictions.csv", "classifier/model.json"):
+    assert (run / name).exists(), name
+  assert list((run / "best").iterdir()), "the best checkpoint is kept"
+  metrics = json.loads((run / "metrics.json").read_text())
+  assert 0.0 <= metrics["accuracy"]["value"] <= 1.0
+  assert result["summary"]["accuracy"] == pytest.approx(metrics["accuracy"]["value"])
+
+  from cxr_jax.evaluation import predict
+  images = tmp_path / "images"
+  images.mkdir()
+  grid.save_png(images / "a.png", np.full((48, 48), 90, np.uint8))
+  (images / "broken.png").write_bytes(b"not a png")
+  spec = importlib.util.spec_from_file_location("pred_cfg", REPO_ROOT / "configs/predict.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  pcfg = module.get_config()
+  pcfg.classifier_dir = str(run / "classifier")
+  pcfg.input = str(images)
+  out = predict.predict_task(pcfg, tmp_path / "pred")
+  assert out == {"predictions": str(tmp_path / "pred" / "predictions.csv"), "count": 1,
+                 "skipped": 1}
+  rows = (tmp_path / "pred" / "predictions.csv").read_text().splitlines()
+  assert rows[0].startswith("file,label,predicted,p_COVID") and rows[1].startswith("a.png")
