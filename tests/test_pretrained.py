@@ -1,14 +1,21 @@
 """ImageNet weight import: logits parity with Keras 3 (JAX backend) on a legacy-layout .h5, the
-torchvision key mapping through .safetensors, the gray-input folding, and the user errors.
+torchvision key mapping through .safetensors, architectures inferred from small random files,
+the gray-input folding, and the user errors.
 
-ResNet-50s are built abstractly (`nnx.eval_shape`) and filled by `apply_pretrained`, which sets
+ResNets are built abstractly (`nnx.eval_shape`) and filled by `apply_pretrained`, which sets
 every variable: no 15 s random init on a small CPU.
+
+Other tests import the writers of small weight files from here:
+`from test_pretrained import write_torchvision_safetensors, write_keras_h5`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
+import re
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # before keras is first imported
 
@@ -24,20 +31,24 @@ from cxr_jax.errors import (  # noqa: E402  pylint: disable=wrong-import-positio
     ConfigError, UserError)
 from cxr_jax.models import pretrained  # noqa: E402  pylint: disable=wrong-import-position
 from cxr_jax.models.pretrained import (  # noqa: E402  pylint: disable=wrong-import-position
-    CAFFE, TORCHVISION, apply_pretrained, load_imagenet_resnet50, normalize)
-from cxr_jax.models.resnet import ResNet  # noqa: E402  pylint: disable=wrong-import-position
+    CAFFE, TORCHVISION, apply_pretrained, load_imagenet_resnet, load_imagenet_resnet50,
+    normalize, preprocess_from_json, preprocess_to_json)
+from cxr_jax.models.resnet import (  # noqa: E402  pylint: disable=wrong-import-position
+    RESNET50_STAGES, ResNet)
 
 # Keras 3.15 on numpy 2 warns about its own __array__ on every weight it converts.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 SIZE = 64  # smallest input keras.applications.ResNet50 accepts is 32; 64 px -> 2x2 features
+TINY = dict(stage_sizes=(1, 1, 1, 1), width=8)  # the small files' default architecture
 
 
 _ABSTRACT: dict = {}
 
 
-def abstract_resnet50(**kwargs) -> ResNet:
-  """A fresh ResNet-50 whose variables are shapes only (tracing one costs ~1.5 s: memoised)."""
+def abstract_resnet(**kwargs) -> ResNet:
+  """A fresh ResNet (default: ResNet-50) whose variables are shapes only (tracing a ResNet-50
+  costs ~1.5 s: memoised)."""
   key = tuple(sorted(kwargs.items()))
   if key not in _ABSTRACT:
     _ABSTRACT[key] = nnx.split(nnx.eval_shape(lambda: ResNet(rngs=nnx.Rngs(0), **kwargs)))
@@ -59,24 +70,158 @@ def stem(unit, x):
   return unit(x, train=False)
 
 
-# ------------------------------------------------------------------------- Keras reference
+# ------------------------------------------------------------------------- small weight files
+# Random weights of any bottleneck ResNet, written with names and shapes spelled out here
+# (independently of the package's mapping), for the transfer-learning path without a 100 MB file.
 
 
-def write_keras2_h5(model, path) -> None:
+def _bottleneck_convs(stage_sizes, width):
+  """(stage, block, unit, k, cin, cout) of every conv, in keras.applications' `model.layers`
+  order: the stem, then per block '1', '2', ('0': a stage's first block's projection), '3'."""
+  yield -1, -1, "stem", 7, 3, width
+  cin = width
+  for s, n in enumerate(stage_sizes):
+    w = width * 2**s
+    for b in range(n):
+      yield s, b, "1", 1, cin, w
+      yield s, b, "2", 3, w, w
+      if b == 0:
+        yield s, b, "0", 1, cin, 4 * w
+      yield s, b, "3", 1, w, 4 * w
+      cin = 4 * w
+
+
+def _random_conv_bn(rng, k, cin, cout):
+  """He-normal HWIO kernel, conv bias, and BN scale, bias, mean, var with some spread."""
+  f32 = functools.partial(np.asarray, dtype=np.float32)
+  return (f32(rng.normal(0, (2.0 / (k * k * cin))**0.5, (k, k, cin, cout))),
+          f32(rng.normal(0, 0.1, cout)), f32(rng.uniform(0.5, 1.5, cout)),
+          f32(rng.normal(0, 0.2, cout)), f32(rng.normal(0, 0.2, cout)),
+          f32(rng.uniform(0.5, 2.0, cout)))
+
+
+def _random_head(rng, stage_sizes, width, num_classes):
+  features = 4 * width * 2**(len(stage_sizes) - 1)
+  return (rng.normal(0, 0.02, (features, num_classes)).astype(np.float32),
+          rng.normal(0, 0.02, num_classes).astype(np.float32))
+
+
+def torchvision_state_dict(*, stage_sizes=RESNET50_STAGES, width=64, num_classes=1000,
+                           seed=0) -> dict:
+  """A torchvision/timm ResNet state dict with random values: conv1, bn1, layerX.Y.convZ / bnZ /
+  downsample.0/1, fc, in torch layouts (OIHW, (out, in)); `num_classes=0` leaves out fc."""
+  rng = np.random.default_rng(seed)
+  sd = {}
+  for s, b, unit, k, cin, cout in _bottleneck_convs(stage_sizes, width):
+    p = f"layer{s + 1}.{b}"
+    conv, bn = {"stem": ("conv1", "bn1"), "0": (f"{p}.downsample.0", f"{p}.downsample.1")}.get(
+        unit, (f"{p}.conv{unit}", f"{p}.bn{unit}"))
+    kernel, _, scale, bias, mean, var = _random_conv_bn(rng, k, cin, cout)
+    sd[f"{conv}.weight"] = np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
+    sd.update({f"{bn}.weight": scale, f"{bn}.bias": bias, f"{bn}.running_mean": mean,
+               f"{bn}.running_var": var, f"{bn}.num_batches_tracked": np.array(7, np.int64)})
+  if num_classes:
+    kernel, bias = _random_head(rng, stage_sizes, width, num_classes)
+    sd["fc.weight"], sd["fc.bias"] = np.ascontiguousarray(kernel.T), bias
+  return sd
+
+
+def write_torchvision_safetensors(path, *, stage_sizes=(1, 1, 1, 1), width=8, num_classes=1000,
+                                  seed=0) -> dict:
+  """Writes a random torchvision-layout ResNet `.safetensors` (a few MB at most for the
+  defaults); returns the state dict. `load_imagenet_resnet50` reads it as `variant='v1.5'`."""
+  sd = torchvision_state_dict(stage_sizes=tuple(stage_sizes), width=width,
+                              num_classes=num_classes, seed=seed)
+  save_file(sd, str(path))
+  return sd
+
+
+def keras_layers(*, stage_sizes=(1, 1, 1, 1), width=8, num_classes=1000,
+                 seed=0) -> dict[str, dict[str, np.ndarray]]:
+  """Random keras.applications ResNet weights, {layer name: {weight name: array}} in
+  `model.layers` order: 'conv2_block1_1_conv' {kernel, bias}, '..._bn' {gamma, beta,
+  moving_mean, moving_variance}, 'predictions' (left out for `num_classes=0`)."""
+  rng = np.random.default_rng(seed)
+  layers = {}
+  for s, b, unit, k, cin, cout in _bottleneck_convs(stage_sizes, width):
+    name = "conv1" if unit == "stem" else f"conv{s + 2}_block{b + 1}_{unit}"
+    kernel, conv_bias, gamma, beta, mean, var = _random_conv_bn(rng, k, cin, cout)
+    layers[f"{name}_conv"] = {"kernel": kernel, "bias": conv_bias}
+    layers[f"{name}_bn"] = {"gamma": gamma, "beta": beta, "moving_mean": mean,
+                            "moving_variance": var}
+  if num_classes:
+    kernel, bias = _random_head(rng, stage_sizes, width, num_classes)
+    layers["predictions"] = {"kernel": kernel, "bias": bias}
+  return layers
+
+
+def _old_keras_name(layer: str) -> str:
+  """keras-applications<=1.0.4 names: conv1, bn_conv1, res2a_branch2a, bn2a_branch1, fc1000."""
+  fixed = {"conv1_conv": "conv1", "conv1_bn": "bn_conv1", "predictions": "fc1000"}
+  if layer in fixed:
+    return fixed[layer]
+  stage, block, unit, kind = re.fullmatch(r"conv(\d)_block(\d+)_(\d)_(conv|bn)", layer).groups()
+  branch = {"0": "1", "1": "2a", "2": "2b", "3": "2c"}[unit]
+  return f"{'res' if kind == 'conv' else 'bn'}{stage}{chr(96 + int(block))}_branch{branch}"
+
+
+def _write_keras2_layout(path, layers: dict[str, list[tuple[str, np.ndarray]]]) -> None:
   """The Keras 2 `save_weights` layout of resnet50_weights_tf_dim_ordering_tf_kernels.h5: root
   attrs layer_names/backend/keras_version, one group per layer whose attr weight_names lists
   '<layer>/<weight>:0' (trainable first, then moving statistics) naming its datasets."""
   with h5py.File(path, "w") as f:
-    f.attrs["layer_names"] = [layer.name.encode() for layer in model.layers]
+    f.attrs["layer_names"] = [name.encode() for name in layers]
     f.attrs["backend"] = b"tensorflow"
     f.attrs["keras_version"] = b"2.2.4"
-    for layer in model.layers:
-      group = f.create_group(layer.name)
-      weights = layer.trainable_weights + layer.non_trainable_weights
-      names = [f"{layer.name}/{w.name}:0" for w in weights]
+    for layer, weights in layers.items():
+      group = f.create_group(layer)
+      names = [f"{layer}/{w}:0" for w, _ in weights]
       group.attrs["weight_names"] = [n.encode() for n in names]
-      for n, w in zip(names, weights):
-        group.create_dataset(n, data=np.asarray(w.numpy()))
+      for n, (_, value) in zip(names, weights):
+        group.create_dataset(n, data=value)
+
+
+def write_keras_h5(path, *, stage_sizes=(1, 1, 1, 1), width=8, num_classes=1000, seed=0,
+                   layout="keras2") -> dict[str, dict[str, np.ndarray]]:
+  """Writes random keras.applications-style ResNet weights; returns `keras_layers(...)`.
+
+  layout: 'keras2' (resnet50_weights_tf_dim_ordering_tf_kernels.h5), 'keras1' (the same with
+  the old res2a_branch2a names), 'keras3' (a `.weights.h5`: layers/conv2d_<i>/vars/<j> numbered
+  in `model.layers` order, with the layer names recent Keras 3 keep in attrs) or
+  'keras3-unnamed' (without those attrs, as older Keras 3 wrote). Read as `variant='v1'`.
+  """
+  layers = keras_layers(stage_sizes=tuple(stage_sizes), width=width, num_classes=num_classes,
+                        seed=seed)
+  if layout in ("keras2", "keras1"):
+    rename = _old_keras_name if layout == "keras1" else (lambda n: n)
+    _write_keras2_layout(path, {rename(n): list(w.items()) for n, w in layers.items()})
+  elif layout in ("keras3", "keras3-unnamed"):
+    with h5py.File(path, "w") as f:
+      counts: dict[str, int] = {}
+      for name, weights in layers.items():
+        cls = ("dense" if name == "predictions" else
+               "batch_normalization" if name.endswith("_bn") else "conv2d")
+        i = counts[cls] = counts.get(cls, -1) + 1
+        group = f.create_group(f"layers/{cls}{f'_{i}' if i else ''}/vars")
+        if layout == "keras3":
+          group.attrs["name"] = name
+        for j, value in enumerate(weights.values()):
+          group.create_dataset(str(j), data=value)
+      f.create_group("layers/input_layer/vars")  # weightless layers have empty groups
+  else:
+    raise ValueError(f"write_keras_h5: unknown layout {layout!r}")
+  return layers
+
+
+# ------------------------------------------------------------------------- Keras reference
+
+
+def write_keras2_h5(model, path) -> None:
+  """A Keras model's weights in the Keras 2 layout of the official ResNet50 file."""
+  _write_keras2_layout(path, {
+      layer.name: [(w.name, np.asarray(w.numpy()))
+                   for w in layer.trainable_weights + layer.non_trainable_weights]
+      for layer in model.layers})
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +263,8 @@ def keras_ref(tmp_path_factory):
 def test_keras_v1_parity(keras_ref):
   w = load_imagenet_resnet50(keras_ref["legacy"])
   assert (w.family, w.variant, w.preprocess, w.num_classes) == ("keras", "v1", CAFFE, 3)
-  model = abstract_resnet50(num_classes=3, variant="v1")
+  assert (w.stage_sizes, w.width) == (RESNET50_STAGES, 64)
+  model = abstract_resnet(num_classes=3, variant="v1")
   assert n_params(model) == 25_583_592 - 2048 * 1000 - 1000 + 2048 * 3 + 3  # Keras' count
   apply_pretrained(model, w, load_head=True)
   fmap, logits = features_and_logits(model, jnp.asarray(keras_ref["x"]))
@@ -158,40 +304,10 @@ def test_keras_caffe_normalisation(keras_ref):
 # ------------------------------------------------------------------------- torchvision layout
 
 
-def torchvision_state_dict(model: ResNet, num_classes: int, seed: int = 0) -> dict:
-  """A torchvision resnet50 state dict with random values, keyed by walking our v1.5 model
-  (conv1, bn1, layerX.Y.convZ / bnZ / downsample.0/1, fc), torch layouts (OIHW, (out, in))."""
-  rng = np.random.default_rng(seed)
-  sd = {}
-
-  def conv_bn(conv_key, bn_key, unit):
-    o, i, kh, kw = (unit.conv.kernel.shape[3], unit.conv.kernel.shape[2],
-                    *unit.conv.kernel.shape[:2])
-    sd[conv_key] = rng.normal(0, (2.0 / (i * kh * kw))**0.5, (o, i, kh, kw)).astype(np.float32)
-    sd[f"{bn_key}.weight"] = rng.uniform(0.5, 1.5, o).astype(np.float32)
-    sd[f"{bn_key}.bias"] = rng.normal(0, 0.2, o).astype(np.float32)
-    sd[f"{bn_key}.running_mean"] = rng.normal(0, 0.2, o).astype(np.float32)
-    sd[f"{bn_key}.running_var"] = rng.uniform(0.5, 2.0, o).astype(np.float32)
-    sd[f"{bn_key}.num_batches_tracked"] = np.array(7, np.int64)
-
-  conv_bn("conv1.weight", "bn1", model.stem)
-  for s, stage in enumerate(model.stages):
-    for b, block in enumerate(stage):
-      for z, unit in ((1, block.c1), (2, block.c2), (3, block.c3)):
-        conv_bn(f"layer{s + 1}.{b}.conv{z}.weight", f"layer{s + 1}.{b}.bn{z}", unit)
-      if block.proj is not None:
-        conv_bn(f"layer{s + 1}.{b}.downsample.0.weight", f"layer{s + 1}.{b}.downsample.1",
-                block.proj)
-  sd["fc.weight"] = rng.normal(0, 0.02, (num_classes, 2048)).astype(np.float32)
-  sd["fc.bias"] = rng.normal(0, 0.02, num_classes).astype(np.float32)
-  return sd
-
-
 @pytest.fixture(scope="module")
 def torch_file(tmp_path_factory):
-  sd = torchvision_state_dict(abstract_resnet50(num_classes=1000), 1000)
   path = tmp_path_factory.mktemp("tv") / "resnet50.safetensors"
-  save_file(sd, str(path))
+  sd = write_torchvision_safetensors(path, stage_sizes=RESNET50_STAGES, width=64)
   return path, sd
 
 
@@ -200,7 +316,8 @@ def test_torchvision_safetensors_round_trip(torch_file):
   w = load_imagenet_resnet50(path)
   assert (w.family, w.variant, w.preprocess, w.num_classes) == ("torchvision", "v1.5",
                                                                 TORCHVISION, 1000)
-  model = abstract_resnet50(num_classes=3)
+  assert (w.stage_sizes, w.width) == (RESNET50_STAGES, 64)
+  model = abstract_resnet(num_classes=3)
   head = model.fc.kernel.get_value()
   apply_pretrained(model, w)
   assert model.fc.kernel.get_value() is head  # the new head is left as initialised
@@ -218,9 +335,9 @@ def test_torchvision_safetensors_round_trip(torch_file):
   assert len(w.params) == len([k for k in sd if not k.endswith("num_batches_tracked")])
 
 
-def torchvision_forward(sd, x_nchw):
-  """torchvision.models.resnet50 in eval mode, transcribed with lax on its own state dict (NCHW,
-  OIHW): an independent reference for v1.5 where torch is not installed."""
+def torchvision_forward(sd, x_nchw, stage_sizes=RESNET50_STAGES):
+  """torchvision.models.resnet50 (any bottleneck depth) in eval mode, transcribed with lax on its
+  own state dict (NCHW, OIHW): an independent reference for v1.5 where torch is not installed."""
   def conv(x, w, stride, pad):
     return jax.lax.conv_general_dilated(x, w, (stride, stride), [(pad, pad)] * 2,
                                         dimension_numbers=("NCHW", "OIHW", "NCHW"))
@@ -232,7 +349,7 @@ def torchvision_forward(sd, x_nchw):
   x = jax.nn.relu(bn(conv(x_nchw, sd["conv1.weight"], 2, 3), "bn1"))
   x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, 3, 3), (1, 1, 2, 2),
                             ((0, 0), (0, 0), (1, 1), (1, 1)))
-  for layer, blocks in enumerate((3, 4, 6, 3), start=1):
+  for layer, blocks in enumerate(stage_sizes, start=1):
     for b in range(blocks):
       p, stride = f"layer{layer}.{b}", 2 if b == 0 and layer > 1 else 1
       out = jax.nn.relu(bn(conv(x, sd[f"{p}.conv1.weight"], 1, 0), f"{p}.bn1"))
@@ -249,10 +366,70 @@ def test_torchvision_v15_parity(torch_file):
   x = np.random.default_rng(2).normal(0, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
   tensors = {k: jnp.asarray(v) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
   want = np.asarray(jax.jit(torchvision_forward)(tensors, jnp.asarray(x.transpose(0, 3, 1, 2))))
-  model = abstract_resnet50(num_classes=1000)
+  model = abstract_resnet(num_classes=1000)
   apply_pretrained(model, load_imagenet_resnet50(path), load_head=True)
   _, logits = features_and_logits(model, jnp.asarray(x))
   np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_small_torchvision_file_parity(tmp_path):
+  """Another depth and width, inferred from the file, against the same reference forward."""
+  sizes, width = (1, 2, 1, 1), 4
+  path = tmp_path / "tiny.safetensors"
+  sd = write_torchvision_safetensors(path, stage_sizes=sizes, width=width, num_classes=5, seed=1)
+  w = load_imagenet_resnet(path)
+  assert (w.family, w.variant, w.stage_sizes, w.width, w.num_classes) == (
+      "torchvision", "v1.5", sizes, width, 5)
+  model = abstract_resnet(num_classes=5, stage_sizes=w.stage_sizes, width=w.width)
+  apply_pretrained(model, w, load_head=True)
+  x = np.random.default_rng(2).normal(0, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
+  tensors = {k: jnp.asarray(v) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+  forward = jax.jit(functools.partial(torchvision_forward, stage_sizes=sizes))
+  want = np.asarray(forward(tensors, jnp.asarray(x.transpose(0, 3, 1, 2))))
+  _, logits = features_and_logits(model, jnp.asarray(x))
+  np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_small_keras_files_in_every_layout(tmp_path):
+  sizes, width = (2, 1, 3, 1), 4  # a stage's later blocks, also in the unnamed Keras 3 layout
+  params = {}
+  for layout in ("keras2", "keras1", "keras3", "keras3-unnamed"):
+    path = tmp_path / f"{layout}.h5"
+    layers = write_keras_h5(path, stage_sizes=sizes, width=width, num_classes=3, layout=layout)
+    w = load_imagenet_resnet50(path)
+    assert (w.family, w.variant, w.preprocess, w.stage_sizes, w.width, w.num_classes) == (
+        "keras", "v1", CAFFE, sizes, width, 3), layout
+    params[layout] = w.params
+  ref = params["keras2"]
+  assert len(ref) == sum(len(v) for v in layers.values())  # every tensor used exactly once
+  for layout, got in params.items():
+    assert sorted(got) == sorted(ref), layout
+    for k in ref:
+      np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{layout} {k}")
+  np.testing.assert_array_equal(ref["stages/2/2/c2/conv/kernel"],
+                                layers["conv4_block3_2_conv"]["kernel"])
+  np.testing.assert_array_equal(ref["stages/0/1/c3/bn/bias"], layers["conv2_block2_3_bn"]["beta"])
+  np.testing.assert_array_equal(ref["stages/1/0/proj/bn/var"],
+                                layers["conv3_block1_0_bn"]["moving_variance"])
+  np.testing.assert_array_equal(ref["fc/kernel"], layers["predictions"]["kernel"])
+  model = abstract_resnet(num_classes=3, variant="v1", stage_sizes=sizes, width=width)
+  apply_pretrained(model, w, load_head=True)
+  np.testing.assert_array_equal(model.stages[2][2].c1.conv.bias[...],
+                                layers["conv4_block3_1_conv"]["bias"])
+
+
+def test_small_files_default_architecture(tmp_path):
+  """What other tests and the smoke run use: ResNet-14, width 8, a 1000-class head."""
+  for name, write in (("tiny.safetensors", write_torchvision_safetensors),
+                      ("tiny.h5", write_keras_h5)):
+    write(tmp_path / name)
+    w = load_imagenet_resnet50(tmp_path / name)
+    assert (w.stage_sizes, w.width, w.num_classes) == (TINY["stage_sizes"], TINY["width"], 1000)
+    assert os.path.getsize(tmp_path / name) < 2_000_000
+    model = abstract_resnet(num_classes=3, in_channels=1, variant=w.variant,
+                            stage_sizes=w.stage_sizes, width=w.width)
+    apply_pretrained(model, w, in_channels=1)
+    assert model.stem.conv.kernel.shape == (7, 7, 1, TINY["width"])
 
 
 def test_torchvision_parity_with_torch(torch_file):
@@ -265,7 +442,7 @@ def test_torchvision_parity_with_torch(torch_file):
   x = np.random.default_rng(2).normal(0, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
   with torch.no_grad():
     want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
-  model = abstract_resnet50(num_classes=1000)
+  model = abstract_resnet(num_classes=1000)
   apply_pretrained(model, load_imagenet_resnet50(path), load_head=True)
   _, logits = features_and_logits(model, jnp.asarray(x))
   np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
@@ -275,8 +452,8 @@ def test_torchvision_parity_with_torch(torch_file):
 
 
 def _stem_outputs(weights, gray_u8):
-  rgb_model = abstract_resnet50(num_classes=3, variant=weights.variant)
-  gray_model = abstract_resnet50(num_classes=3, variant=weights.variant, in_channels=1)
+  rgb_model = abstract_resnet(num_classes=3, variant=weights.variant)
+  gray_model = abstract_resnet(num_classes=3, variant=weights.variant, in_channels=1)
   apply_pretrained(rgb_model, weights)
   apply_pretrained(gray_model, weights, in_channels=1)
   replicated = normalize(np.repeat(gray_u8, 3, axis=-1), weights.preprocess, 3)
@@ -315,6 +492,17 @@ def test_normalize_conventions():
     normalize(u8, TORCHVISION, 1)
 
 
+def test_preprocess_json_round_trip():
+  for p in (TORCHVISION, CAFFE):
+    back = preprocess_from_json(json.loads(json.dumps(preprocess_to_json(p))))
+    assert back == p and isinstance(back.mean, tuple) and isinstance(back.std, tuple)
+    assert back.gray_mean == p.gray_mean
+  bad = {**preprocess_to_json(CAFFE), "std": [1.0, 1.0]}
+  for d in ({"name": "caffe"}, bad, None):
+    with pytest.raises(UserError, match="invalid input normalisation"):
+      preprocess_from_json(d)
+
+
 # ------------------------------------------------------------------------- errors
 
 
@@ -341,13 +529,15 @@ def test_pth_needs_torch(tmp_path):
     load_imagenet_resnet50(tmp_path / "r50.pth")
 
 
-def _resnet18_state_dict() -> dict:
-  sd = {"conv1.weight": np.zeros((64, 3, 7, 7), np.float32)}
+def _basic_block_state_dict(width: int = 8) -> dict:
+  """A torchvision resnet18 layout (two 3x3 convs per block, no conv3), narrowed to `width`."""
+  sd = {"conv1.weight": np.zeros((width, 3, 7, 7), np.float32)}
   bn = lambda p, c: {f"{p}.{n}": np.zeros(c, np.float32)  # noqa: E731
                      for n in ("weight", "bias", "running_mean", "running_var")}
-  sd.update(bn("bn1", 64))
-  cin = 64
-  for s, c in enumerate((64, 128, 256, 512)):
+  sd.update(bn("bn1", width))
+  cin = width
+  for s in range(4):
+    c = width * 2**s
     for b in range(2):
       p = f"layer{s + 1}.{b}"
       sd[f"{p}.conv1.weight"] = np.zeros((c, cin if b == 0 else c, 3, 3), np.float32)
@@ -361,34 +551,61 @@ def _resnet18_state_dict() -> dict:
   return sd
 
 
-def test_other_architectures_are_refused(tmp_path, torch_file):
+def test_other_architectures_are_refused(tmp_path):
+  tiny = torchvision_state_dict(**TINY)
   cases = {
       "random.safetensors": ({"a": np.zeros(3, np.float32)}, r"'conv1.weight' is missing"),
-      "resnet18.safetensors": (_resnet18_state_dict(),
-                               r"'layer1.0.conv1.weight' has shape \(64, 64, 3, 3\), ResNet-50 "
-                               r"expects \(64, 64, 1, 1\)"),
+      "resnet18.safetensors": (
+          _basic_block_state_dict(),
+          r"not a bottleneck ResNet \(ResNet-50/101/152 family\): the first block's "
+          r"'layer1.0.conv1.weight' is a 3x3 conv and it has no 'layer1.0.conv3.weight'"),
+      "wrong_shape.safetensors": (
+          {**tiny, "layer3.0.conv2.weight": np.zeros((32, 32, 1, 1), np.float32)},
+          r"'layer3.0.conv2.weight' has shape \(32, 32, 1, 1\), the ResNet-14 \(stage_sizes="
+          r"\(1, 1, 1, 1\), width=8\) inferred from the file expects \(32, 32, 3, 3\)"),
+      # One stray tensor of a 2nd block: the architecture is inferred, the rest is missing.
+      "truncated.safetensors": (
+          {**tiny, "layer3.1.conv1.weight": np.zeros((32, 128, 1, 1), np.float32)},
+          r"ResNet-17 \(stage_sizes=\(1, 1, 2, 1\), width=8\).*'layer3.1.bn1.weight' is "
+          r"missing"),
+      "seresnet.safetensors": ({**tiny, "layer1.0.se.fc1.weight": np.zeros((2, 32, 1, 1))},
+                               r"unexpected tensor 'layer1.0.se.fc1.weight'"),
+      "no_blocks.safetensors": ({k: v for k, v in tiny.items() if k.startswith(("conv1", "bn1"))},
+                                r"no residual block"),
+      "head.safetensors": ({**tiny, "fc.weight": np.zeros((10, 64), np.float32)},
+                           r"head 'fc.weight' has shape \(10, 64\).*256 features"),
   }
-  sd = dict(torch_file[1])
-  sd["layer3.2.conv2.weight"] = np.zeros((256, 256, 1, 1), np.float32)
-  cases["wrong_shape.safetensors"] = (
-      sd, r"'layer3.2.conv2.weight' has shape \(256, 256, 1, 1\), ResNet-50 expects "
-          r"\(256, 256, 3, 3\)")
-  sd = {**torch_file[1], "layer3.6.conv1.weight": np.zeros((256, 1024, 1, 1), np.float32)}
-  cases["resnet101.safetensors"] = (sd, r"unexpected tensor 'layer3.6.conv1.weight'")
   for name, (state, message) in cases.items():
     save_file(state, str(tmp_path / name))
     with pytest.raises(UserError, match=f"{name}: .*{message}"):
       load_imagenet_resnet50(tmp_path / name)
 
 
-def test_apply_refuses_mismatched_models(torch_file):
+def test_keras3_basic_blocks_are_refused(tmp_path):
+  path = tmp_path / "resnet18.weights.h5"
+  write_keras_h5(path, layout="keras3-unnamed")
+  with h5py.File(path, "a") as f:  # the first block's 1x1 conv becomes a 3x3 one
+    del f["layers/conv2d_1/vars/0"]
+    f["layers/conv2d_1/vars/0"] = np.zeros((3, 3, 8, 8), np.float32)
+  with pytest.raises(UserError, match=r"resnet18.weights.h5: not a bottleneck ResNet \(ResNet-"
+                                      r"50/101/152 family\): conv layer 1"):
+    load_imagenet_resnet50(path)
+
+
+def test_apply_refuses_mismatched_models(torch_file, tmp_path):
   w = load_imagenet_resnet50(torch_file[0])
   with pytest.raises(ConfigError, match="variant='v1.5'"):
-    apply_pretrained(abstract_resnet50(num_classes=3, variant="v1"), w)
-  tiny = nnx.eval_shape(lambda: ResNet(num_classes=3, stage_sizes=(1, 1, 1, 1), width=8,
-                                       rngs=nnx.Rngs(0)))
-  with pytest.raises(ConfigError, match=r"stem/conv/kernel.*\(7, 7, 3, 64\).*\(7, 7, 3, 8\)"):
+    apply_pretrained(abstract_resnet(num_classes=3, variant="v1"), w)
+  tiny = abstract_resnet(num_classes=3, **TINY)
+  with pytest.raises(ConfigError, match=r"the model is a ResNet-14 \(stage_sizes=\(1, 1, 1, 1\), "
+                                        r"width=8\) but .*resnet50.safetensors holds a ResNet-50 "
+                                        r"\(stage_sizes=\(3, 4, 6, 3\), width=64\)"):
     apply_pretrained(tiny, w)
+  write_torchvision_safetensors(tmp_path / "tiny.safetensors")
+  narrow = abstract_resnet(num_classes=3, stage_sizes=TINY["stage_sizes"], width=4)
+  with pytest.raises(ConfigError, match=r"width=4\) but .*tiny.safetensors holds a ResNet-14 "
+                                        r"\(stage_sizes=\(1, 1, 1, 1\), width=8\)"):
+    apply_pretrained(narrow, load_imagenet_resnet50(tmp_path / "tiny.safetensors"))
   with pytest.raises(ConfigError, match="1000-class head"):
-    apply_pretrained(abstract_resnet50(num_classes=3), w, load_head=True)
+    apply_pretrained(abstract_resnet(num_classes=3), w, load_head=True)
   assert pretrained.TORCHVISION.gray_std == pytest.approx(0.22598, abs=1e-5)

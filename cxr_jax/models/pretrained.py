@@ -1,12 +1,16 @@
-"""ImageNet ResNet-50 weights from files on the user's disk (nothing is ever downloaded).
+"""ImageNet ResNet weights from files on the user's disk (nothing is ever downloaded).
+
+Any bottleneck ResNet of the ResNet-50/101/152 family is read; its architecture (blocks per
+stage, base width) is inferred from the file and recorded on `PretrainedWeights`, so the
+classifier builds the matching `ResNet` and tests can use tiny random weight files.
 
 Supported files, and the `ResNet` variant their architecture needs:
 - torchvision / timm state dicts: `.safetensors` (read with numpy, no torch needed), or `.pth` /
   `.pt` through `torch.load(weights_only=True)` when torch is installed -> `variant='v1.5'`.
 - Keras application weights `resnet50_weights_tf_dim_ordering_tf_kernels[_notop].h5` (legacy
   Keras 2 HDF5 layout, also the older `res2a_branch2a` naming), a Keras 3 `.weights.h5` /
-  `.keras` of `keras.applications.ResNet50` -> `variant='v1'`. Read with h5py: nothing is
-  unpickled.
+  `.keras` of `keras.applications.ResNet50/101/152` -> `variant='v1'`. Read with h5py: nothing
+  is unpickled.
 
 Grayscale radiographs: `apply_pretrained(..., in_channels=1)` folds the 3-channel first conv into
 a 1-channel one instead of replicating the image (3x cheaper stem, same result), and `normalize`
@@ -28,9 +32,7 @@ import numpy as np
 from flax import nnx
 
 from cxr_jax.errors import ConfigError, UserError
-from cxr_jax.models.resnet import EXPANSION, RESNET50_STAGES, ResNet
-
-_WIDTH = 64
+from cxr_jax.models.resnet import EXPANSION, ResNet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +76,36 @@ TORCHVISION = Preprocess("torchvision", 1.0 / 255.0, (0.485, 0.456, 0.406),
 CAFFE = Preprocess("caffe", 1.0, (103.939, 116.779, 123.68), (1.0, 1.0, 1.0), bgr=True)
 
 
+def preprocess_to_json(p: Preprocess) -> dict:
+  """A JSON-serialisable dict (an exported classifier stores its input normalisation)."""
+  return {"name": p.name, "scale": float(p.scale), "mean": [float(m) for m in p.mean],
+          "std": [float(x) for x in p.std], "bgr": bool(p.bgr)}
+
+
+def preprocess_from_json(d: Mapping) -> Preprocess:
+  """Inverse of `preprocess_to_json` (lists back to tuples, so the result compares equal)."""
+  fields = {f.name for f in dataclasses.fields(Preprocess)}
+  try:
+    if not isinstance(d, Mapping) or set(d) != fields:
+      raise ValueError(f"needs exactly the keys {sorted(fields)}")
+    mean, std = tuple(float(m) for m in d["mean"]), tuple(float(x) for x in d["std"])
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+      raise ValueError("needs 3 means and 3 positive stds")
+    if not isinstance(d["bgr"], bool):
+      raise ValueError("bgr must be true or false")
+    return Preprocess(str(d["name"]), float(d["scale"]), mean, std, d["bgr"])
+  except (TypeError, ValueError) as e:
+    raise UserError(f"invalid input normalisation description {d!r}: {e}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class PretrainedWeights:
-  """A validated ImageNet ResNet-50, converted to this package's layout (HWIO kernels).
+  """A validated ImageNet bottleneck ResNet, converted to this package's layout (HWIO kernels).
 
   `params` maps our module paths ('stem/conv/kernel', 'stages/0/0/c1/bn/mean', 'fc/kernel', ...)
   to float32 arrays for 3-channel input; `num_classes` is the ImageNet head's (0 if the file has
-  no head, e.g. Keras `_notop`).
+  no head, e.g. Keras `_notop`). Build the model with `ResNet(stage_sizes=w.stage_sizes,
+  width=w.width, variant=w.variant, ...)`: (3, 4, 6, 3) and 64 for a ResNet-50.
   """
   path: str
   family: str  # 'torchvision' (also timm) or 'keras'
@@ -88,13 +113,29 @@ class PretrainedWeights:
   preprocess: Preprocess
   params: Mapping[str, np.ndarray]
   num_classes: int
+  stage_sizes: tuple[int, ...]  # bottleneck blocks per stage, inferred from the file
+  width: int  # base width: the stem conv's output channels
+
+  @property
+  def arch(self) -> str:
+    return describe_arch(self.stage_sizes, self.width)
 
 
 # --------------------------------------------------------------------------- expected layout
 
 
-def _spec(variant: str) -> dict[str, tuple[int, ...]]:
-  """Backbone parameter shapes of an ImageNet ResNet-50 in our layout, in forward order."""
+def describe_arch(stage_sizes: tuple[int, ...], width: int) -> str:
+  """'ResNet-50 (stage_sizes=(3, 4, 6, 3), width=64)': the depth counts convs and the fc."""
+  return (f"ResNet-{2 + 3 * sum(stage_sizes)} (stage_sizes={tuple(stage_sizes)}, "
+          f"width={width})")
+
+
+def _num_features(stage_sizes: tuple[int, ...], width: int) -> int:
+  return width * 2**(len(stage_sizes) - 1) * EXPANSION
+
+
+def _spec(variant: str, stage_sizes: tuple[int, ...], width: int) -> dict[str, tuple[int, ...]]:
+  """Backbone parameter shapes of a bottleneck ResNet in our layout, in forward order."""
   spec: dict[str, tuple[int, ...]] = {}
 
   def conv_bn(prefix: str, k: int, cin: int, cout: int):
@@ -104,10 +145,10 @@ def _spec(variant: str) -> dict[str, tuple[int, ...]]:
     for n in ("scale", "bias", "mean", "var"):
       spec[f"{prefix}/bn/{n}"] = (cout,)
 
-  conv_bn("stem", 7, 3, _WIDTH)
-  cin = _WIDTH
-  for s, n in enumerate(RESNET50_STAGES):
-    w = _WIDTH * 2**s
+  conv_bn("stem", 7, 3, width)
+  cin = width
+  for s, n in enumerate(stage_sizes):
+    w = width * 2**s
     for b in range(n):
       p = f"stages/{s}/{b}"
       conv_bn(f"{p}/c1", 1, cin, w)
@@ -120,7 +161,6 @@ def _spec(variant: str) -> dict[str, tuple[int, ...]]:
 
 
 _HEAD = ("fc/kernel", "fc/bias")
-_NUM_FEATURES = _WIDTH * 8 * EXPANSION
 
 
 def _torch_name(key: str) -> str:
@@ -139,7 +179,7 @@ def _torch_name(key: str) -> str:
 
 
 def _keras_name(key: str) -> str:
-  """Our path -> '<keras layer>/<weight>' of keras.applications.ResNet50."""
+  """Our path -> '<keras layer>/<weight>' of keras.applications.ResNet50/101/152."""
   parts = key.split("/")
   if parts[0] == "fc":
     return f"predictions/{parts[1]}"
@@ -252,22 +292,42 @@ def _read_keras_legacy(root) -> dict[str, np.ndarray]:
   return out
 
 
-def _keras3_layer_order() -> tuple[list[str], list[str]]:
-  """Conv and BN layer names in `keras.applications.ResNet50().layers` order (the topological
-  order Keras 3 numbers `conv2d_<i>` / `batch_normalization_<i>` by in `.weights.h5`)."""
-  convs, bns = ["conv1_conv"], ["conv1_bn"]
-  for s, n in enumerate(RESNET50_STAGES):
-    for b in range(n):
-      p = f"conv{s + 2}_block{b + 1}"
-      order = ("1", "2", "0", "3") if b == 0 else ("1", "2", "3")
-      convs += [f"{p}_{i}_conv" for i in order]
-      bns += [f"{p}_{i}_bn" for i in order]
-  return convs, bns
+_NOT_BOTTLENECK = "not a bottleneck ResNet (ResNet-50/101/152 family)"
+
+
+def _keras3_conv_names(filename: str, kernels: list[tuple[int, ...]]) -> list[str]:
+  """Keras layer names of the conv kernels of a `.weights.h5`, in `model.layers` order.
+
+  Keras 3 numbers `conv2d_<i>` in topological order: the stem, then per block 1, 2, (0,) 3, the
+  projection `0` only in a stage's first block. A block continues its stage when its first 1x1
+  conv reads 4x the channels it writes (a stage's first block reads 1x or 2x)."""
+  if not kernels or len(kernels[0]) != 4 or kernels[0][:3] != (7, 7, 3):
+    raise UserError(f"{filename}: not a keras.applications ResNet: the first conv kernel has "
+                    f"shape {kernels[0] if kernels else None}, not (7, 7, 3, width)")
+  names, i, stage, block = ["conv1"], 1, -1, 0
+  while i < len(kernels):
+    k = kernels[i]
+    if len(k) != 4 or k[:2] != (1, 1):
+      raise UserError(f"{filename}: {_NOT_BOTTLENECK}: conv layer {i} (the first of a block) "
+                      f"has kernel shape {k}, a bottleneck block starts with a 1x1 conv (a "
+                      f"basic-block ResNet-18/34?)")
+    if stage >= 0 and k[2] == EXPANSION * k[3]:
+      block, order = block + 1, ("1", "2", "3")
+    else:
+      stage, block, order = stage + 1, 0, ("1", "2", "0", "3")
+    names += [f"conv{stage + 2}_block{block + 1}_{j}" for j in order]
+    i += len(order)
+  if len(names) != len(kernels):
+    raise UserError(f"{filename}: {len(kernels)} conv layers do not form whole bottleneck "
+                    f"blocks: not a keras.applications ResNet-50/101/152")
+  return names
 
 
 def _read_keras3(root) -> dict[str, np.ndarray]:
-  """Keras 3 `.weights.h5`: /layers/<class-name>[_<i>]/vars/<j>, named by class, not layer."""
+  """Keras 3 `.weights.h5`: /layers/<class-name>[_<i>]/vars/<j>, named by class, not layer;
+  recent Keras 3 (3.15 does) keep the layer's name in the `name` attribute of `vars`."""
   layers = root["layers"]
+  filename = root.file.filename
 
   def numbered(prefix: str) -> list[str]:
     found = [k for k in layers.keys() if re.fullmatch(rf"{prefix}(_\d+)?", k)
@@ -275,20 +335,27 @@ def _read_keras3(root) -> dict[str, np.ndarray]:
     return sorted(found, key=lambda k: int(k.rsplit("_", 1)[1]) if k[-1].isdigit()
                   and k != prefix else 0)
 
-  convs, bns = _keras3_layer_order()
+  convs, bns, dense = numbered("conv2d"), numbered("batch_normalization"), numbered("dense")
+  names = [layers[g]["vars"].attrs.get("name") for g in convs + bns + dense]
+  if all(isinstance(n, (str, bytes)) and n for n in names):
+    groups = [(_keras_layer_alias(n.decode() if isinstance(n, bytes) else n), g)
+              for n, g in zip(names, convs + bns + dense)]
+  else:  # infer them from the order and the kernel shapes
+    if len(bns) != len(convs):
+      raise UserError(f"{filename}: {len(convs)} conv2d but {len(bns)} batch_normalization "
+                      f"layers: not a keras.applications ResNet")
+    conv_names = _keras3_conv_names(filename, [tuple(layers[g]["vars"]["0"].shape) if "0" in
+                                               layers[g]["vars"] else () for g in convs])
+    groups = ([(f"{n}_conv", g) for n, g in zip(conv_names, convs)]
+              + [(f"{n}_bn", g) for n, g in zip(conv_names, bns)]
+              + [("predictions" if i == 0 else g, g) for i, g in enumerate(dense)])
   out = {}
-  for names, prefix in ((convs, "conv2d"), (bns, "batch_normalization"), (["predictions"],
-                                                                           "dense")):
-    groups = numbered(prefix)
-    if prefix != "dense" and len(groups) != len(names):
-      raise UserError(f"{root.file.filename}: {len(groups)} {prefix} layers, keras.applications "
-                      f"ResNet50 has {len(names)}: not a ResNet-50")
-    for name, g in zip(names, groups):
-      leaves = _KERAS_LEAVES[_keras_kind(name)]
-      vars_ = layers[g]["vars"]
-      for j, leaf in enumerate(leaves):
-        if str(j) in vars_:
-          out[f"{name}/{leaf}"] = np.asarray(vars_[str(j)][()])
+  for name, g in groups:  # a second dense layer keeps its own name: refused as unexpected
+    leaves = _KERAS_LEAVES[_keras_kind(name)]
+    vars_ = layers[g]["vars"]
+    for j, leaf in enumerate(leaves):
+      if str(j) in vars_:
+        out[f"{name}/{leaf}"] = np.asarray(vars_[str(j)][()])
   return out
 
 
@@ -322,8 +389,52 @@ def _strip_prefix(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- public API
 
 
+_FIRST_CONV = {"torchvision": re.compile(r"layer(\d+)\.(\d+)\.conv1\.weight"),
+               "keras": re.compile(r"conv(\d+)_block(\d+)_1_conv/kernel")}
+_STAGE_BASE = {"torchvision": (1, 0), "keras": (2, 1)}  # index of the first stage, first block
+
+
+def _infer_arch(p: pathlib.Path, raw: Mapping[str, np.ndarray],
+                family: str) -> tuple[tuple[int, ...], int]:
+  """(stage_sizes, width) from the names of the blocks' first convs and the stem's shape."""
+  to_source = _torch_name if family == "torchvision" else _keras_name
+  stem = to_source("stem/conv/kernel")
+  if stem not in raw:
+    raise UserError(f"{p}: not an ImageNet ResNet {family} file: {stem!r} is missing "
+                    f"(found {len(raw)} tensors, e.g. {sorted(raw)[:3]})")
+  shape = tuple(raw[stem].shape)
+  if len(shape) != 4:
+    raise UserError(f"{p}: not a ResNet: the stem conv {stem!r} has shape {shape}, not a 4-D "
+                    f"7x7 kernel")
+  width = int(shape[0] if family == "torchvision" else shape[3])
+  last: dict[int, int] = {}  # stage -> its last block index
+  s0, b0 = _STAGE_BASE[family]
+  for key in raw:
+    m = _FIRST_CONV[family].fullmatch(key)
+    if m and int(m[1]) >= s0 and int(m[2]) >= b0:
+      s, b = int(m[1]) - s0, int(m[2]) - b0
+      last[s] = max(last.get(s, 0), b)
+  if not last:
+    raise UserError(f"{p}: not a ResNet {family} file: no residual block (no "
+                    f"{to_source('stages/0/0/c1/conv/kernel')!r}; found {len(raw)} tensors, "
+                    f"e.g. {sorted(raw)[:3]})")
+  # A stage without blocks becomes 1 block, reported missing by the strict check that follows.
+  stage_sizes = tuple(last.get(s, 0) + 1 for s in range(max(last) + 1))
+  c1, c3 = to_source("stages/0/0/c1/conv/kernel"), to_source("stages/0/0/c3/conv/kernel")
+  if c1 in raw and raw[c1].ndim == 4:
+    k = tuple(raw[c1].shape[2:] if family == "torchvision" else raw[c1].shape[:2])
+    if k != (1, 1) or c3 not in raw:
+      raise UserError(f"{p}: {_NOT_BOTTLENECK}: the first block's {c1!r} is a "
+                      f"{k[0]}x{k[1]} conv{'' if c3 in raw else f' and it has no {c3!r}'} "
+                      f"(a bottleneck block is 1x1 -> 3x3 -> 1x1): a basic-block ResNet-18/34? "
+                      f"Those are not supported")
+  return stage_sizes, width
+
+
 def load_imagenet_resnet50(path: str | pathlib.Path) -> PretrainedWeights:
-  """Reads and validates ImageNet ResNet-50 weights; the file type decides family and variant."""
+  """Reads and validates ImageNet bottleneck-ResNet weights (ResNet-50/101/152, or a smaller one
+  of the same family); the file type decides family and variant, the tensors the architecture.
+  """
   p = pathlib.Path(path).expanduser()
   if not p.is_file():
     raise UserError(f"{p}: no such file. ImageNet weights are read from your disk, never "
@@ -350,18 +461,20 @@ def load_imagenet_resnet50(path: str | pathlib.Path) -> PretrainedWeights:
   variant = "v1.5" if family == "torchvision" else "v1"
   if family == "torchvision":
     raw = {k: v for k, v in _strip_prefix(raw).items() if not k.endswith("num_batches_tracked")}
+  stage_sizes, width = _infer_arch(p, raw, family)
+  arch = describe_arch(stage_sizes, width)
   to_source = _torch_name if family == "torchvision" else _keras_name
   params: dict[str, np.ndarray] = {}
   used = set()
-  for key, shape in _spec(variant).items():
+  for key, shape in _spec(variant, stage_sizes, width).items():
     src = to_source(key)
     if src not in raw:
-      raise UserError(f"{p}: not an ImageNet ResNet-50 {family} file: {src!r} is missing "
-                      f"(found {len(raw)} tensors, e.g. {sorted(raw)[:3]})")
+      raise UserError(f"{p}: not an ImageNet {arch} {family} file (architecture inferred from "
+                      f"its tensors): {src!r} is missing (found {len(raw)} tensors)")
     want = _source_shape(key, shape, family)
     if tuple(raw[src].shape) != want:
-      raise UserError(f"{p}: not a ResNet-50: {src!r} has shape {tuple(raw[src].shape)}, "
-                      f"ResNet-50 expects {want}")
+      raise UserError(f"{p}: {src!r} has shape {tuple(raw[src].shape)}, the {arch} inferred from "
+                      f"the file expects {want}")
     params[key] = _to_ours(key, np.asarray(raw[src], np.float32), family)
     used.add(src)
   num_classes = 0
@@ -369,20 +482,26 @@ def load_imagenet_resnet50(path: str | pathlib.Path) -> PretrainedWeights:
   if all(h in raw for h in head):
     kernel = _to_ours("fc/kernel", np.asarray(raw[head[0]], np.float32), family)
     bias = np.asarray(raw[head[1]], np.float32)
-    if kernel.ndim != 2 or kernel.shape[0] != _NUM_FEATURES or bias.shape != kernel.shape[1:]:
-      raise UserError(f"{p}: head {head[0]!r} has shape {tuple(raw[head[0]].shape)}, "
-                      f"incompatible with ResNet-50's {_NUM_FEATURES} features")
+    features = _num_features(stage_sizes, width)
+    if kernel.ndim != 2 or kernel.shape[0] != features or bias.shape != kernel.shape[1:]:
+      raise UserError(f"{p}: head {head[0]!r} has shape {tuple(raw[head[0]].shape)} and "
+                      f"{head[1]!r} {tuple(raw[head[1]].shape)}, incompatible with the "
+                      f"{features} features of the {arch}")
     params["fc/kernel"], params["fc/bias"] = kernel, bias
     num_classes = kernel.shape[1]
     used.update(head)
   extra = sorted(set(raw) - used)
   if extra:
-    raise UserError(f"{p}: not a ResNet-50: unexpected tensor {extra[0]!r} "
-                    f"{tuple(raw[extra[0]].shape)} ({len(extra)} in all; ResNet-101/152 or "
-                    f"another architecture?)")
+    raise UserError(f"{p}: not a plain {arch}: unexpected tensor {extra[0]!r} "
+                    f"{tuple(raw[extra[0]].shape)} ({len(extra)} in all; an SE/ResNeXt/ResNet-D "
+                    f"or another architecture?)")
   return PretrainedWeights(path=str(p), family=family, variant=variant,
                            preprocess=TORCHVISION if family == "torchvision" else CAFFE,
-                           params=params, num_classes=num_classes)
+                           params=params, num_classes=num_classes,
+                           stage_sizes=stage_sizes, width=width)
+
+
+load_imagenet_resnet = load_imagenet_resnet50  # the name says ResNet-50, any depth is read
 
 
 def _variables(model: nnx.Module) -> Iterator[tuple[str, nnx.Variable]]:
@@ -406,6 +525,10 @@ def apply_pretrained(model: ResNet, weights: PretrainedWeights, *, in_channels: 
   if model.variant != weights.variant:
     raise ConfigError(f"model.variant is {model.variant!r} but {weights.path} holds "
                       f"{weights.family} weights, which need variant={weights.variant!r}")
+  if tuple(model.stage_sizes) != tuple(weights.stage_sizes) or model.width != weights.width:
+    raise ConfigError(f"the model is a {describe_arch(model.stage_sizes, model.width)} but "
+                      f"{weights.path} holds a {weights.arch}: build the ResNet with "
+                      f"stage_sizes=weights.stage_sizes, width=weights.width")
   if load_head and weights.num_classes != model.num_classes:
     raise ConfigError(f"load_head: {weights.path} has a {weights.num_classes}-class head, the "
                       f"model {model.num_classes} classes")
@@ -419,23 +542,22 @@ def apply_pretrained(model: ResNet, weights: PretrainedWeights, *, in_channels: 
     var = variables.get(key)
     if var is None:
       raise ConfigError(f"the model has no parameter {key!r}: apply_pretrained needs a "
-                        f"ResNet-50 (stage_sizes={RESNET50_STAGES}, width={_WIDTH})")
+                        f"{weights.arch}")
     if tuple(var.shape) != value.shape:
       raise ConfigError(f"{key}: {weights.path} gives shape {value.shape}, the model has "
-                        f"{tuple(var.shape)}: apply_pretrained needs a ResNet-50 "
-                        f"(stage_sizes={RESNET50_STAGES}, width={_WIDTH})")
+                        f"{tuple(var.shape)}: apply_pretrained needs a {weights.arch}")
     var.set_value(jnp.asarray(value, dtype=var.dtype))
   missing = [k for k in variables if k not in values and k not in _HEAD]
   if missing:
     raise ConfigError(f"the model's {missing[0]!r} has no pretrained value: apply_pretrained "
-                      f"needs a ResNet-50")
+                      f"needs a {weights.arch}")
   return model
 
 
 def _fold_gray_stem(values: Mapping[str, np.ndarray], pp: Preprocess,
                     variant: str) -> dict[str, np.ndarray]:
   """3-channel stem -> 1-channel stem equal to feeding the gray image replicated to R, G, B."""
-  w = np.asarray(values["stem/conv/kernel"], np.float64)  # (7, 7, 3, 64)
+  w = np.asarray(values["stem/conv/kernel"], np.float64)  # (7, 7, 3, width)
   std = np.asarray(pp.std, np.float64)
   mean = np.asarray(pp.mean, np.float64)
   kernel = (w * (pp.gray_std / std)[None, None, :, None]).sum(axis=2, keepdims=True)
