@@ -40,11 +40,16 @@ def _correct(run_dir: pathlib.Path) -> tuple[list[str], np.ndarray]:
   return [r["file"] for r in rows], np.array([r["label"] == r["predicted"] for r in rows])
 
 
-def _fmt(agg: dict[str, Any], pct: bool = True) -> str:
-  if agg.get("mean") is None:
+def _fmt(agg: dict[str, Any], spread: bool = True) -> str:
+  """'mean ± std [ci]' in %, or just the mean; undefined values (e.g. the precision of a class
+  never predicted) as 'n/a'."""
+  mean = agg.get("mean")
+  if mean is None or not np.isfinite(mean):
     return "n/a"
-  s = 100.0 if pct else 1.0
-  text = f"{agg['mean'] * s:.1f}"
+  s = 100.0
+  text = f"{mean * s:.1f}"
+  if not spread:
+    return text
   if agg.get("std") is not None:
     text += f" ± {agg['std'] * s:.1f}"
   if agg.get("ci") is not None and agg["ci"][0] is not None:
@@ -111,7 +116,7 @@ def write_report(workdir: pathlib.Path, config, *, splits, skipped: dict[str, st
   target = synthesis.get("target_class", "COVID")
   enhanced_counts[target] = enhanced_counts.get(target, 0) + synthesis.get("num_synthetic", 0)
   durations = {p.stem: json.loads(p.read_text())["seconds"]
-               for p in sorted(stages.dir.glob("*.json"))}
+               for p in sorted(stages.dir.glob("*.json"), key=lambda p: p.stat().st_mtime)}
   result = {"created": datetime.datetime.now().isoformat(timespec="seconds"),
             "data": "embedded synthetic default" if not config.data.data_dir
                     else str(config.data.data_dir),
@@ -140,9 +145,9 @@ def _markdown(r: dict, workdir: pathlib.Path, synthetic_dir: pathlib.Path) -> st
   for key, e in r["table"].items():
     data, init = key.split("/")
     if "skipped" in e:
-      lines.append(f"| {data} | {init} | skipped: {e['skipped']} | | " + " | " * len(names))
+      lines.append(f"| {data} | {init} | skipped: {e['skipped']} |" + " |" * (1 + len(names)))
       continue
-    cells = [" / ".join(_fmt(e["per_class"][c][m]).split(" ")[0] for m in
+    cells = [" / ".join(_fmt(e["per_class"][c][m], spread=False) for m in
                         ("precision", "recall", "f1")) for c in names]
     lines.append(f"| {data} | {init} | {_fmt(e['accuracy'])} | {_fmt(e['macro_f1'])} | "
                  + " | ".join(cells) + " |")

@@ -108,7 +108,10 @@ def synthesis_quality(synthetic_dir: pathlib.Path, classifier_dir: str | pathlib
              "num_synthetic": len(synthetic), "num_real": len(real)}
   if len(synthetic) >= 2 and len(real) >= 2:
     f_syn, f_real = trained.features(synthetic.images), trained.features(real.images)
-    quality["fid"] = fid.frechet_distance(f_syn, f_real)
+    try:
+      quality["fid"] = fid.frechet_distance(f_syn, f_real)
+    except ValueError as e:  # too few images for the feature dimension: covariance is singular
+      quality["note"] = f"FID not computed: {e}"
     kid_mean, kid_std = fid.kernel_inception_distance(f_syn, f_real, subset_size=kid_subset)
     quality["kid"], quality["kid_std"] = kid_mean, kid_std
   else:
