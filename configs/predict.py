@@ -12,12 +12,16 @@ from cxr_jax import configlib
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  if variant:
-    raise ValueError(f"configs/predict.py has no variant {variant!r}")
   config = ml_collections.ConfigDict()
   config.task = "predict"
   config.name = "predict"
   config.data = configlib.data_config()   # data.image_size: the size images are decoded at
   config.classifier_dir = ""
   config.input = ""
+  if variant == "smoke":
+    config.name = "predict-smoke"
+    config.data.image_size = 32
+    config.data.synthetic_scale = 0.02
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/predict.py; use '' or 'smoke'")
   return config

@@ -10,10 +10,14 @@ from cxr_jax import configlib
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  if variant:
-    raise ValueError(f"configs/prepare_data.py has no variant {variant!r}")
   config = ml_collections.ConfigDict()
   config.task = "prepare_data"
   config.name = "prepare_data"
   config.data = configlib.data_config()
+  if variant == "smoke":
+    config.name = "prepare_data-smoke"
+    config.data.image_size = 32
+    config.data.synthetic_scale = 0.02
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/prepare_data.py; use '' or 'smoke'")
   return config

@@ -64,7 +64,8 @@ class InputSpec:
   def __call__(self, x01: jax.Array) -> jax.Array:
     """float [B, S, S, 1] in [0, 1] -> normalised network input."""
     if self.weights_preprocess is None:
-      return (x01 - SCRATCH_MEAN) / SCRATCH_STD
+      x = (x01 - SCRATCH_MEAN) / SCRATCH_STD
+      return jnp.repeat(x, self.in_channels, axis=-1) if x.shape[-1] == 1 else x
     return pretrained_lib.normalize(x01, self.weights_preprocess, self.in_channels)
 
 
