@@ -39,7 +39,9 @@ def prepare(workdir: str | os.PathLike, config: ml_collections.ConfigDict, *,
   """Creates `workdir` for `config`, or checks that an existing one belongs to an equal config."""
   path = pathlib.Path(workdir)
   saved = path / CONFIG_FILE
-  if saved.exists():
+  # A workdir holding nothing but a config (a run refused at start-up) holds no run to protect.
+  holds_run = saved.exists() and any(p.name != CONFIG_FILE for p in path.iterdir())
+  if holds_run:
     try:
       old = json.loads(saved.read_text())
     except (OSError, json.JSONDecodeError) as e:

@@ -71,11 +71,19 @@ def _cfg(**kw):
   return cfg
 
 
+def test_workdir_with_only_a_config_is_no_run(tmp_path):
+  run = tmp_path / "run"
+  workdir_lib.prepare(run, _cfg(batch_size=-1))       # refused at start-up, nothing else written
+  workdir_lib.prepare(run, _cfg(batch_size=2))
+  assert json.loads((run / "config.json").read_text())["batch_size"] == 2
+
+
 def test_workdir_same_config_resumes_other_config_refused(tmp_path):
   run = tmp_path / "run"
   workdir_lib.prepare(run, _cfg())
   saved = json.loads((run / "config.json").read_text())
   assert saved["batch_size"] == 1
+  (run / "checkpoints").mkdir()                        # the run has started
   workdir_lib.prepare(run, _cfg(log_every=99))        # resume-safe key: accepted
   with pytest.raises(UserError, match=r"differing keys: batch_size \(1 -> 4\)"):
     workdir_lib.prepare(run, _cfg(batch_size=4))

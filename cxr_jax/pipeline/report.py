@@ -53,7 +53,8 @@ def _fmt(agg: dict[str, Any], spread: bool = True) -> str:
   if agg.get("std") is not None:
     text += f" ± {agg['std'] * s:.1f}"
   if agg.get("ci") is not None and agg["ci"][0] is not None:
-    text += f" [{agg['ci'][0] * s:.1f}, {agg['ci'][1] * s:.1f}]"
+    lo, hi = (min(max(v * s, 0.0), s) for v in agg["ci"])  # a proportion's interval, clipped
+    text += f" [{lo:.1f}, {hi:.1f}]"
   return text
 
 
@@ -136,8 +137,9 @@ def _markdown(r: dict, workdir: pathlib.Path, synthetic_dir: pathlib.Path) -> st
   names = r["class_names"]
   lines = ["# GAN-enhanced COVID-19 chest X-ray classification: report", "",
            f"Created {r['created']}. Data: {r['data']} at {r['image_size']} px. "
-           f"Seeds: {r['seeds']}. Values are mean ± std over seeds [95 % t-interval], in %; "
-           "every model is evaluated on the same real test images.", "", CONFOUND, "",
+           f"Seeds: {r['seeds']}. Values are mean ± std over seeds [95 % t-interval, clipped to "
+           "0-100], in %; every model is evaluated on the same real test images.", "", CONFOUND,
+           "",
            "## Results", "",
            "| training data | init | accuracy | macro-F1 | "
            + " | ".join(f"{c} P / R / F1" for c in names) + " |",

@@ -394,7 +394,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
                              log_every=config.log_every, checkpoint_every=steps_per_epoch,
                              eval_every=steps_per_epoch),
       start_step=start or 0, checkpointer=ckpt, writer=writer, name="classifier",
-      images_per_step=config.batch_size, eval_fn=evaluate)
+      images_per_step=config.batch_size, eval_fn=evaluate,
+      memory_hint=f"lower config.batch_size (now {config.batch_size}) or config.image_size "
+                  f"(now {config.image_size}), or use config.compute_dtype='bfloat16'")
   best_step = ckpt.best_step()
   best = ckpt.restore(best_step, state, best=True) if best_step is not None else state
   ckpt.close()

@@ -43,7 +43,8 @@ def run(state: Any, *, chunk_fn: Callable[[Any, int], tuple[Any, Mapping[str, ja
         schedule: Schedule, start_step: int, checkpointer: Checkpointer | None,
         writer: SummaryWriter, name: str, images_per_step: int,
         eval_fn: Callable[[int, Any], Mapping[str, float]] | None = None,
-        hook_fn: Callable[[int, Any], None] | None = None) -> Any:
+        hook_fn: Callable[[int, Any], None] | None = None,
+        memory_hint: str = "lower config.batch_size or config.data.image_size") -> Any:
   """Trains from `start_step` to `schedule.total_steps`; returns the final state."""
   s = schedule
   step = start_step
@@ -66,7 +67,13 @@ def run(state: Any, *, chunk_fn: Callable[[Any, int], tuple[Any, Mapping[str, ja
                   _next_boundary(step, s.checkpoint_every), _next_boundary(step, s.eval_every),
                   _next_boundary(step, s.hook_every)]
     k = int(min([step + s.steps_per_call] + boundaries) - step)
-    state, metrics = chunk_fn(state, k)
+    try:
+      state, metrics = chunk_fn(state, k)
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+        raise UserError(f"out of device memory at step {step} ({jax.devices()[0].device_kind}): "
+                        f"{memory_hint}") from None
+      raise
     pending.append((step, metrics))
     step += k
 

@@ -381,7 +381,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
                              checkpoint_every=config.checkpoint_every,
                              hook_every=config.sample_every),
       start_step=start, checkpointer=ckpt, writer=writer, name="pix2pix",
-      images_per_step=config.batch_size, hook_fn=sampler)
+      images_per_step=config.batch_size, hook_fn=sampler,
+      memory_hint=f"lower config.batch_size (now {config.batch_size}), config.data.image_size "
+                  f"(now {config.data.image_size}) or config.model.ngf (now {config.model.ngf})")
   ckpt.close()
   export_generator(workdir / GENERATOR_DIR, model, state,
                    {"workdir": str(workdir), "checkpoint_step": total_steps,
