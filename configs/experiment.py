@@ -9,7 +9,6 @@ Re-running the same command skips finished stages and resumes an interrupted one
 The report is <workdir>/report.md (and report.json, report.csv).
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
@@ -17,17 +16,11 @@ import ml_collections
 from cxr_jax import configlib
 
 
-def _sibling(name: str):
-  """Loads configs/<name>.py by path, so that this file works wherever the configs folder is."""
-  path = pathlib.Path(__file__).with_name(f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"cxr_jax_configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def _sibling(name: str, variant: str) -> ml_collections.ConfigDict:
+  return configlib.load_config_file(pathlib.Path(__file__).with_name(f"{name}.py"), variant)
 
 
 def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
-  pix2pix, classifier, synthesize = (_sibling(n) for n in ("pix2pix", "classifier", "synthesize"))
   base = {"paper": "", "demo": "", "smoke": "smoke"}
   if variant not in base:
     raise ValueError(f"unknown variant {variant!r} of configs/experiment.py; use 'paper', 'demo' "
@@ -39,10 +32,10 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   config.data = configlib.data_config()
   config.seeds = (0, 1, 2)
   config.pretrained = ""               # ImageNet ResNet-50 weights: enables the transfer rows
-  config.pix2pix = pix2pix.get_config(base[variant])
-  config.synthesize = synthesize.get_config(base[variant])
-  config.classifier = classifier.get_config("smoke" if variant == "smoke" else "scratch")
-  transfer = classifier.get_config("transfer")
+  config.pix2pix = _sibling("pix2pix", base[variant])
+  config.synthesize = _sibling("synthesize", base[variant])
+  config.classifier = _sibling("classifier", "smoke" if variant == "smoke" else "scratch")
+  transfer = _sibling("classifier", "transfer")
   # What the transfer rows change relative to the scratch rows.
   config.transfer = ml_collections.ConfigDict(dict(
       learning_rate=transfer.learning_rate, num_epochs=transfer.num_epochs,

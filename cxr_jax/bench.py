@@ -27,6 +27,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from cxr_jax import configlib
 from cxr_jax import runtime
 from cxr_jax.training import mesh as mesh_lib
 
@@ -80,20 +81,12 @@ def _time_chunks(name: str, batch: int, steps: int, run) -> Result:
   return Result(name, batch, compile_s, statistics.median(times), _peak_memory_gb())
 
 
-def _config(path: str, variant: str):
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("bench_cfg", pathlib.Path(path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
-
-
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def bench_pix2pix(batch: int, steps: int) -> Result:
   from cxr_jax.training import pix2pix  # pylint: disable=import-outside-toplevel
-  config = _config(CONFIGS / "pix2pix.py", "")
+  config = configlib.load_config_file(CONFIGS / "pix2pix.py")
   config.batch_size = batch
   config.compute_dtype = FLAGS.pix2pix_dtype
   mesh = mesh_lib.make_mesh()
@@ -112,7 +105,7 @@ def bench_pix2pix(batch: int, steps: int) -> Result:
 
 def bench_resnet(channels: int, batch: int, steps: int) -> Result:
   from cxr_jax.training import classifier  # pylint: disable=import-outside-toplevel
-  config = _config(CONFIGS / "classifier.py", "scratch")
+  config = configlib.load_config_file(CONFIGS / "classifier.py", "scratch")
   config.batch_size = batch
   config.compute_dtype = FLAGS.dtype
   config.model.in_channels = channels
@@ -135,7 +128,7 @@ def bench_resnet(channels: int, batch: int, steps: int) -> Result:
 
 def bench_generator_inference(batch: int) -> Result:
   from cxr_jax.training import pix2pix  # pylint: disable=import-outside-toplevel
-  config = _config(CONFIGS / "pix2pix.py", "")
+  config = configlib.load_config_file(CONFIGS / "pix2pix.py")
   mesh = mesh_lib.make_mesh()
   model = pix2pix.Pix2Pix(config, image_size=256, steps_per_epoch=1, mesh=mesh)
   state = model.init_state()

@@ -6,6 +6,9 @@ data the same way and a split made by one task is the split every other task see
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import pathlib
 from typing import Any
 
 import ml_collections
@@ -41,6 +44,15 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
   return cfg
 
 
+def load_config_file(path: str | os.PathLike, variant: str = "") -> ml_collections.ConfigDict:
+  """`get_config(variant)` of a config file, loaded by path (as `--config=path:variant` does)."""
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f"cxr_jax_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
 def require(condition: bool, key: str, message: str) -> None:
   """Raises a ConfigError naming `key` unless `condition` holds."""
   if not condition:
@@ -53,6 +65,14 @@ def require_positive_int(cfg: ml_collections.ConfigDict, key: str) -> int:
   require(isinstance(value, int) and not isinstance(value, bool) and value > 0, key,
           f"must be a positive integer, got {value!r}")
   return value
+
+
+def compute_dtype(name: str, key: str = "compute_dtype"):
+  """'float32' or 'bfloat16' -> the jnp dtype a model computes in (parameters stay float32)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  require(name in dtypes, key, f"{name!r} is not 'float32' or 'bfloat16'")
+  return dtypes[name]
 
 
 def get_dotted(cfg: ml_collections.ConfigDict, key: str) -> Any:

@@ -1,7 +1,6 @@
 """The ResNet classifier: loss and weights by hand, batch sampling, freezing, the enhanced-data
 leakage refusal, and the task end to end (scratch and transfer) with predict."""
 
-import importlib.util
 import json
 import math
 
@@ -10,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cxr_jax import configlib
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.data import enhanced
 from cxr_jax.data.dataset import ImageSet
@@ -25,10 +25,7 @@ NAMES = ("COVID", "NORMAL", "VIRAL_PNEUMONIA")
 
 
 def smoke_config(**overrides):
-  spec = importlib.util.spec_from_file_location("cls_cfg", REPO_ROOT / "configs/classifier.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("smoke")
+  config = configlib.load_config_file(REPO_ROOT / "configs/classifier.py", "smoke")
   config.update(overrides)
   return config
 
@@ -176,10 +173,7 @@ def test_scratch_smoke_end_to_end_and_predict(tmp_path):
   images.mkdir()
   grid.save_png(images / "a.png", np.full((48, 48), 90, np.uint8))
   (images / "broken.png").write_bytes(b"not a png")
-  spec = importlib.util.spec_from_file_location("pred_cfg", REPO_ROOT / "configs/predict.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  pcfg = module.get_config()
+  pcfg = configlib.load_config_file(REPO_ROOT / "configs/predict.py")
   pcfg.classifier_dir = str(run / "classifier")
   pcfg.input = str(images)
   out = predict.predict_task(pcfg, tmp_path / "pred")

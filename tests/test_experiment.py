@@ -2,11 +2,11 @@
 of every synthetic image, an interrupted run that resumes, and a re-run that skips everything."""
 
 import csv
-import importlib.util
 import json
 
 import pytest
 
+from cxr_jax import configlib
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.pipeline import experiment
 from cxr_jax.training import checkpoint
@@ -20,10 +20,7 @@ class _Preempted(Exception):
 
 
 def smoke_config(**overrides):
-  spec = importlib.util.spec_from_file_location("exp_cfg", REPO_ROOT / "configs/experiment.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("smoke")
+  config = configlib.load_config_file(REPO_ROOT / "configs/experiment.py", "smoke")
   config.update(overrides)
   return config
 

@@ -1,7 +1,6 @@
 """pix2pix: losses by hand, learning on a fixed pair, sharded == single device, the task end to end,
 and resume == uninterrupted."""
 
-import importlib.util
 import math
 import os
 import subprocess
@@ -12,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cxr_jax import configlib
 from cxr_jax.training import mesh as mesh_lib
 from cxr_jax.training import pix2pix
 
@@ -19,10 +19,7 @@ from conftest import REPO_ROOT
 
 
 def smoke_config(**overrides):
-  spec = importlib.util.spec_from_file_location("p2p_cfg", REPO_ROOT / "configs/pix2pix.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("smoke")
+  config = configlib.load_config_file(REPO_ROOT / "configs/pix2pix.py", "smoke")
   config.update(overrides)
   return config
 
@@ -120,7 +117,8 @@ class _Interrupt(Exception):
 
 
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
-  from cxr_jax import workdir as workdir_lib
+  from cxr_jax import configlib
+from cxr_jax import workdir as workdir_lib
   from cxr_jax.training import checkpoint
 
   config = smoke_config()

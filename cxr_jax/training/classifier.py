@@ -48,10 +48,6 @@ class State:
   opt: Any
 
 
-def _dtype(name: str):
-  if name not in ("float32", "bfloat16"):
-    raise ConfigError(f"config.compute_dtype: {name!r} is not 'float32' or 'bfloat16'")
-  return jnp.float32 if name == "float32" else jnp.bfloat16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +77,7 @@ def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int, compute_
     weights = pretrained_lib.load_imagenet_resnet50(pretrained_path)
     arch = {"variant": weights.variant, "stage_sizes": tuple(weights.stage_sizes),
             "width": weights.width}
-  dtype = _dtype(compute_dtype)
+  dtype = configlib.compute_dtype(compute_dtype)
   model = functional.build(
       lambda rngs: ResNet(num_classes=num_classes, in_channels=model_cfg.in_channels,
                           rngs=rngs, dtype=dtype, **arch), seed)
@@ -298,7 +294,7 @@ def load_classifier(directory: str | pathlib.Path) -> TrainedClassifier:
       lambda rngs: ResNet(num_classes=len(meta["class_names"]), in_channels=model_cfg.in_channels,
                           stage_sizes=tuple(model_cfg.stage_sizes), width=model_cfg.width,
                           variant=model_cfg.variant, rngs=rngs,
-                          dtype=_dtype(meta["compute_dtype"])), 0, abstract=True)
+                          dtype=configlib.compute_dtype(meta["compute_dtype"])), 0, abstract=True)
   net, params, stats = Functional.split(model)
   export.restore_into(directory, params, stats)
   pre = meta.get("weights_preprocess")
@@ -327,7 +323,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   configlib.require(config.image_size <= config.data.image_size, "image_size",
                     f"must not exceed the prepared data's size (data.image_size="
                     f"{config.data.image_size})")
-  _dtype(config.compute_dtype)
+  configlib.compute_dtype(config.compute_dtype)
 
 
 def training_set(config, splits) -> Any:

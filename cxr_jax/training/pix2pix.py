@@ -94,16 +94,12 @@ class State:
   d_opt: Any
 
 
-def _dtype(name: str):
-  if name not in ("float32", "bfloat16"):
-    raise ConfigError(f"config.compute_dtype: {name!r} is not 'float32' or 'bfloat16'")
-  return jnp.float32 if name == "float32" else jnp.bfloat16
 
 
 def build_networks(model_cfg: ml_collections.ConfigDict, image_size: int, channels: int,
                    compute_dtype: str, seed: int, *,
                    abstract: bool = False) -> tuple[nnx.Module, nnx.Module]:
-  dtype = _dtype(compute_dtype)
+  dtype = configlib.compute_dtype(compute_dtype)
   gen = functional.build(
       lambda rngs: UNet(image_size=image_size, in_channels=channels, out_channels=channels,
                         ngf=model_cfg.ngf, norm=model_cfg.norm,
@@ -331,7 +327,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   configlib.require(config.gan_loss in ("bce", "lsgan"), "gan_loss",
                     f"{config.gan_loss!r} is not 'bce' or 'lsgan'")
   configlib.require(config.l1_weight >= 0, "l1_weight", "must be >= 0")
-  _dtype(config.compute_dtype)
+  configlib.compute_dtype(config.compute_dtype)
   size = config.data.image_size
   configlib.require(isinstance(size, int) and size >= 32 and size & (size - 1) == 0,
                     "data.image_size", f"the U-Net halves the image down to 1x1, so it must be a "
