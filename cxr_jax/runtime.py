@@ -8,6 +8,7 @@ import jax
 from absl import logging
 
 from cxr_jax import workdir as workdir_lib
+from cxr_jax.errors import ConfigError
 
 _initialized = False
 
@@ -33,10 +34,19 @@ def initialize(config) -> None:
     env = os.environ
     kwargs = {}
     if env.get("CXR_COORDINATOR_ADDRESS"):
-      kwargs = dict(coordinator_address=env["CXR_COORDINATOR_ADDRESS"],
-                    num_processes=int(env["CXR_NUM_PROCESSES"]),
-                    process_id=int(env["CXR_PROCESS_ID"]))
-    jax.distributed.initialize(**kwargs)
+      try:
+        kwargs = dict(coordinator_address=env["CXR_COORDINATOR_ADDRESS"],
+                      num_processes=int(env["CXR_NUM_PROCESSES"]),
+                      process_id=int(env["CXR_PROCESS_ID"]))
+      except (KeyError, ValueError):
+        raise ConfigError("config.multihost: with CXR_COORDINATOR_ADDRESS set, CXR_NUM_PROCESSES "
+                          "and CXR_PROCESS_ID must be set to integers too") from None
+    try:
+      jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:
+      raise ConfigError(f"config.multihost: could not join the multi-host run ({e}); on a Cloud "
+                        "TPU VM run the command on every worker, elsewhere set "
+                        "CXR_COORDINATOR_ADDRESS, CXR_NUM_PROCESSES and CXR_PROCESS_ID") from None
   enable_compilation_cache()
   _initialized = True
   logging.info("JAX %s, process %d of %d, %d local / %d global devices (%s)", jax.__version__,

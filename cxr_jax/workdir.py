@@ -17,7 +17,7 @@ from typing import Any
 import ml_collections
 
 from cxr_jax import configlib
-from cxr_jax.errors import UserError
+from cxr_jax.errors import ConfigError, UserError
 
 CONFIG_FILE = "config.json"
 # Keys that may change between a run and its resumption without changing what it computes.
@@ -37,6 +37,10 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
 def prepare(workdir: str | os.PathLike, config: ml_collections.ConfigDict, *,
             overwrite: bool = False, write: bool = True) -> pathlib.Path:
   """Creates `workdir` for `config`, or checks that an existing one belongs to an equal config."""
+  if "://" in str(workdir):
+    raise ConfigError(f"--workdir={workdir}: URLs are not supported; use a path on a file system "
+                      "every host sees (a local disk for one host; NFS or a mounted bucket, e.g. "
+                      "gcsfuse, for several)")
   path = pathlib.Path(workdir)
   saved = path / CONFIG_FILE
   # A workdir holding nothing but a config (a run refused at start-up) holds no run to protect.
@@ -48,7 +52,8 @@ def prepare(workdir: str | os.PathLike, config: ml_collections.ConfigDict, *,
       raise UserError(f"{saved}: cannot read the saved config ({e}); pass --overwrite to start "
                       "a new run here (the old contents are kept aside)") from None
     new = json.loads(config_to_json(config))
-    differing = configlib.diff(old, new, ignore=RESUME_SAFE_KEYS)
+    differing = [k for k in configlib.diff(old, new)
+                 if k.rsplit(".", 1)[-1] not in RESUME_SAFE_KEYS]
     if differing and not overwrite:
       shown = ", ".join(f"{k} ({_fmt(configlib.flatten(old).get(k))} -> "
                         f"{_fmt(configlib.flatten(new).get(k))})" for k in differing[:12])

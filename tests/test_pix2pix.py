@@ -117,8 +117,7 @@ class _Interrupt(Exception):
 
 
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
-  from cxr_jax import configlib
-from cxr_jax import workdir as workdir_lib
+  from cxr_jax import workdir as workdir_lib
   from cxr_jax.training import checkpoint
 
   config = smoke_config()

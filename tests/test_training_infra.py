@@ -63,7 +63,10 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path):
   restored, step = ckpt.restore_latest(_state(0.0))
   assert step == 1
   np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 1.0))
-  assert (tmp_path / "ck" / "2").exists()
+  assert (tmp_path / "ck" / "2.unreadable").exists(), "kept aside, not deleted"
+  ckpt.save(2, _state(2.5))  # training can reach and save step 2 again
+  ckpt.wait()
+  assert ckpt.all_steps() == [1, 2]
   ckpt.close()
 
 

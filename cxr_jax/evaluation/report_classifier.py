@@ -49,9 +49,10 @@ def read_predictions(path: pathlib.Path) -> dict[str, Any]:
           "predicted": [r["predicted"] for r in rows]}
 
 
-def gradcam_figure(trained, images_u8: np.ndarray, labels: np.ndarray, class_names,
-                   path: pathlib.Path, per_class: int) -> None:
-  """Grad-CAM of the predicted class over the first `per_class` test images of each class."""
+def gradcam_figure(trained, images_u8: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                   class_names, path: pathlib.Path, per_class: int) -> None:
+  """Grad-CAM of the predicted class over the first `per_class` test images of each class.
+  Every process computes (the networks are global arrays); process 0 writes."""
   picks = np.concatenate([np.flatnonzero(labels == c)[:per_class]
                           for c in range(len(class_names))]).astype(int)
   if picks.size == 0:
@@ -59,7 +60,7 @@ def gradcam_figure(trained, images_u8: np.ndarray, labels: np.ndarray, class_nam
   images = images_u8[picks]
   x = trained.network_input(jnp.asarray(images))
   features_fn, head_fn = trained.feature_and_head_fns()
-  probs = np.asarray(trained.predict(images))
+  probs = probs[picks]
   pred = probs.argmax(-1)
   heat = np.asarray(gradcam_lib.gradcam(features_fn, head_fn, x, jnp.asarray(pred)))
   size = images.shape[1]
@@ -67,7 +68,8 @@ def gradcam_figure(trained, images_u8: np.ndarray, labels: np.ndarray, class_nam
     heat = np.asarray(jax.image.resize(jnp.asarray(heat), (len(heat), size, size), "linear"))
   titles = [f"{class_names[labels[i]]} -> {class_names[p]} ({probs[j, p]:.2f})"
             for j, (i, p) in enumerate(zip(picks, pred))]
-  gradcam_lib.overlay_png(path, images, heat, titles, cols=max(1, per_class))
+  if workdir_lib.is_writer():
+    gradcam_lib.overlay_png(path, images, heat, titles, cols=max(1, per_class))
 
 
 def evaluate_on_test(trained, test, workdir: pathlib.Path, *, title: str, num_gradcam: int = 4,
@@ -87,9 +89,9 @@ def evaluate_on_test(trained, test, workdir: pathlib.Path, *, title: str, num_gr
     plots.roc_curves_png(workdir / "roc_curves.png", test.labels, probs, class_names, title=title)
     write_predictions(workdir / "test_predictions.csv", test.files, test.labels, probs,
                       class_names)
-    if num_gradcam > 0:
-      gradcam_figure(trained, test.images, test.labels, class_names, workdir / "gradcam.png",
-                     num_gradcam)
+  if num_gradcam > 0:
+    gradcam_figure(trained, test.images, test.labels, probs, class_names,
+                   workdir / "gradcam.png", num_gradcam)
   summary = {"accuracy": report["accuracy"]["value"], "macro_f1": report["macro_f1"]["value"],
              "macro_roc_auc": report["macro_roc_auc"]["value"]}
   logging.info("Test: accuracy %.4f, macro-F1 %.4f, macro ROC-AUC %s", summary["accuracy"],

@@ -20,6 +20,7 @@ from absl import logging
 
 from cxr_jax import configlib
 from cxr_jax import workdir as workdir_lib
+from cxr_jax.errors import ConfigError
 
 ROWS = (("original", "scratch"), ("original", "transfer"), ("enhanced", "scratch"),
         ("enhanced", "transfer"))
@@ -80,6 +81,13 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
   from cxr_jax.training import pix2pix  # pylint: disable=import-outside-toplevel
 
   configlib.require(len(config.seeds) > 0, "seeds", "list at least one seed")
+  # Every stage's config is checked now, not hours later when the stage starts.
+  pix2pix.validate(sub_config(config, "pix2pix"))
+  for train_data in ("original", "enhanced"):
+    classifier.validate(sub_config(config, "classifier", train_data=train_data,
+                                   synthetic_dir="<synthesized>"))
+  if config.pretrained and not pathlib.Path(config.pretrained).is_file():
+    raise ConfigError(f"config.pretrained: {config.pretrained} is not a file")
   workdir = pathlib.Path(workdir)
   stages = Stages(workdir)
   splits = dataset.load_splits(config.data, workdir)
@@ -100,7 +108,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
   synthetic_dir = syn_dir / synthesize.SYNTHETIC_DIR
   stages.run("synthesize", lambda: synthesize.synthesize(
       syn_cfg.generator_dir, splits, synthetic_dir, num_synthetic=syn_cfg.num_synthetic,
-      seed=syn_cfg.seed, batch_size=syn_cfg.batch_size))
+      seed=syn_cfg.seed, batch_size=syn_cfg.batch_size, source_class=syn_cfg.source_class,
+      target_class=syn_cfg.target_class))
 
   skipped = {}
   for run in classifier_runs(config):

@@ -46,6 +46,10 @@ def synthesize(generator_dir: str | pathlib.Path, splits, out_dir: pathlib.Path,
   from cxr_jax.training import pix2pix  # pylint: disable=import-outside-toplevel
 
   gen = pix2pix.load_generator(generator_dir)
+  made_for = (gen.meta.get("source_class", source_class), gen.meta.get("target_class", target_class))
+  if made_for != (source_class, target_class):
+    raise UserError(f"{generator_dir}: the generator translates {made_for[0]} -> {made_for[1]}, "
+                    f"not {source_class} -> {target_class} (config.source_class / target_class)")
   train = splits["train"]
   sources = train.of_class(source_class)
   size = gen.meta["image_size"]

@@ -105,8 +105,12 @@ class Checkpointer:
       except UserError:
         raise
       except Exception as e:  # pylint: disable=broad-except
+        aside = self.directory / f"{step}.unreadable"
         logging.warning("Checkpoint %s/%d is unreadable (%s: %s); trying the one before it. "
-                        "It is left on disk.", self.directory, step, type(e).__name__, e)
+                        "It is kept as %s.", self.directory, step, type(e).__name__, e, aside)
+        if jax.process_index() == 0 and not aside.exists():
+          os.replace(self.directory / str(step), aside)
+        self._mgr.reload()
     return None, None
 
   def _check_compatible(self, mgr, step: int, template: Any) -> None:

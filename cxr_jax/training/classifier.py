@@ -29,6 +29,7 @@ from cxr_jax.training import augment as augment_lib
 from cxr_jax.training import export
 from cxr_jax.training import loop
 from cxr_jax.training import mesh as mesh_lib
+from cxr_jax.training import sampling
 from cxr_jax.training.checkpoint import Checkpointer
 from cxr_jax.training import functional
 from cxr_jax.training.functional import Functional
@@ -152,7 +153,8 @@ class Classifier:
     params, stats = self._init
     state = State(step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(self.config.seed),
                   params=params, stats=stats, opt=self.tx.init(params))
-    return mesh_lib.put_replicated(state, self.mesh)
+    # Copies: the first chunk donates the state, which must not delete the kept initial values.
+    return mesh_lib.put_replicated(jax.tree.map(jnp.copy, state), self.mesh)
 
   def inputs(self, images_u8: jax.Array, key: jax.Array | None) -> jax.Array:
     """Augmented (training, with a key) or resized (evaluation) and normalised network input."""
@@ -174,11 +176,10 @@ class Classifier:
     updates, opt = self.tx.update(grads, state.opt, state.params)
     if self.freeze_steps:
       train_backbone = (state.step >= self.freeze_steps).astype(jnp.float32)
+      # Frozen: the backbone's weights stay; its BatchNorm statistics keep tracking the radiograph
+      # batches they normalise, so that evaluation sees the statistics the head was trained on.
       updates = jax.tree.map(lambda u, head: u if head else u * train_backbone.astype(u.dtype),
                              updates, self._head_mask)
-      # A frozen backbone keeps its ImageNet statistics too.
-      stats = jax.tree.map(lambda new, old: jnp.where(train_backbone > 0, new, old), stats,
-                           state.stats)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels)
                                                   .astype(jnp.float32)),
@@ -189,11 +190,8 @@ class Classifier:
   def sample_batch(self, step: jax.Array, rng: jax.Array, images: jax.Array,
                    labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The batch of `step`: a slice of this epoch's seeded permutation of the training set."""
-    b, spe = self.config.batch_size, self.steps_per_epoch
-    epoch, within = step // spe, step % spe
-    order = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(rng, 0xDA7A), epoch),
-                                   images.shape[0])
-    idx = jax.lax.dynamic_slice(order, (within * b,), (b,))
+    idx = sampling.epoch_batch(rng, step, images.shape[0], self.config.batch_size,
+                               self.steps_per_epoch)
     return images[idx], labels[idx]
 
   def _chunk(self, state: State, images: jax.Array, labels: jax.Array, num_steps: int):
@@ -209,22 +207,8 @@ class Classifier:
 
   def predict(self, params, stats, images_u8: np.ndarray) -> np.ndarray:
     """Class probabilities [N, K] for uint8 images, in fixed-size (padded) batches."""
-    return predict_in_batches(self.predict_batch, params, stats, images_u8,
-                              self.config.eval_batch_size, self.mesh)
-
-
-def predict_in_batches(fn, params, stats, images_u8: np.ndarray, batch_size: int,
-                       mesh: jax.sharding.Mesh) -> np.ndarray:
-  n_dev = mesh.devices.size
-  batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
-  out = []
-  for start in range(0, len(images_u8), batch_size):
-    chunk = np.asarray(images_u8[start:start + batch_size])
-    n = len(chunk)
-    if n < batch_size:
-      chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-    out.append(np.asarray(jax.device_get(fn(params, stats, mesh_lib.put_batch(chunk, mesh))))[:n])
-  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    return mesh_lib.map_batches(lambda x: self.predict_batch(params, stats, x), (images_u8,),
+                                self.config.eval_batch_size, self.mesh)
 
 
 # ----------------------------------------------------------------------------------- export
@@ -258,13 +242,15 @@ class TrainedClassifier:
   def predict(self, images_u8: np.ndarray, batch_size: int = 64) -> np.ndarray:
     mesh = mesh_lib.make_mesh()
     params, stats = mesh_lib.put_replicated((self.params, self.stats), mesh)
-    return predict_in_batches(self._probs, params, stats, images_u8, batch_size, mesh)
+    return mesh_lib.map_batches(lambda x: self._probs(params, stats, x), (images_u8,),
+                                batch_size, mesh)
 
   def features(self, images_u8: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Globally pooled last-stage features, [N, 2048] for ResNet-50."""
     mesh = mesh_lib.make_mesh()
     params, stats = mesh_lib.put_replicated((self.params, self.stats), mesh)
-    return predict_in_batches(self._feats, params, stats, images_u8, batch_size, mesh)
+    return mesh_lib.map_batches(lambda x: self._feats(params, stats, x), (images_u8,),
+                                batch_size, mesh)
 
   def feature_and_head_fns(self):
     """(features_fn, head_fn) over network input, for Grad-CAM."""
@@ -384,11 +370,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
             "macro_f1": float(f1_score(val.labels, pred, average="macro",
                                        labels=list(range(len(class_names))), zero_division=0))}
 
+  # Chunks of a length dividing the epoch, and logs on chunk boundaries: one compiled program.
+  k = max(d for d in range(1, min(config.steps_per_call, steps_per_epoch) + 1)
+          if steps_per_epoch % d == 0)
   state = loop.run(
-      state, chunk_fn=lambda st, k: model.chunk(st, images_dev, labels_dev, k),
-      schedule=loop.Schedule(total_steps=total_steps, steps_per_call=config.steps_per_call,
-                             log_every=config.log_every, checkpoint_every=steps_per_epoch,
-                             eval_every=steps_per_epoch),
+      state, chunk_fn=lambda st, n: model.chunk(st, images_dev, labels_dev, n),
+      schedule=loop.Schedule(total_steps=total_steps, steps_per_call=k,
+                             log_every=-(-config.log_every // k) * k,
+                             checkpoint_every=steps_per_epoch, eval_every=steps_per_epoch),
       start_step=start or 0, checkpointer=ckpt, writer=writer, name="classifier",
       images_per_step=config.batch_size, eval_fn=evaluate,
       memory_hint=f"lower config.batch_size (now {config.batch_size}) or config.image_size "

@@ -11,6 +11,7 @@ import json
 import pathlib
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -22,13 +23,15 @@ META_FILE = "model.json"
 
 def save(directory: str | pathlib.Path, params: nnx.State, stats: nnx.State, meta: dict) -> None:
   directory = pathlib.Path(directory).absolute()
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(directory / "params", {"params": nnx.to_pure_dict(params),
-                                      "stats": nnx.to_pure_dict(stats)}, force=True)
+  # The metadata first: Orbax's save ends with a barrier, so every process can read both after.
   if workdir_lib.is_writer():
+    directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (META_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, default=str))
     tmp.replace(directory / META_FILE)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(directory / "params", {"params": nnx.to_pure_dict(params),
+                                      "stats": nnx.to_pure_dict(stats)}, force=True)
 
 
 def read_meta(directory: str | pathlib.Path, kind: str) -> dict:
@@ -45,9 +48,13 @@ def read_meta(directory: str | pathlib.Path, kind: str) -> dict:
 def restore_into(directory: str | pathlib.Path, params: nnx.State, stats: nnx.State) -> None:
   """Fills `params` and `stats` (from a freshly built module) with the exported values."""
   directory = pathlib.Path(directory).absolute()
+  # An explicit target on this machine's first device: a model trained on 8 GPUs loads on a laptop.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        {"params": nnx.to_pure_dict(params), "stats": nnx.to_pure_dict(stats)})
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      restored: Any = ckptr.restore(directory / "params")
+      restored: Any = ckptr.restore(directory / "params", target)
     nnx.replace_by_pure_dict(params, restored["params"])
     nnx.replace_by_pure_dict(stats, restored["stats"])
   except (ValueError, KeyError, FileNotFoundError) as e:

@@ -43,6 +43,9 @@ def build(make: Callable[[nnx.Rngs], nnx.Module], seed: int, *,
 
   Built eagerly, every parameter shape compiles its own threefry sampler: tens of seconds for a
   ResNet-50 on a CPU. One `nnx.jit` and an `rbg` key make it a few seconds. The key only draws
-  initial weights; training randomness uses the default (threefry) keys.
+  initial weights; training randomness uses the default (threefry) keys. `abstract=True` gives
+  shapes only, for modules whose values are about to be restored.
   """
+  if abstract:
+    return nnx.eval_shape(lambda: make(nnx.Rngs(0)))
   return nnx.jit(lambda: make(nnx.Rngs(jax.random.key(seed, impl="rbg"))))()

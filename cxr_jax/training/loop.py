@@ -49,17 +49,23 @@ def run(state: Any, *, chunk_fn: Callable[[Any, int], tuple[Any, Mapping[str, ja
   s = schedule
   step = start_step
   pending: list[tuple[int, Mapping[str, jax.Array]]] = []
+  window: list[tuple[int, Mapping[str, Any]]] = []  # fetched, not yet logged
   progress = Progress(s.total_steps, start_step, images_per_step=images_per_step, name=name)
 
-  def flush_metrics() -> dict[str, float]:
+  def flush_metrics() -> None:
     """Fetches queued metrics (the only host sync between log points) and checks them."""
-    if not pending:
+    if pending:
+      fetched = jax.device_get(pending)
+      pending.clear()
+      _check_finite(fetched)
+      window.extend(fetched)
+
+  def log_means() -> dict[str, float]:
+    flush_metrics()
+    if not window:
       return {}
-    fetched = jax.device_get(pending)
-    pending.clear()
-    _check_finite(fetched)
-    stacked = {k: np.concatenate([np.atleast_1d(m[k]) for _, m in fetched])
-               for k in fetched[0][1]}
+    stacked = {k: np.concatenate([np.atleast_1d(m[k]) for _, m in window]) for k in window[0][1]}
+    window.clear()
     return {k: float(np.mean(v)) for k, v in stacked.items()}
 
   while step < s.total_steps:
@@ -79,7 +85,7 @@ def run(state: Any, *, chunk_fn: Callable[[Any, int], tuple[Any, Mapping[str, ja
 
     at_end = step >= s.total_steps
     if step % s.log_every == 0 or at_end:
-      means = flush_metrics()
+      means = log_means()
       rate = progress.rate(step)
       progress.report(step, means, rate)
       writer.scalars(step, {f"train/{k}": v for k, v in means.items()})

@@ -55,6 +55,33 @@ def put_replicated(tree, mesh: Mesh):
   return jax.tree.map(put, tree)
 
 
+def fetch(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-host, batch-sharded) result as one host array on every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def map_batches(fn, inputs: tuple[np.ndarray, ...], batch_size: int, mesh: Mesh) -> np.ndarray:
+  """`fn(*batch)` over fixed-size (zero-padded, so compiled once) batches sharded along `data`;
+  the batch size is rounded up to a multiple of the device count."""
+  n_dev = mesh.devices.size
+  batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
+  n = len(inputs[0])
+  out = []
+  for start in range(0, n, batch_size):
+    parts = []
+    for x in inputs:
+      chunk = np.asarray(x[start:start + batch_size])
+      if len(chunk) < batch_size:
+        chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:],
+                                                chunk.dtype)])
+      parts.append(put_batch(chunk, mesh))
+    out.append(fetch(fn(*parts))[:min(batch_size, n - start)])
+  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
 def put_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
   """A host-global batch -> an array sharded along `data` (each process keeps its slices)."""
   host = np.asarray(x)

@@ -2,8 +2,8 @@
 
 The database has no paired images: each normal training image is paired with a COVID training
 image drawn at random, afresh at every step. An epoch is one pass over the normal training images
-in a seeded random order (`floor(N_normal / batch)` steps; the remainder waits for the next epoch's
-order). Only the training split is ever read.
+in a seeded random order (`floor(N_normal / batch)` steps, see `sampling.py`). Only the training
+split is ever read.
 
 Everything a step needs is on the device: the uint8 training images (replicated), the pairing and
 augmentation (drawn from `(rng, step)`, so a resumed run replays the same batches), and the metrics,
@@ -35,6 +35,7 @@ from cxr_jax.training import augment as augment_lib
 from cxr_jax.training import export
 from cxr_jax.training import loop
 from cxr_jax.training import mesh as mesh_lib
+from cxr_jax.training import sampling
 from cxr_jax.training.checkpoint import Checkpointer
 from cxr_jax.training import functional
 from cxr_jax.training.functional import Functional
@@ -42,7 +43,6 @@ from cxr_jax.training.summary import SummaryWriter
 from cxr_jax.utils import grid
 
 GENERATOR_DIR = "generator"
-_DATA_STREAM = 0x5EED  # separates the data-order stream from the per-step stream
 
 
 # ----------------------------------------------------------------------------------- losses
@@ -151,7 +151,8 @@ class Pix2Pix:
     state = State(step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(self.config.seed),
                   g_params=g_params, g_stats=g_stats, d_params=d_params, d_stats=d_stats,
                   g_opt=self.tx.init(g_params), d_opt=self.tx.init(d_params))
-    return mesh_lib.put_replicated(state, self.mesh)
+    # Copies: the first chunk donates the state, which must not delete the kept initial values.
+    return mesh_lib.put_replicated(jax.tree.map(jnp.copy, state), self.mesh)
 
   # The step ----------------------------------------------------------------------------------
 
@@ -207,11 +208,8 @@ class Pix2Pix:
 
   def sample_batch(self, step: jax.Array, rng: jax.Array, normal: jax.Array, covid: jax.Array):
     """The (normal, COVID) pairs of `step`, and its dropout key, drawn on the device."""
-    b, spe = self.batch_size, self.steps_per_epoch
-    epoch, within = step // spe, step % spe
-    order = jax.random.permutation(
-        jax.random.fold_in(jax.random.fold_in(rng, _DATA_STREAM), epoch), normal.shape[0])
-    src_idx = jax.lax.dynamic_slice(order, (within * b,), (b,))
+    b = self.batch_size
+    src_idx = sampling.epoch_batch(rng, step, normal.shape[0], b, self.steps_per_epoch)
     key = jax.random.fold_in(rng, step)
     k_pair, k_aug_src, k_aug_tgt, k_drop = jax.random.split(key, 4)
     tgt_idx = jax.random.randint(k_pair, (b,), 0, covid.shape[0])
@@ -276,23 +274,15 @@ class Generator:
                 batch_size: int = 32, mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
     """uint8 [N, S, S, C] -> uint8 [N, S, S, C]; image i's dropout noise is keyed by
     (seed, first_index + i), so results do not depend on the batch size."""
+    if not len(images_u8):
+      return np.zeros_like(images_u8)
     mesh = mesh or mesh_lib.make_mesh()
-    n_dev = mesh.devices.size
-    batch_size = max(n_dev, batch_size // n_dev * n_dev)
     params, stats = mesh_lib.put_replicated((self.params, self.stats), mesh)
     base = jax.random.PRNGKey(seed)
-    out = []
-    for start in range(0, len(images_u8), batch_size):
-      chunk = np.asarray(images_u8[start:start + batch_size])
-      n = len(chunk)
-      if n < batch_size:  # pad to a fixed shape: one compilation
-        chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-      keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(
-          jnp.arange(first_index + start, first_index + start + batch_size))
-      result = self._run(params, stats, mesh_lib.put_batch(chunk, mesh),
-                         mesh_lib.put_batch(np.asarray(keys), mesh))
-      out.append(np.asarray(jax.device_get(result))[:n])
-    return np.concatenate(out) if out else np.zeros_like(images_u8)
+    keys = np.asarray(jax.vmap(lambda i: jax.random.fold_in(base, i))(
+        jnp.arange(first_index, first_index + len(images_u8))))
+    return mesh_lib.map_batches(lambda x, k: self._run(params, stats, x, k), (images_u8, keys),
+                                batch_size, mesh)
 
 
 def export_generator(directory: pathlib.Path, model: Pix2Pix, state: State, meta: dict) -> None:
