@@ -97,10 +97,7 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def diff(a: Any, b: Any, ignore: tuple[str, ...] = ()) -> list[str]:
-  """Keys (dotted) whose values differ between two configs, ignoring any under `ignore` prefixes."""
+def diff(a: Any, b: Any) -> list[str]:
+  """Keys (dotted) whose values differ between two configs."""
   fa, fb = flatten(a), flatten(b)
-  keys = sorted(set(fa) | set(fb))
-  return [k for k in keys
-          if fa.get(k, "<missing>") != fb.get(k, "<missing>")
-          and not any(k == p or k.startswith(p + ".") for p in ignore)]
+  return [k for k in sorted(set(fa) | set(fb)) if fa.get(k, "<missing>") != fb.get(k, "<missing>")]

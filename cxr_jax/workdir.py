@@ -18,6 +18,7 @@ import ml_collections
 
 from cxr_jax import configlib
 from cxr_jax.errors import ConfigError, UserError
+from cxr_jax.utils import files
 
 CONFIG_FILE = "config.json"
 # Keys that may change between a run and its resumption without changing what it computes.
@@ -67,9 +68,7 @@ def prepare(workdir: str | os.PathLike, config: ml_collections.ConfigDict, *,
       print(f"Moved the previous run in {path} to {aside}")
   path.mkdir(parents=True, exist_ok=True)
   if write and is_writer():
-    tmp = path / (CONFIG_FILE + ".tmp")
-    tmp.write_text(config_to_json(config))
-    tmp.replace(saved)
+    files.write_text_atomic(saved, config_to_json(config))
   return path
 
 

@@ -20,6 +20,7 @@ from cxr_jax.data import images as images_lib
 from cxr_jax.data.dataset import ImageSet
 from cxr_jax.data.images import pixel_hash
 from cxr_jax.errors import DataError
+from cxr_jax.utils import files
 
 MANIFEST = "manifest.csv"
 COLUMNS = ("file", "sha256", "class", "source_file", "source_sha256", "generator",
@@ -27,14 +28,8 @@ COLUMNS = ("file", "sha256", "class", "source_file", "source_sha256", "generator
 
 
 def write_manifest(directory: str | os.PathLike, rows: Sequence[Mapping[str, object]]) -> None:
-  path = pathlib.Path(directory) / MANIFEST
-  tmp = path.with_suffix(".tmp")
-  with open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: row[k] for k in COLUMNS})
-  tmp.replace(path)
+  files.write_csv_atomic(pathlib.Path(directory) / MANIFEST, COLUMNS,
+                         ([row[k] for k in COLUMNS] for row in rows))
 
 
 def read_manifest(directory: str | os.PathLike) -> list[dict[str, str]]:

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
+from cxr_jax.utils import files
+
 _PER_CLASS = ("precision", "recall", "specificity", "f1", "roc_auc")
 _SUMMARY = ("accuracy", "macro_f1", "weighted_f1", "macro_roc_auc")
 
@@ -254,13 +256,6 @@ def metrics_markdown(report: dict[str, Any], *, title: str = "") -> str:
   return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def write_metrics(out_dir: str | os.PathLike, report: dict[str, Any], *,
                   title: str = "") -> tuple[str, str]:
   """Writes `metrics.json` (NaN as null) and `metrics.md` atomically; returns both paths."""
@@ -268,6 +263,6 @@ def write_metrics(out_dir: str | os.PathLike, report: dict[str, Any], *,
   os.makedirs(out_dir, exist_ok=True)
   json_path = os.path.join(out_dir, "metrics.json")
   md_path = os.path.join(out_dir, "metrics.md")
-  _write_atomic(json_path, json.dumps(_nan_to_none(report), indent=2, allow_nan=False) + "\n")
-  _write_atomic(md_path, metrics_markdown(report, title=title))
+  files.write_text_atomic(json_path, json.dumps(_nan_to_none(report), indent=2, allow_nan=False) + "\n")
+  files.write_text_atomic(md_path, metrics_markdown(report, title=title))
   return json_path, md_path

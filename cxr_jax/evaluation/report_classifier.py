@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import pathlib
-from typing import Any, Iterable
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ from cxr_jax.errors import DataError
 from cxr_jax.evaluation import gradcam as gradcam_lib
 from cxr_jax.evaluation import metrics as metrics_lib
 from cxr_jax.evaluation import plots
+from cxr_jax.utils import files as files_lib
 
 
 def refuse_leaks(test, train_hashes: Iterable[str]) -> None:
@@ -32,21 +33,18 @@ def write_predictions(path: pathlib.Path, files, labels, probs, class_names) -> 
   if not workdir_lib.is_writer():
     return
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  with open(tmp, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["file", "label", "predicted"] + [f"p_{c}" for c in class_names])
-    for i, (file, p) in enumerate(zip(files, probs)):
-      label = "" if labels is None else class_names[int(labels[i])]
-      w.writerow([file, label, class_names[int(np.argmax(p))]] + [f"{v:.6f}" for v in p])
-  tmp.replace(path)
+  files_lib.write_csv_atomic(
+      path, ["file", "label", "predicted"] + [f"p_{c}" for c in class_names],
+      ([file, "" if labels is None else class_names[int(labels[i])],
+        class_names[int(np.argmax(p))]] + [f"{v:.6f}" for v in p]
+       for i, (file, p) in enumerate(zip(files, probs))))
 
 
-def read_predictions(path: pathlib.Path) -> dict[str, Any]:
+def read_correct(path: pathlib.Path) -> tuple[list[str], np.ndarray]:
+  """(files, whether each prediction was right) from a test_predictions.csv."""
   with open(path, newline="") as f:
     rows = list(csv.DictReader(f))
-  return {"files": [r["file"] for r in rows], "label": [r["label"] for r in rows],
-          "predicted": [r["predicted"] for r in rows]}
+  return [r["file"] for r in rows], np.array([r["label"] == r["predicted"] for r in rows])
 
 
 def gradcam_figure(trained, images_u8: np.ndarray, labels: np.ndarray, probs: np.ndarray,

@@ -21,6 +21,7 @@ from absl import logging
 from cxr_jax import configlib
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.errors import ConfigError
+from cxr_jax.utils import files
 
 ROWS = (("original", "scratch"), ("original", "transfer"), ("enhanced", "scratch"),
         ("enhanced", "transfer"))
@@ -47,9 +48,8 @@ class Stages:
     result = fn()
     record = {"stage": name, "seconds": time.perf_counter() - t0, "result": result}
     if workdir_lib.is_writer():
-      tmp = self.dir / f"{name}.json.tmp"
-      tmp.write_text(json.dumps(record, indent=2, default=str))
-      tmp.replace(self.dir / f"{name}.json")
+      files.write_text_atomic(self.dir / f"{name}.json",
+                              json.dumps(record, indent=2, default=str))
     logging.info("Stage %s: done in %.0f s", name, record["seconds"])
     return record
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import datetime
 import json
 import os
@@ -13,7 +12,9 @@ from typing import Any
 import numpy as np
 
 from cxr_jax import workdir as workdir_lib
+from cxr_jax.evaluation import report_classifier
 from cxr_jax.evaluation import stats
+from cxr_jax.utils import files
 
 # The paper's reported accuracies (BIBM 2020, 3 classes, real test images).
 PAPER = {"enhanced": 0.978, "original (the paper's two baselines)": (0.961, 0.956)}
@@ -32,12 +33,6 @@ def _row_runs(workdir: pathlib.Path, train_data: str, init: str, seeds) -> list[
     if path.exists():
       runs.append({"seed": seed, "dir": run_dir, "metrics": json.loads(path.read_text())})
   return runs
-
-
-def _correct(run_dir: pathlib.Path) -> tuple[list[str], np.ndarray]:
-  with open(run_dir / "test_predictions.csv", newline="") as f:
-    rows = list(csv.DictReader(f))
-  return [r["file"] for r in rows], np.array([r["label"] == r["predicted"] for r in rows])
 
 
 def _fmt(agg: dict[str, Any], spread: bool = True) -> str:
@@ -101,8 +96,8 @@ def write_report(workdir: pathlib.Path, config, *, splits, skipped: dict[str, st
       a = workdir / "classifiers" / f"original-{init}-seed{seed}"
       b = workdir / "classifiers" / f"enhanced-{init}-seed{seed}"
       if (a / "test_predictions.csv").exists() and (b / "test_predictions.csv").exists():
-        files_a, correct_a = _correct(a)
-        files_b, correct_b = _correct(b)
+        files_a, correct_a = report_classifier.read_correct(a / "test_predictions.csv")
+        files_b, correct_b = report_classifier.read_correct(b / "test_predictions.csv")
         if files_a != files_b:
           continue
         paired.append({"init": init, "seed": seed, "mcnemar": stats.mcnemar(correct_a, correct_b),
@@ -127,8 +122,8 @@ def write_report(workdir: pathlib.Path, config, *, splits, skipped: dict[str, st
             "synthesis": synthesis, "synthetic_quality": quality, "skipped": skipped,
             "stage_seconds": durations, "software": _versions()}
   if workdir_lib.is_writer():
-    _atomic(workdir / "report.json", json.dumps(result, indent=2, default=str))
-    _atomic(workdir / "report.md", _markdown(result, workdir, synthetic_dir))
+    files.write_text_atomic(workdir / "report.json", json.dumps(result, indent=2, default=str))
+    files.write_text_atomic(workdir / "report.md", _markdown(result, workdir, synthetic_dir))
     _write_csv(workdir / "report.csv", table, class_names)
   return {"table": {k: v.get("accuracy", v) for k, v in table.items()}}
 
@@ -207,26 +202,17 @@ def _markdown(r: dict, workdir: pathlib.Path, synthetic_dir: pathlib.Path) -> st
 
 
 def _write_csv(path: pathlib.Path, table: dict, class_names) -> None:
-  tmp = path.with_suffix(".tmp")
-  with open(tmp, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["training_data", "init", "class", "metric", "mean", "std", "ci_low", "ci_high",
-                "n_seeds"])
-    for key, e in table.items():
-      data, init = key.split("/")
-      if "skipped" in e:
-        continue
-      items = [("all", "accuracy", e["accuracy"]), ("all", "macro_f1", e["macro_f1"])]
-      items += [(c, m, e["per_class"][c][m]) for c in class_names
-                for m in ("precision", "recall", "f1")]
-      for cls, metric, agg in items:
-        ci = agg.get("ci") or (None, None)
-        w.writerow([data, init, cls, metric, agg.get("mean"), agg.get("std"), ci[0], ci[1],
-                    agg.get("n")])
-  tmp.replace(path)
-
-
-def _atomic(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(text)
-  tmp.replace(path)
+  rows = []
+  for key, e in table.items():
+    data, init = key.split("/")
+    if "skipped" in e:
+      continue
+    items = [("all", "accuracy", e["accuracy"]), ("all", "macro_f1", e["macro_f1"])]
+    items += [(c, m, e["per_class"][c][m]) for c in class_names
+              for m in ("precision", "recall", "f1")]
+    for cls, metric, agg in items:
+      ci = agg.get("ci") or (None, None)
+      rows.append([data, init, cls, metric, agg.get("mean"), agg.get("std"), ci[0], ci[1],
+                   agg.get("n")])
+  files.write_csv_atomic(path, ["training_data", "init", "class", "metric", "mean", "std",
+                                "ci_low", "ci_high", "n_seeds"], rows)

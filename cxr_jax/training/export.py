@@ -17,6 +17,7 @@ from flax import nnx
 
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.errors import UserError
+from cxr_jax.utils import files
 
 META_FILE = "model.json"
 
@@ -26,9 +27,7 @@ def save(directory: str | pathlib.Path, params: nnx.State, stats: nnx.State, met
   # The metadata first: Orbax's save ends with a barrier, so every process can read both after.
   if workdir_lib.is_writer():
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, default=str))
-    tmp.replace(directory / META_FILE)
+    files.write_text_atomic(directory / META_FILE, json.dumps(meta, indent=2, default=str))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(directory / "params", {"params": nnx.to_pure_dict(params),
                                       "stats": nnx.to_pure_dict(stats)}, force=True)

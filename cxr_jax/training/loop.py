@@ -13,7 +13,6 @@ from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
-from absl import logging
 
 from cxr_jax.errors import UserError
 from cxr_jax.training.checkpoint import Checkpointer

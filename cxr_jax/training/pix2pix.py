@@ -13,7 +13,6 @@ which are fetched every `log_every` steps.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 from typing import Any
 

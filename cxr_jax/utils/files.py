@@ -1,0 +1,24 @@
+"""Atomic text writes: a crash or a kill never leaves a half-written config, manifest or report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from typing import Iterable, Sequence
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  tmp = f"{os.fspath(path)}.tmp"
+  with open(tmp, "w", encoding="utf-8", newline="") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_csv_atomic(path: str | os.PathLike, header: Sequence[str],
+                     rows: Iterable[Sequence[object]]) -> None:
+  buffer = io.StringIO()
+  writer = csv.writer(buffer)
+  writer.writerow(header)
+  writer.writerows(rows)
+  write_text_atomic(path, buffer.getvalue())
