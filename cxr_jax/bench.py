@@ -1,26 +1,34 @@
 """Speed of the compiled training and inference steps, on whatever backend is present.
 
-  python -m cxr_jax.bench                      # every workload at the sizes of the paper
-  python -m cxr_jax.bench --only=pix2pix_b1 --blocks=5 --out=bench.json
-  python -m cxr_jax.bench --experiment         # also the wall time of experiment:paper, one seed
+  python -m cxr_jax.bench                      # every step workload at the sizes of the paper
+  python -m cxr_jax.bench --only=pix2pix_b1 --pix2pix_dtype=bfloat16 --out=b1-bf16.json
+  python -m cxr_jax.bench --only=experiment    # wall time of experiment:paper (one seed), by stage
+  python -m cxr_jax.bench --compare=DIR        # one table of every result file in DIR, with the
+                                               # PyTorch reference's and the ratios of the goals
 
-Each workload runs the real trainer's multi-step compiled chunk (`lax.scan` over `steps` steps,
-device-resident data, donated state) on random data: compile time is reported apart, then the
-median of `blocks` timed chunks. Peak device memory comes from the device's allocator statistics
-where the backend reports them (GPUs, TPUs). The PyTorch reference for the same workloads is
-`torch_reference.py` beside the project lead's material; docs/performance.md records both.
+Each step workload runs the real trainer's multi-step compiled chunk (`lax.scan` over `steps`
+steps, device-resident data, donated state) on random data. It is compiled ahead of time, so that
+compile time is reported apart; one chunk warms up, then the median of `blocks` timed chunks is
+the step time. Memory is the compiled program's own account (arguments + outputs + temporaries,
+less donated buffers), which every backend gives, and the allocator's peak where the backend
+reports one (GPUs, TPUs; it is the process's peak, so run one workload per process to read it
+per workload). `scripts/gpu_bench.sh` runs every GPU measurement, with the PyTorch reference
+(`torch_reference.py`, the project lead's), in one go; docs/performance.md records the figures.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -31,24 +39,42 @@ from cxr_jax import configlib
 from cxr_jax import runtime
 from cxr_jax.training import mesh as mesh_lib
 
+STEP_WORKLOADS = ("pix2pix_b1", "pix2pix_b16", "resnet50_rgb", "resnet50_gray",
+                  "generator_inference")
+
 FLAGS = flags.FLAGS
-flags.DEFINE_list("only", [], "Workloads to run (default: all). "
-                  "pix2pix_b1, pix2pix_b16, resnet50_rgb, resnet50_gray, generator_inference")
+flags.DEFINE_list("only", [], f"Workloads to run (default: the step workloads {STEP_WORKLOADS}); "
+                  "'experiment' times experiment:paper with one seed.")
 flags.DEFINE_integer("blocks", 5, "Timed chunks per workload (the median is reported).")
 flags.DEFINE_integer("steps", 0, "Steps per chunk (default: 50 on accelerators, 2 on a CPU).")
 flags.DEFINE_integer("resnet_batch", 0, "ResNet-50 batch (default: 256 on accelerators, 8 on CPU).")
 flags.DEFINE_string("dtype", "bfloat16", "Compute dtype of the ResNet-50 workloads.")
 flags.DEFINE_string("pix2pix_dtype", "float32", "Compute dtype of the pix2pix workloads.")
-flags.DEFINE_bool("experiment", False, "Also time experiment:paper (one seed) stage by stage.")
+flags.DEFINE_string("tag", "", "Label added to this run's variant name (e.g. the XLA flags tried).")
+flags.DEFINE_string("experiment_variant", "paper", "Variant of configs/experiment.py to time.")
+flags.DEFINE_list("experiment_args", [], "Extra main.py flags for the experiment workload, e.g. "
+                  "--config.pix2pix.num_epochs=10 (the variant is then not the paper's).")
+flags.DEFINE_integer("experiment_timeout", 0, "Stop the experiment after this many seconds and "
+                     "report the stages that finished (0: no limit).")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
+flags.DEFINE_string("compare", "", "Folder of result files (this command's JSON and "
+                    "torch_reference.py's): print one table with the goals' ratios and exit.")
+
+# What the issue's goals compare against that is not measured in the same call: the Flax ImageNet
+# example's ResNet-50 step on one H200, as the project brief reports it.
+FLAX_IMAGENET_EXAMPLE_H200 = 6900.0
 
 
 @dataclasses.dataclass
 class Result:
   name: str
+  variant: str
   batch: int
   compile_s: float
   step_s: float
+  step_s_min: float
+  step_s_max: float
+  program_memory_gb: float | None
   peak_memory_gb: float | None
 
   @property
@@ -59,6 +85,10 @@ class Result:
   def images_per_s(self) -> float:
     return self.batch / self.step_s
 
+  def to_json(self) -> dict:
+    return dict(dataclasses.asdict(self), steps_per_s=self.steps_per_s,
+                images_per_s=self.images_per_s)
+
 
 def _peak_memory_gb() -> float | None:
   stats = jax.local_devices()[0].memory_stats() or {}
@@ -66,19 +96,44 @@ def _peak_memory_gb() -> float | None:
   return None if peak is None else peak / 2**30
 
 
-def _time_chunks(name: str, batch: int, steps: int, run) -> Result:
-  """`run(state) -> state` executes one chunk of `steps` steps."""
+def _program_memory_gb(compiled) -> float | None:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    return None
+  if m is None:
+    return None
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+           - m.alias_size_in_bytes)
+  return total / 2**30
+
+
+def _variant(dtype: str) -> str:
+  parts = [dtype]
+  if os.environ.get("XLA_FLAGS"):
+    parts.append("xla_flags")
+  if FLAGS.tag:
+    parts.append(FLAGS.tag)
+  return "+".join(parts)
+
+
+def _time_chunks(name: str, variant: str, batch: int, steps: int, jitted, state,
+                 args: tuple) -> Result:
+  """`jitted(state, *args, steps)` runs one chunk of `steps` steps and returns (state, ...)."""
   t0 = time.perf_counter()
-  state = run(None)
-  jax.block_until_ready(state)
+  compiled = jitted.lower(state, *args, steps).compile()
   compile_s = time.perf_counter() - t0
+  run: Callable[[Any], Any] = lambda st: compiled(st, *args)[0]  # noqa: E731
+  state = run(state)                       # warm-up: first execution, allocations
+  jax.block_until_ready(state)
   times = []
   for _ in range(FLAGS.blocks):
     t0 = time.perf_counter()
     state = run(state)
     jax.block_until_ready(state)
     times.append((time.perf_counter() - t0) / steps)
-  return Result(name, batch, compile_s, statistics.median(times), _peak_memory_gb())
+  return Result(name, variant, batch, compile_s, statistics.median(times), min(times), max(times),
+                _program_memory_gb(compiled), _peak_memory_gb())
 
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -95,12 +150,8 @@ def bench_pix2pix(batch: int, steps: int) -> Result:
   covid = rng.integers(0, 256, (153, 256, 256, 1), dtype=np.uint8)
   model = pix2pix.Pix2Pix(config, image_size=256, steps_per_epoch=len(normal) // batch, mesh=mesh)
   n_dev, c_dev = mesh_lib.put_replicated((normal, covid), mesh)
-
-  def run(state):
-    state = model.init_state() if state is None else state
-    return model.chunk(state, n_dev, c_dev, steps)[0]
-
-  return _time_chunks(f"pix2pix_b{batch}", batch, steps, run)
+  return _time_chunks(f"pix2pix_b{batch}", _variant(FLAGS.pix2pix_dtype), batch, steps,
+                      model.chunk, model.init_state(), (n_dev, c_dev))
 
 
 def bench_resnet(channels: int, batch: int, steps: int) -> Result:
@@ -117,86 +168,198 @@ def bench_resnet(channels: int, batch: int, steps: int) -> Result:
   model = classifier.Classifier(config, num_classes=3, steps_per_epoch=spe,
                                 total_steps=spe * 100, mesh=mesh, weights=None)
   i_dev, l_dev = mesh_lib.put_replicated((images, labels), mesh)
-
-  def run(state):
-    state = model.init_state() if state is None else state
-    return model.chunk(state, i_dev, l_dev, steps)[0]
-
   name = "resnet50_rgb" if channels == 3 else "resnet50_gray"
-  return _time_chunks(name, batch, steps, run)
+  return _time_chunks(name, _variant(FLAGS.dtype), batch, steps, model.chunk, model.init_state(),
+                      (i_dev, l_dev))
 
 
-def bench_generator_inference(batch: int) -> Result:
+def bench_generator_inference(batch: int, steps: int) -> Result:
+  """Synthesis throughput: `steps` batches translated per timed call (a scan over batches)."""
   from cxr_jax.training import pix2pix  # pylint: disable=import-outside-toplevel
   config = configlib.load_config_file(CONFIGS / "pix2pix.py")
+  config.compute_dtype = FLAGS.pix2pix_dtype
   mesh = mesh_lib.make_mesh()
   model = pix2pix.Pix2Pix(config, image_size=256, steps_per_epoch=1, mesh=mesh)
   state = model.init_state()
-  run_fn = jax.jit(pix2pix.translate_fn(model.gen, config.model.inference_norm))
+  translate = pix2pix.translate_fn(model.gen, config.model.inference_norm)
   images = mesh_lib.put_batch(np.random.default_rng(0).integers(
       0, 256, (batch, 256, 256, 1), dtype=np.uint8), mesh)
   keys = mesh_lib.put_batch(np.asarray(jax.vmap(jax.random.PRNGKey)(np.arange(batch))), mesh)
 
-  def run(_):
-    return run_fn(state.g_params, state.g_stats, images, keys)
+  def chunk(carry, params, stats, num_steps):
+    def body(c, _):
+      out = translate(params, stats, images, jax.vmap(lambda k: jax.random.fold_in(k, c))(keys))
+      return c + 1, jax.numpy.sum(out, dtype=jax.numpy.uint32)  # every image is used
+    return jax.lax.scan(body, carry, None, length=num_steps)
 
-  return _time_chunks("generator_inference", batch, 1, run)
+  jitted = jax.jit(chunk, static_argnums=3)
+  return _time_chunks("generator_inference", _variant(FLAGS.pix2pix_dtype), batch, steps, jitted,
+                      jax.numpy.zeros((), jax.numpy.uint32), (state.g_params, state.g_stats))
 
 
-def bench_experiment() -> dict[str, float]:
-  """Wall time of each stage of experiment:paper with one seed, in a fresh workdir."""
+def bench_experiment() -> dict:
+  """Wall time of each stage of experiment:<variant> with one seed, in a fresh workdir.
+
+  With --experiment_timeout the run is stopped at that point and the stages that finished are
+  reported (`complete: false`)."""
   workdir = pathlib.Path(tempfile.mkdtemp(prefix="cxr-bench-exp-"))
+  cmd = [sys.executable, str(CONFIGS.parent / "main.py"),
+         f"--config={CONFIGS / 'experiment.py'}:{FLAGS.experiment_variant}", "--config.seeds=(0,)",
+         f"--workdir={workdir}", *FLAGS.experiment_args]
   t0 = time.perf_counter()
-  subprocess.run([sys.executable, str(CONFIGS.parent / "main.py"),
-                  f"--config={CONFIGS / 'experiment.py'}:paper", "--config.seeds=(0,)",
-                  f"--workdir={workdir}"], check=True)
+  proc = subprocess.Popen(cmd, start_new_session=True)
+  try:
+    rc = proc.wait(timeout=FLAGS.experiment_timeout or None)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rc = None
+  total = time.perf_counter() - t0
   stages = {p.stem: json.loads(p.read_text())["seconds"]
-            for p in (workdir / "stages").glob("*.json")}
-  stages["total"] = time.perf_counter() - t0
-  return stages
+            for p in sorted((workdir / "stages").glob("*.json"), key=os.path.getmtime)}
+  return {"variant": FLAGS.experiment_variant, "args": list(FLAGS.experiment_args), "returncode": rc, "complete": rc == 0,
+          "stages_s": stages, "total_s": total, "workdir": str(workdir)}
+
+
+# ------------------------------------------------------------------------------- comparison
+
+
+def load_results(folder: str | os.PathLike) -> dict:
+  """Every result file in `folder`: this module's JSON (one per run) and torch_reference.py's."""
+  ours, torch, experiments, devices = [], [], [], set()
+  for path in sorted(pathlib.Path(folder).glob("*.json")):
+    data = json.loads(path.read_text())
+    if isinstance(data, list):                        # torch_reference.py --out
+      torch += [r for r in data if r.get("framework") == "torch"]
+      devices |= {r.get("device", "?") for r in data}
+    elif isinstance(data, dict) and "results" in data:
+      ours += data["results"]
+      if "device_kind" in data:
+        devices.add(data["device_kind"])
+      if "experiment" in data:
+        experiments.append(data["experiment"])
+  return {"ours": ours, "torch": torch, "experiments": experiments, "devices": sorted(devices)}
+
+
+def _torch_name(r: dict) -> str:
+  mode = "torch.compile" if r["compiled"] else "eager"
+  prec = "bf16 autocast" + (" + channels_last" if r["channels_last"] else "") if r["bf16"] \
+      else "fp32/tf32"
+  return f"torch {mode}, {prec}"
+
+
+def goals(results: dict) -> list[dict]:
+  """The issue's speed goals: our best shipped variant against the reference measured alongside."""
+  ours, torch = results["ours"], results["torch"]
+
+  def best(rows, key):
+    return max(rows, key=key) if rows else None
+
+  out = []
+  specs = [
+      ("pix2pix batch 1, steps/s vs PyTorch eager", "pix2pix_b1",
+       lambda r: r["workload"] == "pix2pix" and r["batch"] == 1 and not r["compiled"], 4.0),
+      ("pix2pix batch 16, images/s vs the PyTorch reference", "pix2pix_b16",
+       lambda r: r["workload"] == "pix2pix" and r["batch"] == 16, 1.5),
+      ("ResNet-50 bf16 batch 256 (3-channel), images/s vs the better of torch.compile / eager "
+       "and the Flax ImageNet example", "resnet50_rgb",
+       lambda r: r["workload"] == "resnet50" and r["bf16"], 1.15),
+  ]
+  for label, name, is_ref, target in specs:
+    mine = best([r for r in ours if r["name"] == name], lambda r: r["images_per_s"])
+    ref = best([r for r in torch if is_ref(r)], lambda r: r["images_per_s"])
+    if mine is None or ref is None:
+      continue
+    ref_ips, ref_name = ref["images_per_s"], _torch_name(ref)
+    if name == "resnet50_rgb" and FLAX_IMAGENET_EXAMPLE_H200 > ref_ips:
+      ref_ips, ref_name = FLAX_IMAGENET_EXAMPLE_H200, "Flax ImageNet example (brief's H200 figure)"
+    ratio = mine["images_per_s"] / ref_ips
+    out.append({"goal": label, "ours": f"{mine['name']} {mine['variant']}",
+                "ours_images_per_s": mine["images_per_s"], "reference": ref_name,
+                "reference_images_per_s": ref_ips, "ratio": ratio, "target": target,
+                "met": ratio >= target})
+  return out
+
+
+def format_table(results: dict) -> str:
+  lines = [f"devices: {', '.join(results['devices']) or '?'}",
+           f"{'workload':<20}{'implementation':<42}{'batch':>6}{'steps/s':>9}{'images/s':>10}"
+           f"{'compile s':>11}{'prog GB':>8}{'peak GB':>8}"]
+  gb = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+  rows = []
+  for r in results["ours"]:
+    rows.append((r["name"], f"cxr-jax {r['variant']}", r["batch"], r["steps_per_s"],
+                 r["images_per_s"], f"{r['compile_s']:.1f}", gb(r.get("program_memory_gb")),
+                 gb(r.get("peak_memory_gb"))))
+  for r in results["torch"]:
+    name = f"{r['workload']}_b{r['batch']}" if r["workload"] == "pix2pix" else (
+        "resnet50_rgb" if r["workload"] == "resnet50" else r["workload"])
+    rows.append((name, _torch_name(r), r["batch"], 1e3 / r["step_ms"], r["images_per_s"],
+                 f"{r['warmup_s']:.0f} (w-up)", "-", "-"))
+  for name, impl, batch, sps, ips, comp, prog, peak in sorted(rows, key=lambda t: (t[0], -t[4])):
+    lines.append(f"{name:<20}{impl:<42}{batch:>6}{sps:>9.1f}{ips:>10.1f}{comp:>11}{prog:>8}"
+                 f"{peak:>8}")
+  for g in goals(results):
+    lines.append(f"GOAL {g['goal']}: {g['ours_images_per_s']:.0f} vs {g['reference_images_per_s']:.0f}"
+                 f" ({g['reference']}) = {g['ratio']:.2f}x, target {g['target']}x: "
+                 f"{'met' if g['met'] else 'NOT met'}")
+  for e in results["experiments"]:
+    state = "complete" if e["complete"] else "stopped early"
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in e["stages_s"].items())
+    lines.append(f"experiment:{e['variant']} one seed {' '.join(e['args'])} ({state}, "
+                 f"{e['total_s']:.0f} s "
+                 f"in all): {stages}")
+  return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- main
 
 
 def main(argv):
   del argv
-  runtime.enable_compilation_cache()
-  on_cpu = jax.default_backend() == "cpu"
-  steps = FLAGS.steps or (2 if on_cpu else 50)
-  resnet_batch = FLAGS.resnet_batch or (8 if on_cpu else 256)
-  workloads = {
-      "pix2pix_b1": lambda: bench_pix2pix(1, steps),
-      "pix2pix_b16": lambda: bench_pix2pix(16, steps),
-      "resnet50_rgb": lambda: bench_resnet(3, resnet_batch, steps),
-      "resnet50_gray": lambda: bench_resnet(1, resnet_batch, steps),
-      "generator_inference": lambda: bench_generator_inference(64 if not on_cpu else 4),
-  }
-  chosen = FLAGS.only or list(workloads)
-  unknown = sorted(set(chosen) - set(workloads))
+  if FLAGS.compare:
+    results = load_results(FLAGS.compare)
+    print(format_table(results))
+    if FLAGS.out:
+      pathlib.Path(FLAGS.out).write_text(json.dumps(dict(results, goals=goals(results)), indent=2))
+    return
+  chosen = FLAGS.only or list(STEP_WORKLOADS)
+  unknown = sorted(set(chosen) - set(STEP_WORKLOADS) - {"experiment"})
   if unknown:
-    raise app.UsageError(f"unknown workloads {unknown}; choose from {list(workloads)}")
-  device = f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})"
-  results = []
-  for name in chosen:
-    results.append(workloads[name]())
-    r = results[-1]
-    print(f"{r.name}: {r.steps_per_s:.2f} steps/s, {r.images_per_s:.1f} images/s "
-          f"(compile {r.compile_s:.1f} s)", flush=True)
-  out = {"device": device, "jax": jax.__version__, "steps_per_chunk": steps,
-         "results": [dict(dataclasses.asdict(r), steps_per_s=r.steps_per_s,
-                          images_per_s=r.images_per_s) for r in results]}
-  if FLAGS.experiment:
-    out["experiment_paper_one_seed_s"] = bench_experiment()
-  print(f"\ncxr-jax benchmark on {device}, jax {jax.__version__}")
-  print(f"{'workload':<22}{'batch':>6}{'steps/s':>10}{'images/s':>11}{'compile s':>11}"
-        f"{'peak GB':>9}")
-  for r in results:
-    mem = "-" if r.peak_memory_gb is None else f"{r.peak_memory_gb:.1f}"
-    print(f"{r.name:<22}{r.batch:>6}{r.steps_per_s:>10.2f}{r.images_per_s:>11.1f}"
-          f"{r.compile_s:>11.1f}{mem:>9}")
-  if "experiment_paper_one_seed_s" in out:
-    for stage, seconds in out["experiment_paper_one_seed_s"].items():
-      print(f"experiment:paper {stage:<40}{seconds:>10.0f} s")
+    raise app.UsageError(f"unknown workloads {unknown}; choose from "
+                         f"{list(STEP_WORKLOADS) + ['experiment']}")
+  out: dict[str, Any] = {"jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                         "results": []}
+  steps_chosen = [name for name in chosen if name != "experiment"]
+  if steps_chosen:  # (initialising the backend here would hold the GPU the experiment needs)
+    runtime.enable_compilation_cache()
+    on_cpu = jax.default_backend() == "cpu"
+    steps = FLAGS.steps or (2 if on_cpu else 50)
+    resnet_batch = FLAGS.resnet_batch or (8 if on_cpu else 256)
+    workloads = {
+        "pix2pix_b1": lambda: bench_pix2pix(1, steps),
+        "pix2pix_b16": lambda: bench_pix2pix(16, steps),
+        "resnet50_rgb": lambda: bench_resnet(3, resnet_batch, steps),
+        "resnet50_gray": lambda: bench_resnet(1, resnet_batch, steps),
+        "generator_inference": lambda: bench_generator_inference(4 if on_cpu else 64,
+                                                                 1 if on_cpu else 10),
+    }
+    out["device_kind"] = (f"{jax.device_count()} x {jax.devices()[0].device_kind} "
+                          f"({jax.default_backend()})")
+    out["steps_per_chunk"] = steps
+    for name in steps_chosen:
+      r = workloads[name]()
+      out["results"].append(r.to_json())
+      print(f"{r.name} [{r.variant}]: {r.steps_per_s:.2f} steps/s, {r.images_per_s:.1f} images/s "
+            f"(compile {r.compile_s:.1f} s)", flush=True)
+  if "experiment" in chosen:
+    out["experiment"] = bench_experiment()
   if FLAGS.out:
     pathlib.Path(FLAGS.out).write_text(json.dumps(out, indent=2))
+  print()
+  print(format_table({"ours": out["results"], "torch": [],
+                      "devices": [out.get("device_kind", jax.__version__)],
+                      "experiments": [out["experiment"]] if "experiment" in out else []}))
 
 
 if __name__ == "__main__":
