@@ -50,6 +50,10 @@ flags.DEFINE_integer("steps", 0, "Steps per chunk (default: 50 on accelerators, 
 flags.DEFINE_integer("resnet_batch", 0, "ResNet-50 batch (default: 256 on accelerators, 8 on CPU).")
 flags.DEFINE_string("dtype", "bfloat16", "Compute dtype of the ResNet-50 workloads.")
 flags.DEFINE_string("pix2pix_dtype", "float32", "Compute dtype of the pix2pix workloads.")
+flags.DEFINE_list("override", [], "Config overrides for the step workloads' configs, key=value "
+                  "(e.g. flat_optimizer=True); they are added to the variant name.")
+flags.DEFINE_integer("profile", 0, "After timing, trace one chunk and print the this many most "
+                     "expensive device kernels (needs a GPU or TPU).")
 flags.DEFINE_string("tag", "", "Label added to this run's variant name (e.g. the XLA flags tried).")
 flags.DEFINE_string("experiment_variant", "paper", "Variant of configs/experiment.py to time.")
 flags.DEFINE_list("experiment_args", [], "Extra main.py flags for the experiment workload, e.g. "
@@ -112,9 +116,25 @@ def _variant(dtype: str) -> str:
   parts = [dtype]
   if os.environ.get("XLA_FLAGS"):
     parts.append("xla_flags")
+  parts += FLAGS.override
   if FLAGS.tag:
     parts.append(FLAGS.tag)
   return "+".join(parts)
+
+
+def _apply_overrides(config) -> None:
+  import ast  # pylint: disable=import-outside-toplevel
+  for item in FLAGS.override:
+    key, _, value = item.partition("=")
+    try:
+      parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      parsed = value
+    target = config
+    *parents, leaf = key.split(".")
+    for name in parents:
+      target = target[name]
+    target[leaf] = parsed
 
 
 def _time_chunks(name: str, variant: str, batch: int, steps: int, jitted, state,
@@ -132,8 +152,47 @@ def _time_chunks(name: str, variant: str, batch: int, steps: int, jitted, state,
     state = run(state)
     jax.block_until_ready(state)
     times.append((time.perf_counter() - t0) / steps)
+  if FLAGS.profile:
+    _profile(name, steps, run, state)
   return Result(name, variant, batch, compile_s, statistics.median(times), min(times), max(times),
                 _program_memory_gb(compiled), _peak_memory_gb())
+
+
+def _profile(name: str, steps: int, run, state) -> None:
+  """Where the device time of one chunk goes: the costliest kernels, per step."""
+  trace_dir = tempfile.mkdtemp(prefix="cxr-bench-trace-")
+  with jax.profiler.trace(trace_dir):
+    jax.block_until_ready(run(state))
+  paths = list(pathlib.Path(trace_dir).rglob("*.xplane.pb"))
+  if not paths:
+    print(f"profile {name}: no trace written")
+    return
+  data = jax.profiler.ProfileData.from_file(str(paths[0]))
+  per_kernel: dict[str, list[float]] = {}
+  spans = []
+  lines = [line for plane in data.planes if plane.name.startswith("/device:")
+           for line in plane.lines]
+  streams = [line for line in lines if "stream" in line.name.lower()] or lines
+  print(f"profile {name}: device lines {sorted({line.name for line in lines})[:12]}")
+  for line in streams:
+    if "memcpy" in line.name.lower():
+      continue
+    if True:
+      for ev in line.events:
+        per_kernel.setdefault(ev.name, []).append(ev.duration_ns)
+        spans.append((ev.start_ns, ev.end_ns))
+  if not spans:
+    print(f"profile {name}: no device kernels in the trace")
+    return
+  busy = sum(sum(v) for v in per_kernel.values())
+  wall = max(e for _, e in spans) - min(s for s, _ in spans)
+  count = sum(len(v) for v in per_kernel.values())
+  print(f"profile {name}: {count / steps:.0f} kernels per step, kernel time "
+        f"{busy / steps / 1e3:.0f} us per step, device span {wall / steps / 1e3:.0f} us per step")
+  top = sorted(per_kernel.items(), key=lambda kv: -sum(kv[1]))[:FLAGS.profile]
+  for kernel, durations in top:
+    print(f"  {sum(durations) / steps / 1e3:8.1f} us/step {len(durations) / steps:6.1f}x "
+          f"{sum(durations) / busy:6.1%}  {kernel[:110]}")
 
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -144,6 +203,7 @@ def bench_pix2pix(batch: int, steps: int) -> Result:
   config = configlib.load_config_file(CONFIGS / "pix2pix.py")
   config.batch_size = batch
   config.compute_dtype = FLAGS.pix2pix_dtype
+  _apply_overrides(config)
   mesh = mesh_lib.make_mesh()
   rng = np.random.default_rng(0)
   normal = rng.integers(0, 256, (939, 256, 256, 1), dtype=np.uint8)   # the paper's train split
@@ -160,6 +220,7 @@ def bench_resnet(channels: int, batch: int, steps: int) -> Result:
   config.batch_size = batch
   config.compute_dtype = FLAGS.dtype
   config.model.in_channels = channels
+  _apply_overrides(config)
   mesh = mesh_lib.make_mesh()
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (max(2048, batch * 2), 256, 256, 1), dtype=np.uint8)

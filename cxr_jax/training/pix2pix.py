@@ -137,6 +137,9 @@ class Pix2Pix:
     self._init = (g_params, g_stats, d_params, d_stats)
     self.schedule = learning_rate_schedule(config, steps_per_epoch)
     self.tx = optax.adam(self.schedule, b1=config.beta1, b2=config.beta2)
+    if config.get("flat_optimizer", False):
+      # One buffer for all parameters: a few large update kernels instead of a few per tensor.
+      self.tx = optax.flatten(self.tx)
     self.augment = (augment_lib.AugmentSpec.from_config(config.augment, image_size)
                     if config.augment.enabled else None)
     self._replicated = mesh_lib.replicated(mesh)
