@@ -39,7 +39,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.beta2 = 0.999
   config.gan_loss = "bce"              # or "lsgan"
   config.l1_weight = 100.0
-  config.flat_optimizer = False        # Adam over one flat buffer: fewer, larger update kernels
+  config.flat_optimizer = True         # Adam over one flat buffer: fewer, larger update kernels
 
   # Mild on-device jitter (random crop-and-resize, small shift); no flips, no intensity changes.
   config.augment = ml_collections.ConfigDict(dict(

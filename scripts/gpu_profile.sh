@@ -4,7 +4,7 @@
 #   bash scripts/gpu_profile.sh OUT_DIR [TOTAL_SECONDS]
 #
 # Prints, per workload, the kernels per step and the costliest kernels (cxr_jax.bench --profile),
-# and times the pix2pix variants being tried against the baseline in the same process set.
+# and times the variants under trial against the defaults on the same card.
 set -uo pipefail
 out=$(realpath -m "${1:?usage: gpu_profile.sh OUT_DIR [TOTAL_SECONDS]}")
 total=${2:-270}
@@ -24,8 +24,7 @@ part() {  # part MAX_SECONDS ARGS...
   "${bench[@]}" --compare="$raw" --out="$out/results.json" >"$out/summary.txt" 2>/dev/null
 }
 part 90 --only=pix2pix_b1 --profile=25
-part 60 --only=pix2pix_b1 --override=flat_optimizer=True --profile=8
+part 60 --only=pix2pix_b1 --override=flat_optimizer=False --profile=8
 part 70 --only=pix2pix_b16 --pix2pix_dtype=bfloat16 --profile=20
-part 60 --only=pix2pix_b16 --pix2pix_dtype=bfloat16 --override=flat_optimizer=True
 part 80 --only=resnet50_rgb --profile=20
 cat "$out/summary.txt"

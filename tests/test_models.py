@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from cxr_jax.errors import ConfigError
+from cxr_jax.models.layers import channel_aligned_conv
 from cxr_jax.models.patchgan import PatchGAN
 from cxr_jax.models.resnet import Bottleneck, ResNet
 from cxr_jax.models.unet import UNet, up_conv
@@ -104,6 +105,26 @@ def test_unet_256_shape_abstract():
 def test_unet_rejects_image_sizes_that_are_not_powers_of_two(size):
   with pytest.raises(ConfigError, match=f"image size {size}"):
     UNet(image_size=size, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("channels", [1, 2, 8])
+def test_channel_aligned_conv_is_the_same_convolution(channels):
+  """Zero channels added inside the op change neither the output nor the gradients' shapes or
+  values (the kernel keeps its parameter shape)."""
+  kx, kw = jax.random.split(jax.random.key(3))
+  x = jax.random.normal(kx, (2, 16, 16, channels))
+  w = jax.random.normal(kw, (4, 4, channels, 5))
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  def loss(conv):
+    return lambda x, w: jnp.sum(jnp.sin(conv(x, w, (2, 2), ((1, 1), (1, 1)),
+                                             dimension_numbers=dn)))
+
+  want = jax.value_and_grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
+  got = jax.value_and_grad(loss(channel_aligned_conv), (0, 1))(x, w)
+  assert got[1][0].shape == x.shape and got[1][1].shape == w.shape
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
 
 
 def test_up_conv_is_pytorch_conv_transpose():

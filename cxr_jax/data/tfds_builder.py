@@ -163,7 +163,8 @@ class Prepared:
 
 def cache_key(layout: layout_lib.Layout, image_size: int) -> str:
   text = f"{layout.source}\0{layout.root}\0{image_size}\0{VERSION}"
-  return hashlib.sha256(text.encode()).hexdigest()[:12]
+  # surrogateescape: a folder name that is not UTF-8 (os.fsdecode keeps its bytes) still hashes.
+  return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
 def prepare(layout: layout_lib.Layout, image_size: int, cache_dir: str | os.PathLike, *,

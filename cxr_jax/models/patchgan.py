@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cxr_jax.models.layers import channel_aligned_conv
+
 from cxr_jax.errors import ConfigError
 from cxr_jax.models.unet import NORMS, apply_norm, conv_init, make_norm
 
@@ -32,7 +34,7 @@ class PatchGAN(nnx.Module):
     use_bias = norm == "instance"
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     convs = [nnx.Conv(in_channels, ndf, (4, 4), strides=2, padding=_PAD1, kernel_init=conv_init,
-                      **kw)]
+                      conv_general_dilated=channel_aligned_conv, **kw)]
     norms = []
     mult = 1
     for n in range(1, n_layers + 1):

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cxr_jax.models.layers import channel_aligned_conv
+
 from cxr_jax.errors import ConfigError
 
 MIN_LEVELS = 5  # the reference's fixed outer 4 levels + the innermost one
@@ -74,7 +76,8 @@ class _Level(nnx.Module):
     use_bias = norm == "instance"
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.down = nnx.Conv(cin, inner, (4, 4), strides=2, padding=((1, 1), (1, 1)),
-                         use_bias=use_bias, kernel_init=conv_init, **kw)
+                         use_bias=use_bias, kernel_init=conv_init,
+                         conv_general_dilated=channel_aligned_conv, **kw)
     self.down_norm = (None if outermost or innermost else make_norm(norm, inner, **kw))
     self.up = up_conv(inner if innermost else 2 * inner, outer, use_bias=use_bias or outermost,
                       **kw)
