@@ -26,6 +26,42 @@ flags.DEFINE_bool("overwrite", False, "Start afresh in a workdir that holds a ru
 flags.mark_flags_as_required(["config"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad config file, variant or override reported in one line.
+
+  Errors raised while loading the config file come wrapped in their traceback's text, and an
+  override of a key the config lacks (`--config.batch_sizee=8`) raises from inside the parser;
+  both are user errors (exit code 2), not crashes.
+  """
+  try:
+    args = FLAGS(argv)
+    FLAGS.config.get("task")  # a config file that failed to load raises only when first used
+    return args
+  except flags.Error as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+      # "flag --config=x.py:v: Error whilst parsing config file:" ... "ValueError: <message>"
+      head = lines[0].split(": Error whilst parsing")[0]
+      last = lines[-1].split(": ", 1)[-1]
+      message = f"{head}: {last}"
+    else:
+      message = " ".join(lines)
+  except OSError as e:  # the config file itself could not be read
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    message = f"--config: {lines[-1] if lines else e}"
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    # ml_collections nests the KeyError's repr in its message: 'key'\n Did you mean "..."?
+    text = text.replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+    key, _, hint = text.partition("Did you mean")
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    quotes = "'\" "
+    message = (f"bad config override ({', '.join(overrides) or 'none given'}): no key "
+               f"{key.strip(quotes)!r}" + (f"; did you mean{hint.rstrip(quotes)}" if hint else ""))
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -44,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

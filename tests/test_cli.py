@@ -57,6 +57,23 @@ def test_main_reports_bad_override_without_traceback(tmp_path):
   assert "config.batch_size" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["configs/pix2pix.py:nope"], "unknown variant 'nope' of configs/pix2pix.py"),
+    (["configs/nothere.py"], "No such file or directory: 'configs/nothere.py'"),
+    (["configs/pix2pix.py:smoke", "--config.batch_sizee=3"],
+     "bad config override (--config.batch_sizee): no key 'batch_sizee'; did you mean \"batch_size\""),
+    (["configs/pix2pix.py:smoke", "--config.batch_size=abc"], "--config.batch_size=abc"),
+])
+def test_main_reports_bad_config_flags_in_one_line(tmp_path, args, expected):
+  """Errors inside absl's flag parsing (config file, variant, override) are user errors too."""
+  (tmp_path / "configs").symlink_to(REPO_ROOT / "configs")
+  result = _main(f"--config={args[0]}", *args[1:], f"--workdir={tmp_path / 'run'}", cwd=tmp_path)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[7:]}"]
+  assert expected in result.stderr and "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()
+
+
 def test_main_unknown_task_and_writes_config(tmp_path):
   result = _main("--config=" + str(REPO_ROOT / "configs/pix2pix.py:smoke"), "--config.task=nope",
                  f"--workdir={tmp_path / 'run'}", cwd=tmp_path)
