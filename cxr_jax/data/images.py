@@ -18,6 +18,7 @@ Decisions:
 - Non-square images are resized to the square (aspect not kept: the whole chest stays in view, as
   in the paper's 256 x 256 inputs); the change of aspect is noted. Resampling is Lanczos, which in
   PIL is antialiased when downscaling (area-aware support).
+- An EXIF orientation outside 1..8 is ignored (PIL cannot apply it) and noted as such.
 - Images smaller than `MIN_SIDE` on a side, or larger than PIL's `Image.MAX_IMAGE_PIXELS`
   (decompression-bomb guard), are refused.
 """
@@ -155,9 +156,11 @@ def _to_gray(im: Image.Image, size: int, name: str) -> Decoded:
   if min(w, h) < MIN_SIDE:
     raise ImageError(name, f"too small to be a radiograph ({w}x{h} px; minimum side {MIN_SIDE} px)")
   orientation = _exif_orientation(im)
-  if orientation not in (None, 1):
+  if orientation in (2, 3, 4, 5, 6, 7, 8):
     im = ImageOps.exif_transpose(im)
     notes.append(f"EXIF orientation {orientation} applied")
+  elif orientation not in (None, 1):  # PIL leaves such images as stored: say so, not 'applied'
+    notes.append(f"invalid EXIF orientation {orientation!r} ignored")
   w, h = im.size
   mode = im.mode
   gray: Image.Image  # mode 'L' or 'F' (values in [0, 255])

@@ -12,8 +12,15 @@ Accepted forms of `config.data.data_dir`:
   nothing is extracted to disk: the prepared array_record copy is the only copy made.
 
 Directory symlinks are followed (a database assembled from links works) but each real directory is
-visited once, so symlink loops cannot hang the scan. Hidden files and folders, macOS `__MACOSX/`
-and AppleDouble `._*` files, and `masks/` folders are skipped.
+visited once, so symlink loops cannot hang the scan. Inside a class folder, a link back to a folder
+that holds it (a loop: it would reach folders outside the database) or into another class's folder
+(its images would get this class's label) is not followed, and an image name that is a broken or
+looping link is skipped, each with a warning naming it. Hidden files and folders, macOS
+`__MACOSX/` and AppleDouble `._*` files, and `masks/` folders are skipped.
+
+File names that are not valid UTF-8 (copies unzipped with a legacy code page) are kept: the entry
+is named with the undecodable bytes escaped (`caf\\xe9.png`), so that it can be stored, logged and
+written to the manifest, and `Layout.reader` maps the escaped name back to the file on disk.
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ class Layout:
   class_folders: dict[str, tuple[str, ...]]  # canonical class -> folder name(s) as on disk
   ignored_folders: tuple[str, ...] = ()  # unknown folders beside the class folders
   fingerprint: str = ""  # changes when files are added, removed or modified
+  # Entry.file -> the name on disk, for the names that are not valid UTF-8 (see module doc).
+  on_disk: dict[str, str] = dataclasses.field(default_factory=dict)
 
   @property
   def root_path(self) -> str:
@@ -92,12 +101,15 @@ class Layout:
     """Yields read(file) -> bytes; safe to call from several threads (zipfile locks its reads)."""
     if not self.is_zip:
       base = self.source / self.root if self.root else self.source
-      yield lambda file: (base / file).read_bytes()
+      on_disk = self.on_disk
+      yield lambda file: (base / on_disk.get(file, file)).read_bytes()
       return
     try:
       zf = zipfile.ZipFile(self.source)
     except (OSError, zipfile.BadZipFile) as e:
       raise DataError(f"{self.source}: cannot open the zip file ({e})") from None
+    except UnicodeDecodeError as e:
+      raise DataError(_bad_zip_name(self.source, e)) from None
     prefix = self.root + "/" if self.root else ""
     with zf:
       yield lambda file: zf.read(prefix + file)
@@ -163,14 +175,20 @@ class _FolderTree(_Tree):
               dirs.append(e.name)
             elif e.is_file():
               files.append(e.name)
-          except OSError:
-            continue  # broken link or vanished file
+            elif e.is_symlink() and images.is_image_name(e.name):
+              logging.warning("Skipping %s: a link to a missing file", _printable(e.path))
+          except OSError as err:  # a link loop, or a file that vanished
+            if images.is_image_name(e.name):
+              logging.warning("Skipping %s: %s", _printable(e.path), err.strerror or err)
     except OSError as e:
       logging.warning("Cannot list %s (%s); skipping it", path, e.strerror or e)
     return sorted(dirs), sorted(files)
 
   def reset(self):
     self._visited.clear()
+
+  def real(self, rel: str) -> str:
+    return os.path.realpath(self.top / rel if rel else self.top)
 
   def file_stamp(self, rel):
     try:
@@ -188,6 +206,8 @@ class _ZipTree(_Tree):
         infos = [i for i in zf.infolist() if not i.is_dir()]
     except (OSError, zipfile.BadZipFile) as e:
       raise DataError(f"{path}: cannot read the zip file ({e})") from None
+    except UnicodeDecodeError as e:
+      raise DataError(_bad_zip_name(path, e)) from None
     self._dirs: dict[str, set[str]] = {"": set()}
     self._files: dict[str, list[str]] = {"": []}
     self._stamps: dict[str, str] = {}
@@ -209,6 +229,34 @@ class _ZipTree(_Tree):
 
   def file_stamp(self, rel):
     return self._stamps.get(rel, "?")
+
+
+def _link_problem(tree: _Tree, parent: str, name: str, label: str,
+                  class_real: dict[str, str]) -> str | None:
+  """Why folder `parent/name`, met while reading class `label`, must not be read, or None."""
+  if not isinstance(tree, _FolderTree):
+    return None
+  here, there = tree.real(parent), tree.real(_join(parent, name))
+  if here == there or here.startswith(there.rstrip(os.sep) + os.sep):
+    return f"a link to {_printable(there)}, a folder that holds it (a loop)"
+  for path, other in class_real.items():
+    if other != label and (there == path or there.startswith(path + os.sep)):
+      return (f"a link into the {other} class folder {_printable(path)}; its images would be "
+              f"labelled {label}")
+  return None
+
+
+def _bad_zip_name(path: pathlib.Path, e: UnicodeDecodeError) -> str:
+  name = e.object[:200] if isinstance(e.object, bytes) else b""
+  return (f"{path}: cannot read the zip file: the member name {name!r} is marked UTF-8 but is "
+          f"not ({e.reason}). Re-create the zip, or extract it with a tool that repairs names "
+          f"and point config.data.data_dir at the folder.")
+
+
+def _printable(name: str) -> str:
+  """`name` with the bytes that are not UTF-8 (surrogate escapes from the file system) written as
+  \\xNN: a str that can be encoded, logged, stored in TFDS and written to the manifest."""
+  return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _hidden(name: str) -> bool:
@@ -277,8 +325,12 @@ def _read_layout(tree: _Tree, source: pathlib.Path, root: str) -> Layout:
       logging.warning("Folders %s in %s all hold class %s: reading all of them",
                       ", ".join(repr(f) for f in folders), root_shown, c)
   entries: list[Entry] = []
+  on_disk: dict[str, str] = {}
   skipped_masks = skipped_other = 0
   in_images_folder = 0
+  class_real = {}  # real path of each class folder -> its class (folders only: zips hold no links)
+  if isinstance(tree, _FolderTree):
+    class_real = {tree.real(_join(root, f)): c for c, fs in class_folders.items() for f in fs}
   for c, folders in class_folders.items():
     for folder in folders:
       stack = [folder]
@@ -288,11 +340,20 @@ def _read_layout(tree: _Tree, source: pathlib.Path, root: str) -> Layout:
         for d in sub_dirs:
           if d.lower() in _SKIPPED_DIRS:
             skipped_masks += 1
+            continue
+          problem = _link_problem(tree, _join(root, rel), d, c, class_real)
+          if problem:
+            logging.warning("Not reading %s: %s", _printable(str(tree.top / root / rel / d)),
+                            problem)
           else:
             stack.append(_join(rel, d))
         for f in files:
           if images.is_image_name(f):
-            entries.append(Entry(_join(rel, f), c))
+            file = _join(rel, f)
+            shown = _printable(file)
+            if shown != file:
+              on_disk[shown] = file
+            entries.append(Entry(shown, c))
             in_images_folder += rel.rsplit("/", 1)[-1].lower() == "images"
           else:
             skipped_other += 1
@@ -300,12 +361,20 @@ def _read_layout(tree: _Tree, source: pathlib.Path, root: str) -> Layout:
   if skipped_masks or skipped_other:
     logging.info("Dataset %s: ignored %d masks/ folder(s) and %d non-image file(s)",
                  root_shown, skipped_masks, skipped_other)
+  if on_disk:
+    shown = ", ".join(sorted(on_disk)[:5]) + (f" and {len(on_disk) - 5} more"
+                                              if len(on_disk) > 5 else "")
+    logging.warning("Dataset %s: %d file name(s) are not valid UTF-8; they are read and listed "
+                    "with the undecodable bytes escaped: %s", _printable(root_shown),
+                    len(on_disk), shown)
   release = LATER_RELEASE if in_images_folder else FIRST_RELEASE
   digest = hashlib.sha256()
   for e in entries:
-    digest.update(f"{e.file}\t{e.label}\t{tree.file_stamp(_join(root, e.file))}\n".encode())
+    stamp = tree.file_stamp(_join(root, on_disk.get(e.file, e.file)))
+    digest.update(f"{e.file}\t{e.label}\t{stamp}\n".encode())
   return Layout(source=source, is_zip=isinstance(tree, _ZipTree), root=root, release=release,
                 entries=tuple(entries),
                 class_folders={c: tuple(f) for c, f in sorted(class_folders.items())},
-                ignored_folders=tuple(ignored), fingerprint=digest.hexdigest()[:16])
+                ignored_folders=tuple(ignored), fingerprint=digest.hexdigest()[:16],
+                on_disk=on_disk)
 
