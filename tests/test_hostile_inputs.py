@@ -562,12 +562,6 @@ def generator_export_as_classifier(tmp_path, caplog):
 # ------------------------------------------------------------------------------------ the corpus
 
 
-def _known_bug(case, reason: str):
-  """A case the project fails today (outside the data-layer files): strict, so that the fix shows
-  up as XPASS and the mark gets removed."""
-  return pytest.param(case, marks=pytest.mark.xfail(strict=True, reason=reason), id=case.__name__)
-
-
 CORPUS = [
     truncated_png, corrupt_png, zero_byte_file, not_an_image, one_pixel_image,
     decompression_bomb, unreadable_file,
@@ -581,10 +575,7 @@ CORPUS = [
     split_fractions_out_of_range,
     weights_resnet18, weights_random_tensors, weights_truncated,
     pix2pix_workdir_for_classifier,
-    _known_bug(pix2pix_checkpoint_into_classifier,
-               "cxr_jax/training/checkpoint.py: a fresh Checkpointer's item_metadata is None, "
-               "so _check_compatible passes; restore_latest then moves the checkpoint aside as "
-               "'unreadable' and training starts afresh"),
+    pix2pix_checkpoint_into_classifier,
     generator_export_as_classifier,
 ]
 

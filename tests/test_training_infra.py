@@ -138,3 +138,25 @@ def test_mesh_and_batch_checks():
     mesh_lib.check_global_batch(6, mesh)
   x = mesh_lib.put_batch(np.arange(8.0).reshape(8, 1), mesh)
   assert len(x.addressable_shards) == 4 and x.addressable_shards[0].data.shape == (2, 1)
+
+
+def test_best_checkpoint_restored_and_an_unreadable_one_named(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path / "ck", best_metric="f1")
+  ckpt.save(1, _state(1.0), metrics={"f1": 0.9})
+  ckpt.save(2, _state(2.0), metrics={"f1": 0.5})
+  ckpt.wait()
+  best, step = ckpt.restore_best(_state(0.0))
+  assert step == 1
+  np.testing.assert_array_equal(best["params"]["w"], np.full((3, 2), 1.0))
+  ckpt.close()
+  for f in (tmp_path / "best" / "1" / "default").rglob("*"):   # the arrays, not the metrics
+    if f.is_file() and "metadata" not in f.name.lower() and f.suffix != ".txt":
+      f.write_bytes(b"garbage")
+  ckpt = checkpoint.Checkpointer(tmp_path / "ck", best_metric="f1")
+  with pytest.raises(UserError, match=r"best/1: the best checkpoint cannot be read"):
+    ckpt.restore_best(_state(0.0))
+  assert (tmp_path / "best" / "1").is_dir(), "left where it is"
+  ckpt.close()
+  (tmp_path / "best" / "1" / "metrics" / "metrics").write_text("{not json")
+  with pytest.raises(UserError, match=r"/best: cannot read the records of the best checkpoint"):
+    checkpoint.Checkpointer(tmp_path / "ck", best_metric="f1")

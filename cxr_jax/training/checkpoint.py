@@ -61,18 +61,32 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
                asynchronous: bool = True, best_metric: str | None = None):
     self.directory = pathlib.Path(directory).absolute()
+    # The handler is named up front: a manager that has not saved in this process (a resumed
+    # run) can then read a checkpoint's metadata, which the compatibility check needs.
     self._mgr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=asynchronous))
+                                             enable_async_checkpointing=asynchronous),
+        item_handlers=ocp.StandardCheckpointHandler())
     self.best_metric = best_metric
     self._best = None
     if best_metric:
-      self._best = ocp.CheckpointManager(
+      self._best = self._open_best(best_metric, asynchronous)
+
+  def _open_best(self, best_metric: str, asynchronous: bool):
+    try:
+      return ocp.CheckpointManager(
           self.directory.parent / "best",
           options=ocp.CheckpointManagerOptions(
               max_to_keep=1, create=True, enable_async_checkpointing=asynchronous,
-              best_fn=lambda m: m[best_metric], best_mode="max"))
+              best_fn=lambda m: m[best_metric], best_mode="max"),
+          item_handlers=ocp.StandardCheckpointHandler())
+    except Exception as e:  # pylint: disable=broad-except  # a damaged metrics record
+      path = self.directory.parent / "best"
+      raise UserError(f"{path}: cannot read the records of the best checkpoint "
+                      f"({type(e).__name__}: {e}); move the folder aside and run the same "
+                      "command again (the run resumes; the best is chosen anew from then on)."
+                      ) from None
 
   def all_steps(self) -> list[int]:
     return sorted(self._mgr.all_steps())
@@ -82,17 +96,45 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, *, metrics: dict[str, float] | None = None,
            force: bool = False) -> None:
+    """Saves `step`; with `metrics`, first offers it to the best manager and waits for that write.
+
+    The wait orders the commits (at the cost of one unoverlapped write per evaluation): once the
+    latest checkpoint of a step exists, its validation result has been weighed, so a run killed
+    between the two writes and resumed from that step still picks the same best. A resumed run
+    replays the steps after its checkpoint: those the best manager has weighed already (up to its
+    newest step) are not offered again, which would raise Orbax's StepAlreadyExistsError at the
+    same step on every restart.
+    """
     flat = flatten(state)
-    self._mgr.save(step, args=ocp.args.StandardSave(flat), force=force)
     if self._best is not None and metrics is not None:
-      self._best.save(step, args=ocp.args.StandardSave(flat),
-                      metrics={k: float(v) for k, v in metrics.items()}, force=True)
+      if step > max(self._best.all_steps(), default=-1):
+        self._best.save(step, args=ocp.args.StandardSave(flat),
+                        metrics={k: float(v) for k, v in metrics.items()}, force=True)
+        self._best.wait_until_finished()
+    self._mgr.save(step, args=ocp.args.StandardSave(flat), force=force)
 
   def restore(self, step: int, template: Any, *, best: bool = False) -> Any:
     mgr = self._best if best else self._mgr
     self._check_compatible(mgr, step, template)
     flat = mgr.restore(step, args=ocp.args.StandardRestore(abstract(flatten(template))))
     return unflatten(template, flat)
+
+  def restore_best(self, template: Any) -> tuple[Any, int | None]:
+    """The best checkpoint and its step, or (None, None) when there is none. An unreadable one
+    stops the run with a message naming it: evaluating other weights instead would change what
+    the run reports."""
+    step = self.best_step()
+    if step is None:
+      return None, None
+    try:
+      return self.restore(step, template, best=True), step
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      path = self.directory.parent / "best" / str(step)
+      raise UserError(f"{path}: the best checkpoint cannot be read ({type(e).__name__}: {e}). It "
+                      "is left as it is; move it aside and run the same command again to "
+                      "evaluate the final weights instead.") from None
 
   def best_step(self) -> int | None:
     return None if self._best is None else self._best.best_step()
@@ -105,13 +147,22 @@ class Checkpointer:
       except UserError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        aside = self.directory / f"{step}.unreadable"
+        aside = self._aside_path(step)
         logging.warning("Checkpoint %s/%d is unreadable (%s: %s); trying the one before it. "
                         "It is kept as %s.", self.directory, step, type(e).__name__, e, aside)
-        if jax.process_index() == 0 and not aside.exists():
+        if jax.process_index() == 0:
           os.replace(self.directory / str(step), aside)
         self._mgr.reload()
     return None, None
+
+  def _aside_path(self, step: int) -> pathlib.Path:
+    """`<step>.unreadable`, numbered when an earlier unreadable copy of the step is kept there:
+    a step left in place would be listed again and block saving that step."""
+    aside = self.directory / f"{step}.unreadable"
+    n = 1
+    while aside.exists():
+      aside, n = self.directory / f"{step}.unreadable-{n}", n + 1
+    return aside
 
   def _check_compatible(self, mgr, step: int, template: Any) -> None:
     try:

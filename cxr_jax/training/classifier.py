@@ -382,8 +382,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
       images_per_step=config.batch_size, eval_fn=evaluate,
       memory_hint=f"lower config.batch_size (now {config.batch_size}) or config.image_size "
                   f"(now {config.image_size}), or use config.compute_dtype='bfloat16'")
-  best_step = ckpt.best_step()
-  best = ckpt.restore(best_step, state, best=True) if best_step is not None else state
+  best, best_step = ckpt.restore_best(state)
+  best = state if best is None else best
   ckpt.close()
   logging.info("Best validation macro-F1 at step %s; evaluating it on the test split", best_step)
   meta = {"class_names": class_names, "train_data": config.train_data,
