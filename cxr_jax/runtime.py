@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.errors import ConfigError
@@ -20,6 +23,24 @@ def enable_compilation_cache(cache_dir: str | None = None) -> None:
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _connect_cpu_collectives() -> None:
+  """Connects the CPU processes' collectives now, while the processes are in step.
+
+  Gloo connects a group of devices when the first program using it runs, and fails if a peer is
+  more than 30 s late ("Gloo context initialization failed: DEADLINE_EXCEEDED"). On CPU only
+  process 0 gets persistent-cache hits (the cache key holds a per-process topology fingerprint
+  and only process 0 writes), so it runs ahead while the others compile the first training step.
+  Once connected, a group waits for late peers without that limit.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  multihost_utils.sync_global_devices("cxr_jax.runtime: connect")  # one device per process
+  mesh = Mesh(np.asarray(jax.devices()), ("all",))  # every device, as the `data` mesh
+  ones = jax.make_array_from_callback((jax.device_count(),), NamedSharding(mesh, P("all")),
+                                      lambda idx: np.ones(1, np.float32))
+  total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(ones)
+  total.block_until_ready()
 
 
 def initialize(config) -> None:
@@ -47,6 +68,8 @@ def initialize(config) -> None:
       raise ConfigError(f"config.multihost: could not join the multi-host run ({e}); on a Cloud "
                         "TPU VM run the command on every worker, elsewhere set "
                         "CXR_COORDINATOR_ADDRESS, CXR_NUM_PROCESSES and CXR_PROCESS_ID") from None
+  if jax.process_count() > 1 and jax.default_backend() == "cpu":
+    _connect_cpu_collectives()
   enable_compilation_cache()
   _initialized = True
   logging.info("JAX %s, process %d of %d, %d local / %d global devices (%s)", jax.__version__,

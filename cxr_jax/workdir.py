@@ -37,12 +37,31 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
 
 def prepare(workdir: str | os.PathLike, config: ml_collections.ConfigDict, *,
             overwrite: bool = False, write: bool = True) -> pathlib.Path:
-  """Creates `workdir` for `config`, or checks that an existing one belongs to an equal config."""
+  """Creates `workdir` for `config`, or checks that an existing one belongs to an equal config.
+
+  On several hosts only the writer (process 0) checks, moves aside and writes; the others wait for
+  it and then check what it left, so that the old run is moved once and every process agrees.
+  """
   if "://" in str(workdir):
     raise ConfigError(f"--workdir={workdir}: URLs are not supported; use a path on a file system "
                       "every host sees (a local disk for one host; NFS or a mounted bucket, e.g. "
                       "gcsfuse, for several)")
   path = pathlib.Path(workdir)
+  if _process_count() == 1:
+    return _prepare(path, config, overwrite=overwrite, write=write)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  if is_writer():
+    try:
+      return _prepare(path, config, overwrite=overwrite, write=write)
+    finally:  # also when refusing: the others must not wait forever, they refuse the same way
+      multihost_utils.sync_global_devices(f"cxr_jax.workdir.prepare {path}")
+  multihost_utils.sync_global_devices(f"cxr_jax.workdir.prepare {path}")
+  # The writer has moved any old run aside and written the config: nothing is left to move here.
+  return _prepare(path, config, overwrite=False, write=False)
+
+
+def _prepare(path: pathlib.Path, config: ml_collections.ConfigDict, *, overwrite: bool,
+             write: bool) -> pathlib.Path:
   saved = path / CONFIG_FILE
   # A workdir holding nothing but a config (a run refused at start-up) holds no run to protect.
   holds_run = saved.exists() and any(p.name != CONFIG_FILE for p in path.iterdir())
@@ -64,12 +83,21 @@ def prepare(workdir: str | os.PathLike, config: ml_collections.ConfigDict, *,
     if differing and overwrite:
       stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
       aside = path.with_name(f"{path.name}.old-{stamp}")
+      n = 1
+      while aside.exists():  # two --overwrite within a second: never move a run into another
+        n += 1
+        aside = path.with_name(f"{path.name}.old-{stamp}-{n}")
       shutil.move(str(path), str(aside))
       print(f"Moved the previous run in {path} to {aside}")
   path.mkdir(parents=True, exist_ok=True)
   if write and is_writer():
     files.write_text_atomic(saved, config_to_json(config))
   return path
+
+
+def _process_count() -> int:
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.process_count()
 
 
 def is_writer() -> bool:

@@ -246,3 +246,22 @@ def test_image_set_methods():
   with pytest.raises(ValueError):
     dataset.ImageSet(images=images, labels=s.labels + 5, files=s.files, hashes=s.hashes,
                      class_names=s.class_names)
+
+
+def test_hosts_with_different_data_are_refused(loaded, monkeypatch):
+  """Simulated second process: its split digest is gathered beside process 0's and compared."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  cfg, sets, _, _ = loaded
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  other = {"digest": None}
+
+  def gather(mine):
+    theirs = mine if other["digest"] is None else other["digest"]
+    return np.stack([mine, theirs])
+
+  monkeypatch.setattr(multihost_utils, "process_allgather", gather)
+  dataset._check_same_data_on_every_host(sets, cfg)  # the same data: accepted
+  other["digest"] = np.zeros(4, np.uint32)
+  with pytest.raises(DataError, match=r"processes \[1\] read other images or another split"):
+    dataset._check_same_data_on_every_host(sets, cfg)

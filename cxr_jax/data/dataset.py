@@ -175,7 +175,30 @@ def load_splits(data_cfg: ml_collections.ConfigDict,
         "drop_near_duplicates": bool(data_cfg.drop_near_duplicates),
         "near_duplicate_pairs": len(split.near_duplicates)})
   _log_counts(out, classes, split)
+  _check_same_data_on_every_host(out, data_cfg)
   return out
+
+
+def _check_same_data_on_every_host(sets: dict[str, ImageSet], data_cfg) -> None:
+  """Hosts that read different copies of the database would train on different images under
+  one sharded step and report numbers that belong to neither: refuse, naming what differs."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return
+  import hashlib  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  digest = hashlib.sha256()
+  for name in splits_lib.SPLITS:
+    digest.update(name.encode())
+    for h, label in zip(sets[name].hashes, sets[name].labels):
+      digest.update(f"{h}:{int(label)};".encode())
+  mine = np.frombuffer(digest.digest()[:16], np.uint32)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+  differing = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+  if differing:
+    raise DataError(f"config.data.data_dir={data_cfg.data_dir!r}: processes {differing} read "
+                    "other images or another split than process 0; every host must see the same "
+                    "copy of the database (a shared file system, or identical copies)")
 
 
 def _manifest_rows(files, labels, hashes, split: splits_lib.Split, classes, skipped,

@@ -152,6 +152,9 @@ class Checkpointer:
                         "It is kept as %s.", self.directory, step, type(e).__name__, e, aside)
         if jax.process_index() == 0:
           os.replace(self.directory / str(step), aside)
+        if jax.process_count() > 1:  # every process lists the steps after the move
+          from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+          multihost_utils.sync_global_devices(f"cxr_jax.checkpoint aside {self.directory} {step}")
         self._mgr.reload()
     return None, None
 
