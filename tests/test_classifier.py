@@ -3,6 +3,7 @@ leakage refusal, and the task end to end (scratch and transfer) with predict."""
 
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -173,11 +174,14 @@ def test_scratch_smoke_end_to_end_and_predict(tmp_path):
   images.mkdir()
   grid.save_png(images / "a.png", np.full((48, 48), 90, np.uint8))
   (images / "broken.png").write_bytes(b"not a png")
+  # A Latin-1 file name (a folder copied from an old system): listed with the byte escaped.
+  grid.save_png(images / os.fsdecode(b"caf\xe9.png"), np.full((48, 48), 90, np.uint8))
   pcfg = configlib.load_config_file(REPO_ROOT / "configs/predict.py")
   pcfg.classifier_dir = str(run / "classifier")
   pcfg.input = str(images)
   out = predict.predict_task(pcfg, tmp_path / "pred")
-  assert out == {"predictions": str(tmp_path / "pred" / "predictions.csv"), "count": 1,
+  assert out == {"predictions": str(tmp_path / "pred" / "predictions.csv"), "count": 2,
                  "skipped": 1}
-  rows = (tmp_path / "pred" / "predictions.csv").read_text().splitlines()
+  rows = (tmp_path / "pred" / "predictions.csv").read_text(encoding="utf-8").splitlines()
   assert rows[0].startswith("file,label,predicted,p_COVID") and rows[1].startswith("a.png")
+  assert rows[2].startswith("caf\\xe9.png,")

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from cxr_jax.errors import ConfigError
+from cxr_jax.models import layers
 from cxr_jax.models.layers import channel_aligned_conv
 from cxr_jax.models.patchgan import PatchGAN
 from cxr_jax.models.resnet import Bottleneck, ResNet
@@ -108,9 +109,10 @@ def test_unet_rejects_image_sizes_that_are_not_powers_of_two(size):
 
 
 @pytest.mark.parametrize("channels", [1, 2, 8])
-def test_channel_aligned_conv_is_the_same_convolution(channels):
+def test_channel_aligned_conv_is_the_same_convolution(channels, monkeypatch):
   """Zero channels added inside the op change neither the output nor the gradients' shapes or
   values (the kernel keeps its parameter shape)."""
+  monkeypatch.setattr(layers, "ALIGNED_BACKENDS", frozenset({jax.default_backend()}))
   kx, kw = jax.random.split(jax.random.key(3))
   x = jax.random.normal(kx, (2, 16, 16, channels))
   w = jax.random.normal(kw, (4, 4, channels, 5))
@@ -122,6 +124,10 @@ def test_channel_aligned_conv_is_the_same_convolution(channels):
 
   want = jax.value_and_grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
   got = jax.value_and_grad(loss(channel_aligned_conv), (0, 1))(x, w)
+  padded = " pad[" in str(jax.make_jaxpr(loss(channel_aligned_conv))(x, w))
+  assert padded == (channels % 8 != 0)
+  monkeypatch.setattr(layers, "ALIGNED_BACKENDS", frozenset())  # e.g. XLA:CPU: the plain op
+  assert " pad[" not in str(jax.make_jaxpr(loss(channel_aligned_conv))(x, w))
   assert got[1][0].shape == x.shape and got[1][1].shape == w.shape
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)

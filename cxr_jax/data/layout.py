@@ -38,6 +38,7 @@ from absl import logging
 from cxr_jax.data import classes as classes_lib
 from cxr_jax.data import images
 from cxr_jax.errors import DataError
+from cxr_jax.utils import files as files_lib
 
 # How many folder levels below `data_dir` the database root may sit.
 MAX_DEPTH = 3
@@ -176,10 +177,11 @@ class _FolderTree(_Tree):
             elif e.is_file():
               files.append(e.name)
             elif e.is_symlink() and images.is_image_name(e.name):
-              logging.warning("Skipping %s: a link to a missing file", _printable(e.path))
+              logging.warning("Skipping %s: a link to a missing file",
+                              files_lib.printable(e.path))
           except OSError as err:  # a link loop, or a file that vanished
             if images.is_image_name(e.name):
-              logging.warning("Skipping %s: %s", _printable(e.path), err.strerror or err)
+              logging.warning("Skipping %s: %s", files_lib.printable(e.path), err.strerror or err)
     except OSError as e:
       logging.warning("Cannot list %s (%s); skipping it", path, e.strerror or e)
     return sorted(dirs), sorted(files)
@@ -238,11 +240,11 @@ def _link_problem(tree: _Tree, parent: str, name: str, label: str,
     return None
   here, there = tree.real(parent), tree.real(_join(parent, name))
   if here == there or here.startswith(there.rstrip(os.sep) + os.sep):
-    return f"a link to {_printable(there)}, a folder that holds it (a loop)"
+    return f"a link to {files_lib.printable(there)}, a folder that holds it (a loop)"
   for path, other in class_real.items():
     if other != label and (there == path or there.startswith(path + os.sep)):
-      return (f"a link into the {other} class folder {_printable(path)}; its images would be "
-              f"labelled {label}")
+      return (f"a link into the {other} class folder {files_lib.printable(path)}; its images "
+              f"would be labelled {label}")
   return None
 
 
@@ -251,12 +253,6 @@ def _bad_zip_name(path: pathlib.Path, e: UnicodeDecodeError) -> str:
   return (f"{path}: cannot read the zip file: the member name {name!r} is marked UTF-8 but is "
           f"not ({e.reason}). Re-create the zip, or extract it with a tool that repairs names "
           f"and point config.data.data_dir at the folder.")
-
-
-def _printable(name: str) -> str:
-  """`name` with the bytes that are not UTF-8 (surrogate escapes from the file system) written as
-  \\xNN: a str that can be encoded, logged, stored in TFDS and written to the manifest."""
-  return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _hidden(name: str) -> bool:
@@ -343,14 +339,14 @@ def _read_layout(tree: _Tree, source: pathlib.Path, root: str) -> Layout:
             continue
           problem = _link_problem(tree, _join(root, rel), d, c, class_real)
           if problem:
-            logging.warning("Not reading %s: %s", _printable(str(tree.top / root / rel / d)),
-                            problem)
+            logging.warning("Not reading %s: %s",
+                            files_lib.printable(str(tree.top / root / rel / d)), problem)
           else:
             stack.append(_join(rel, d))
         for f in files:
           if images.is_image_name(f):
             file = _join(rel, f)
-            shown = _printable(file)
+            shown = files_lib.printable(file)
             if shown != file:
               on_disk[shown] = file
             entries.append(Entry(shown, c))
@@ -365,7 +361,7 @@ def _read_layout(tree: _Tree, source: pathlib.Path, root: str) -> Layout:
     shown = ", ".join(sorted(on_disk)[:5]) + (f" and {len(on_disk) - 5} more"
                                               if len(on_disk) > 5 else "")
     logging.warning("Dataset %s: %d file name(s) are not valid UTF-8; they are read and listed "
-                    "with the undecodable bytes escaped: %s", _printable(root_shown),
+                    "with the undecodable bytes escaped: %s", files_lib.printable(root_shown),
                     len(on_disk), shown)
   release = LATER_RELEASE if in_images_folder else FIRST_RELEASE
   digest = hashlib.sha256()

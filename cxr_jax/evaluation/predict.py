@@ -12,6 +12,7 @@ from cxr_jax import configlib
 from cxr_jax.data import images as images_lib
 from cxr_jax.errors import DataError
 from cxr_jax.evaluation.report_classifier import write_predictions
+from cxr_jax.utils import files as files_lib
 
 
 def list_inputs(path: pathlib.Path) -> list[pathlib.Path]:
@@ -39,7 +40,7 @@ def predict_task(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
   for path in list_inputs(root):
     try:
       decoded.append(images_lib.decode(path, size).pixels)
-      names.append(str(path.relative_to(root)) if root.is_dir() else path.name)
+      names.append(files_lib.printable(str(path.relative_to(root)) if root.is_dir() else path.name))
     except images_lib.ImageError as e:
       skipped.append(str(e))
   if skipped:

@@ -8,6 +8,12 @@ import os
 from typing import Iterable, Sequence
 
 
+def printable(name: str) -> str:
+  """`name` with the bytes that are not UTF-8 (surrogate escapes from the file system) written as
+  \\xNN: a str that can be encoded, logged, stored and written to CSV files."""
+  return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
   tmp = f"{os.fspath(path)}.tmp"
   with open(tmp, "w", encoding="utf-8", newline="") as f:
