@@ -274,8 +274,9 @@ def bench_experiment() -> dict:
   total = time.perf_counter() - t0
   stages = {p.stem: json.loads(p.read_text())["seconds"]
             for p in sorted((workdir / "stages").glob("*.json"), key=os.path.getmtime)}
-  return {"variant": FLAGS.experiment_variant, "args": list(FLAGS.experiment_args), "returncode": rc, "complete": rc == 0,
-          "stages_s": stages, "total_s": total, "workdir": str(workdir)}
+  return {"variant": FLAGS.experiment_variant, "args": list(FLAGS.experiment_args),
+          "returncode": rc, "complete": rc == 0, "stages_s": stages, "total_s": total,
+          "workdir": str(workdir)}
 
 
 # ------------------------------------------------------------------------------- comparison
@@ -357,8 +358,9 @@ def format_table(results: dict) -> str:
     lines.append(f"{name:<20}{impl:<42}{batch:>6}{sps:>9.1f}{ips:>10.1f}{comp:>11}{prog:>8}"
                  f"{peak:>8}")
   for g in goals(results):
-    lines.append(f"GOAL {g['goal']}: {g['ours_images_per_s']:.0f} vs {g['reference_images_per_s']:.0f}"
-                 f" ({g['reference']}) = {g['ratio']:.2f}x, target {g['target']}x: "
+    lines.append(f"GOAL {g['goal']}: {g['ours_images_per_s']:.0f} vs "
+                 f"{g['reference_images_per_s']:.0f} ({g['reference']}) = {g['ratio']:.2f}x, "
+                 f"target {g['target']}x: "
                  f"{'met' if g['met'] else 'NOT met'}")
   for e in results["experiments"]:
     state = "complete" if e["complete"] else "stopped early"
