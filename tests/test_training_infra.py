@@ -100,12 +100,13 @@ def test_loop_runs_to_total_and_checkpoints(tmp_path):
 def test_loop_stops_on_non_finite_loss_naming_step_and_keeps_last_good(tmp_path):
   ckpt = checkpoint.Checkpointer(tmp_path / "ck", max_to_keep=5)
   state = {"step": jnp.int32(0), "x": jnp.float32(0)}
+  writer = SummaryWriter(tmp_path / "tb")
   with pytest.raises(loop.TrainingDiverged, match=r"loss is nan at step 7"):
     loop.run(state, chunk_fn=_counting_chunk(nan_at=6),
              schedule=loop.Schedule(total_steps=20, steps_per_call=2, log_every=10,
                                     checkpoint_every=4),
-             start_step=0, checkpointer=ckpt, writer=SummaryWriter(tmp_path / "tb"), name="t",
-             images_per_step=1)
+             start_step=0, checkpointer=ckpt, writer=writer, name="t", images_per_step=1)
+  writer.close()  # as the trainers do (finally): an open writer's exit hook fails on Python 3.12
   ckpt.wait()
   assert ckpt.all_steps() == [4]
   ckpt.close()

@@ -360,42 +360,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
   images_dev, labels_dev = mesh_lib.put_replicated(
       (train.images, train.labels.astype(np.int32)), mesh)
   writer = SummaryWriter(workdir / "tensorboard")
-  val = splits["val"]
+  try:  # closed also when training stops on an error (its event file is flushed)
+    val = splits["val"]
 
-  def evaluate(step, st):
-    from sklearn.metrics import f1_score  # pylint: disable=import-outside-toplevel
-    probs = model.predict(st.params, st.stats, val.images)
-    pred = probs.argmax(-1)
-    return {"accuracy": float(np.mean(pred == val.labels)),
-            "macro_f1": float(f1_score(val.labels, pred, average="macro",
-                                       labels=list(range(len(class_names))), zero_division=0))}
+    def evaluate(step, st):
+      from sklearn.metrics import f1_score  # pylint: disable=import-outside-toplevel
+      probs = model.predict(st.params, st.stats, val.images)
+      pred = probs.argmax(-1)
+      return {"accuracy": float(np.mean(pred == val.labels)),
+              "macro_f1": float(f1_score(val.labels, pred, average="macro",
+                                         labels=list(range(len(class_names))), zero_division=0))}
 
-  # Chunks of a length dividing the epoch, and logs on chunk boundaries: one compiled program.
-  k = max(d for d in range(1, min(config.steps_per_call, steps_per_epoch) + 1)
-          if steps_per_epoch % d == 0)
-  state = loop.run(
-      state, chunk_fn=lambda st, n: model.chunk(st, images_dev, labels_dev, n),
-      schedule=loop.Schedule(total_steps=total_steps, steps_per_call=k,
-                             log_every=-(-config.log_every // k) * k,
-                             checkpoint_every=steps_per_epoch, eval_every=steps_per_epoch),
-      start_step=start or 0, checkpointer=ckpt, writer=writer, name="classifier",
-      images_per_step=config.batch_size, eval_fn=evaluate,
-      memory_hint=f"lower config.batch_size (now {config.batch_size}) or config.image_size "
-                  f"(now {config.image_size}), or use config.compute_dtype='bfloat16'")
-  best, best_step = ckpt.restore_best(state)
-  best = state if best is None else best
-  ckpt.close()
-  logging.info("Best validation macro-F1 at step %s; evaluating it on the test split", best_step)
-  meta = {"class_names": class_names, "train_data": config.train_data,
-          "pretrained": config.pretrained, "best_step": best_step,
-          "train_counts": train.counts(), "workdir": str(workdir),
-          "data_image_size": config.data.image_size}
-  export_classifier(workdir / CLASSIFIER_DIR, model, best.params, best.stats, meta)
-  trained = load_classifier(workdir / CLASSIFIER_DIR)
-  result = report_classifier.evaluate_on_test(trained, splits["test"], workdir,
-                                              title=config.name, num_gradcam=config.num_gradcam,
-                                              n_bootstrap=config.n_bootstrap,
-                                              train_hashes=train.hashes)
-  writer.scalars(total_steps, {f"test/{k}": v for k, v in result["summary"].items()})
-  writer.close()
+    # Chunks of a length dividing the epoch, and logs on chunk boundaries: one compiled program.
+    k = max(d for d in range(1, min(config.steps_per_call, steps_per_epoch) + 1)
+            if steps_per_epoch % d == 0)
+    state = loop.run(
+        state, chunk_fn=lambda st, n: model.chunk(st, images_dev, labels_dev, n),
+        schedule=loop.Schedule(total_steps=total_steps, steps_per_call=k,
+                               log_every=-(-config.log_every // k) * k,
+                               checkpoint_every=steps_per_epoch, eval_every=steps_per_epoch),
+        start_step=start or 0, checkpointer=ckpt, writer=writer, name="classifier",
+        images_per_step=config.batch_size, eval_fn=evaluate,
+        memory_hint=f"lower config.batch_size (now {config.batch_size}) or config.image_size "
+                    f"(now {config.image_size}), or use config.compute_dtype='bfloat16'")
+    best, best_step = ckpt.restore_best(state)
+    best = state if best is None else best
+    ckpt.close()
+    logging.info("Best validation macro-F1 at step %s; evaluating it on the test split", best_step)
+    meta = {"class_names": class_names, "train_data": config.train_data,
+            "pretrained": config.pretrained, "best_step": best_step,
+            "train_counts": train.counts(), "workdir": str(workdir),
+            "data_image_size": config.data.image_size}
+    export_classifier(workdir / CLASSIFIER_DIR, model, best.params, best.stats, meta)
+    trained = load_classifier(workdir / CLASSIFIER_DIR)
+    result = report_classifier.evaluate_on_test(trained, splits["test"], workdir,
+                                                title=config.name, num_gradcam=config.num_gradcam,
+                                                n_bootstrap=config.n_bootstrap,
+                                                train_hashes=train.hashes)
+    writer.scalars(total_steps, {f"test/{k}": v for k, v in result["summary"].items()})
+  finally:
+    writer.close()
   return result

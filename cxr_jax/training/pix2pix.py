@@ -360,24 +360,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
   start = start or 0
   normal_dev, covid_dev = mesh_lib.put_replicated((normal, covid), mesh)
   writer = SummaryWriter(workdir / "tensorboard")
-  sampler = _Sampler(model, normal, covid, workdir / "samples", writer, config.num_samples)
+  try:  # closed also when training stops on an error (its event file is flushed)
+    sampler = _Sampler(model, normal, covid, workdir / "samples", writer, config.num_samples)
 
-  state = loop.run(
-      state, chunk_fn=lambda st, k: model.chunk(st, normal_dev, covid_dev, k),
-      schedule=loop.Schedule(total_steps=total_steps, steps_per_call=config.steps_per_call,
-                             log_every=config.log_every,
-                             checkpoint_every=config.checkpoint_every,
-                             hook_every=config.sample_every),
-      start_step=start, checkpointer=ckpt, writer=writer, name="pix2pix",
-      images_per_step=config.batch_size, hook_fn=sampler,
-      memory_hint=f"lower config.batch_size (now {config.batch_size}), config.data.image_size "
-                  f"(now {config.data.image_size}) or config.model.ngf (now {config.model.ngf})")
-  ckpt.close()
-  export_generator(workdir / GENERATOR_DIR, model, state,
-                   {"workdir": str(workdir), "checkpoint_step": total_steps,
-                    "source_class": config.source_class, "target_class": config.target_class,
-                    "split_manifest": str(workdir / "split_manifest.csv")})
-  writer.close()
+    state = loop.run(
+        state, chunk_fn=lambda st, k: model.chunk(st, normal_dev, covid_dev, k),
+        schedule=loop.Schedule(total_steps=total_steps, steps_per_call=config.steps_per_call,
+                               log_every=config.log_every,
+                               checkpoint_every=config.checkpoint_every,
+                               hook_every=config.sample_every),
+        start_step=start, checkpointer=ckpt, writer=writer, name="pix2pix",
+        images_per_step=config.batch_size, hook_fn=sampler,
+        memory_hint=f"lower config.batch_size (now {config.batch_size}), config.data.image_size "
+                    f"(now {config.data.image_size}) or config.model.ngf (now {config.model.ngf})")
+    ckpt.close()
+    export_generator(workdir / GENERATOR_DIR, model, state,
+                     {"workdir": str(workdir), "checkpoint_step": total_steps,
+                      "source_class": config.source_class, "target_class": config.target_class,
+                      "split_manifest": str(workdir / "split_manifest.csv")})
+  finally:
+    writer.close()
   logging.info("Exported the generator to %s", workdir / GENERATOR_DIR)
   return load_generator(workdir / GENERATOR_DIR)
 
