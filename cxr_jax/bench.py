@@ -124,17 +124,14 @@ def _variant(dtype: str) -> str:
 
 def _apply_overrides(config) -> None:
   import ast  # pylint: disable=import-outside-toplevel
+  values = {}
   for item in FLAGS.override:
     key, _, value = item.partition("=")
     try:
-      parsed = ast.literal_eval(value)
+      values[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
-      parsed = value
-    target = config
-    *parents, leaf = key.split(".")
-    for name in parents:
-      target = target[name]
-    target[leaf] = parsed
+      values[key] = value
+  config.update_from_flattened_dict(values)  # dotted keys, e.g. model.ngf
 
 
 def _time_chunks(name: str, variant: str, batch: int, steps: int, jitted, state,
