@@ -89,3 +89,129 @@ def test_mean_std_ci_single_seed_and_undefined():
   assert math.isnan(stats.mean_std_ci([0.9, None])["mean"])
   with pytest.raises(ValueError):
     stats.mean_std_ci([])
+
+
+# --- proportion intervals -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k,n", [(0, 1), (1, 1), (0, 10), (3, 10), (10, 10), (43, 44), (44, 44),
+                                 (17, 153), (500, 1000)])
+@pytest.mark.parametrize("confidence", [0.9, 0.95])
+def test_intervals_match_scipy_binomtest(k, n, confidence):
+  from scipy import stats as sps
+  result = sps.binomtest(k, n)
+  exact = result.proportion_ci(confidence_level=confidence, method="exact")
+  wilson = result.proportion_ci(confidence_level=confidence, method="wilson")
+  assert stats.clopper_pearson_interval(k, n, confidence) == pytest.approx(
+      (exact.low, exact.high), abs=1e-10)
+  assert stats.wilson_interval(k, n, confidence) == pytest.approx(
+      (wilson.low, wilson.high), abs=1e-10)
+
+
+def test_clopper_pearson_published_examples():
+  # the issue's worked example: 43/44 -> [88.0, 99.9] %, and 44/44 -> [92.0, 100] %
+  lo, hi = stats.clopper_pearson_interval(43, 44)
+  assert (round(lo, 3), round(hi, 3)) == (0.880, 0.999)
+  lo, hi = stats.clopper_pearson_interval(44, 44)
+  assert round(lo, 3) == 0.920 and hi == 1.0
+  # k = n has the closed form (alpha / 2)^(1/n) for the lower bound
+  assert lo == pytest.approx(0.025 ** (1 / 44))
+  # k = 0: upper bound 1 - (alpha / 2)^(1/n)
+  assert stats.clopper_pearson_interval(0, 44) == pytest.approx((0.0, 1 - 0.025 ** (1 / 44)))
+
+
+def test_wilson_by_hand():
+  # 8/10, z = 1.959964: centre (0.8 + z^2/20) / (1 + z^2/10), half z sqrt(0.016 + z^2/400) / (..)
+  z = 1.959963984540054
+  denom = 1 + z * z / 10
+  centre = (0.8 + z * z / 20) / denom
+  half = z * math.sqrt(0.8 * 0.2 / 10 + z * z / 400) / denom
+  assert stats.wilson_interval(8, 10) == pytest.approx((centre - half, centre + half))
+  assert stats.wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+
+
+def test_intervals_undefined_and_bad_input():
+  assert all(math.isnan(v) for v in stats.clopper_pearson_interval(0, 0))
+  assert all(math.isnan(v) for v in stats.wilson_interval(0, 0))
+  for fn in (stats.clopper_pearson_interval, stats.wilson_interval):
+    with pytest.raises(ValueError, match="k <= n"):
+      fn(5, 4)
+    with pytest.raises(ValueError, match="whole"):
+      fn(1.5, 4)
+    with pytest.raises(ValueError, match="confidence"):
+      fn(1, 4, 1.0)
+
+
+# --- pooled paired test over seeds ------------------------------------------------------------------
+
+def test_cmh_pooled_by_hand():
+  seeds = [_pairs(both=50, only_a=3, only_b=7, neither=5),
+           _pairs(both=48, only_a=4, only_b=6, neither=7),
+           _pairs(both=52, only_a=2, only_b=8, neither=3)]
+  r = stats.cochran_mantel_haenszel_paired(seeds)
+  # sum b = 9, sum c = 21: (|9 - 21| - 1)^2 / 30 = 121 / 30
+  assert (r["b"], r["c"], r["n_seeds"]) == (9, 21, 3)
+  assert r["tables"][0] == [[50, 3], [7, 5]]
+  assert r["statistic"] == pytest.approx(121 / 30)
+  assert r["p_value"] == pytest.approx(math.erfc(math.sqrt(121 / 60)))
+  # exact: 2 P(X <= 9), X ~ Bin(30, 1/2)
+  assert r["exact_p_value"] == pytest.approx(2 * sum(math.comb(30, k) for k in range(10)) / 2 ** 30)
+  # Mantel-Haenszel OR over pair strata = 21 / 9, RGB variance 1/9 + 1/21
+  assert r["odds_ratio"] == pytest.approx(21 / 9)
+  half = 1.959963984540054 * math.sqrt(1 / 9 + 1 / 21)
+  assert r["odds_ratio_ci"] == pytest.approx([21 / 9 * math.exp(-half), 21 / 9 * math.exp(half)])
+  # per-seed differences (c - b) / n: 4/65, 2/65, 6/65; t-interval with 2 df
+  d = np.array([4, 2, 6]) / 65
+  assert r["per_seed_difference"] == pytest.approx(list(d))
+  assert r["difference"] == pytest.approx(d.mean())
+  half_t = 4.302652729911275 * d.std(ddof=1) / math.sqrt(3)
+  assert r["difference_ci"] == pytest.approx([d.mean() - half_t, d.mean() + half_t])
+  uncorrected = stats.cochran_mantel_haenszel_paired(seeds, correction=False)
+  assert uncorrected["statistic"] == pytest.approx(144 / 30)
+  import json
+  json.dumps(r, allow_nan=False)
+
+
+def test_cmh_one_seed_is_mcnemar():
+  a, b = _pairs(both=50, only_a=10, only_b=20, neither=5)
+  r = stats.cochran_mantel_haenszel_paired([(a, b)])
+  m = stats.mcnemar(a, b)
+  assert r["statistic"] == pytest.approx(m["statistic"])
+  assert r["p_value"] == pytest.approx(m["p_value"])
+  assert r["difference_ci"] is None and r["difference"] == pytest.approx(10 / 85)
+
+
+def test_cmh_degenerate_cases():
+  no_disc = stats.cochran_mantel_haenszel_paired([_pairs(5, 0, 0, 5), _pairs(4, 0, 0, 6)])
+  assert no_disc["p_value"] == 1.0 and no_disc["statistic"] is None
+  assert no_disc["odds_ratio"] is None
+  one_sided = stats.cochran_mantel_haenszel_paired([_pairs(5, 0, 4, 5), _pairs(4, 0, 3, 6)])
+  assert one_sided["odds_ratio"] is None and one_sided["odds_ratio_ci"] is None
+  assert one_sided["statistic"] == pytest.approx(36 / 7)
+  with pytest.raises(ValueError, match="at least one seed"):
+    stats.cochran_mantel_haenszel_paired([])
+  with pytest.raises(ValueError, match="equal length"):
+    stats.cochran_mantel_haenszel_paired([(np.ones(3, bool), np.ones(4, bool))])
+
+
+def test_cmh_matches_statsmodels_stratified_table():
+  sm = pytest.importorskip("statsmodels.stats.contingency_tables")
+  rng = np.random.default_rng(0)
+  seeds = []
+  for _ in range(4):
+    a = rng.random(120) < 0.85
+    b = np.where(rng.random(120) < 0.15, ~a, a)
+    seeds.append((a, b))
+  r = stats.cochran_mantel_haenszel_paired(seeds)
+  # one stratum per (seed, image): rows classifier A / B, columns correct / wrong
+  strata = [np.array([[x, 1 - x], [y, 1 - y]], float)
+            for a, b in seeds for x, y in zip(a.astype(int), b.astype(int)) if x != y]
+  table = sm.StratifiedTable(np.stack(strata, -1))
+  for correction in (True, False):
+    ref = table.test_null_odds(correction=correction)
+    got = stats.cochran_mantel_haenszel_paired(seeds, correction=correction)
+    assert got["statistic"] == pytest.approx(ref.statistic)
+    assert got["p_value"] == pytest.approx(ref.pvalue)
+  # statsmodels' odds are A-correct odds: the inverse of ours (B favoured > 1)
+  assert r["odds_ratio"] == pytest.approx(1 / table.oddsratio_pooled)
+  lo, hi = table.oddsratio_pooled_confint()
+  assert r["odds_ratio_ci"] == pytest.approx([1 / hi, 1 / lo])

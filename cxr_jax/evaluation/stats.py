@@ -2,7 +2,10 @@
 
 The paper's claim is that GAN-enhanced training beats the original data; both classifiers see the
 same test images, so the comparison is paired: McNemar on the discordant images and a paired
-bootstrap of the accuracy difference. Runs over several seeds are summarised by a t-interval.
+bootstrap of the accuracy difference. Runs over several seeds are summarised by a t-interval and
+pooled by the Cochran-Mantel-Haenszel test (the stratified McNemar). Proportions (accuracy,
+recall, ...) get exact Clopper-Pearson or Wilson score intervals: a percentile bootstrap gives
+44/44 the empty-width interval [1, 1].
 """
 
 from __future__ import annotations
@@ -99,3 +102,105 @@ def mean_std_ci(values: Sequence[float | None], *, confidence: float = 0.95) -> 
   half = float(sps.t.ppf(0.5 + confidence / 2.0, df=n - 1)) * std / math.sqrt(n)
   return {"n": n, "mean": mean, "std": std, "ci": [mean - half, mean + half],
           "confidence": float(confidence)}
+
+
+def _check_proportion(k, n, confidence: float) -> tuple[int, int]:
+  if not 0.0 < confidence < 1.0:
+    raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+  if int(k) != k or int(n) != n:
+    raise ValueError(f"k and n must be whole counts, got k={k}, n={n}")
+  k, n = int(k), int(n)
+  if n < 0 or not 0 <= k <= max(n, 0):
+    raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+  return k, n
+
+
+def clopper_pearson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+  """Exact (Clopper-Pearson, 1934) interval for a proportion k / n, from beta quantiles.
+
+  Guarantees at least the nominal coverage for every true p (it is conservative), which is why the
+  classification report uses it near 0 and 1, where the classes' recalls live: 43/44 gives
+  [0.880, 0.999], 44/44 gives [0.920, 1]. n = 0: the proportion is undefined, (nan, nan).
+  """
+  k, n = _check_proportion(k, n, confidence)
+  if n == 0:
+    return math.nan, math.nan
+  alpha = 1.0 - confidence
+  lo = 0.0 if k == 0 else float(sps.beta.ppf(alpha / 2.0, k, n - k + 1))
+  hi = 1.0 if k == n else float(sps.beta.ppf(1.0 - alpha / 2.0, k + 1, n - k))
+  return lo, hi
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+  """Wilson (1927) score interval for k / n, without continuity correction.
+
+  (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n): narrower than Clopper-Pearson, with
+  coverage close to nominal on average but below it for some p near 0 or 1. n = 0: (nan, nan).
+  """
+  k, n = _check_proportion(k, n, confidence)
+  if n == 0:
+    return math.nan, math.nan
+  z = float(sps.norm.ppf(0.5 + confidence / 2.0))
+  p = k / n
+  denom = 1.0 + z * z / n
+  centre = (p + z * z / (2.0 * n)) / denom
+  half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n)) / denom
+  return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def cochran_mantel_haenszel_paired(pairs: Sequence[tuple[Any, Any]], *, correction: bool = True,
+                                   confidence: float = 0.95) -> dict[str, Any]:
+  """Pooled paired test of classifiers A and B over seeds: the stratified McNemar.
+
+  `pairs` holds one (correct_a, correct_b) per seed, per-image correctness on the same test images
+  in the same order. Each seed gives a 2x2 table of A-correct x B-correct (`tables`, as [[both,
+  only A], [only B, neither]]); b_s = only A, c_s = only B. Treating every (seed, image) pair as
+  a stratum (classifier x correct), the Cochran-Mantel-Haenszel statistic reduces to
+  (|sum b - sum c| - 1)^2 / sum(b + c) (the -1 is the continuity correction, `correction=False`
+  drops it), chi-square with 1 df; with one seed it is McNemar's chi-square. `exact_p_value` is the
+  conditional exact test: given the discordant pairs, sum c ~ Binomial(sum(b + c), 1/2) under H0.
+
+  `odds_ratio` is the Mantel-Haenszel pooled odds ratio over those strata, sum c / sum b (> 1
+  favours B), with the Robins-Breslow-Greenland interval exp(log OR +- z sqrt(1/sum b + 1/sum c));
+  both None when sum b or sum c is 0.
+  `difference` is the mean over seeds of the per-seed paired accuracy difference B - A, with a
+  Student-t interval over seeds (`difference_ci`, None for one seed): it measures the spread across
+  training runs, not the test set's sampling error. Test images are shared by all seeds, so the
+  strata are not independent samples of images: the test answers "does B beat A on these images
+  across training runs", not a population claim.
+  """
+  if not 0.0 < confidence < 1.0:
+    raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+  if len(pairs) == 0:
+    raise ValueError("cochran_mantel_haenszel_paired needs at least one seed")
+  tables, diffs = [], []
+  for correct_a, correct_b in pairs:
+    a, bb = _paired(correct_a, correct_b)
+    tables.append([[int(np.sum(a & bb)), int(np.sum(a & ~bb))],
+                   [int(np.sum(~a & bb)), int(np.sum(~a & ~bb))]])
+    diffs.append(float(bb.mean() - a.mean()))
+  b = sum(t[0][1] for t in tables)
+  c = sum(t[1][0] for t in tables)
+  n_disc = b + c
+  if n_disc == 0:
+    statistic, p, exact_p = None, 1.0, 1.0
+  else:
+    statistic = max(abs(b - c) - (1.0 if correction else 0.0), 0.0) ** 2 / n_disc
+    p = float(sps.chi2.sf(statistic, df=1))
+    exact_p = float(sps.binomtest(c, n_disc, 0.5, alternative="two-sided").pvalue)
+  z = float(sps.norm.ppf(0.5 + confidence / 2.0))
+  if b > 0 and c > 0:
+    odds = c / b
+    half = z * math.sqrt(1.0 / b + 1.0 / c)
+    odds_ci = [odds * math.exp(-half), odds * math.exp(half)]
+  else:   # 0 or infinite: no finite log odds, so neither estimate nor interval (strict JSON)
+    odds, odds_ci = None, None
+  summary = mean_std_ci(diffs, confidence=confidence)
+  return {"test": "Cochran-Mantel-Haenszel (stratified McNemar) over seeds"
+                  + (", continuity corrected" if correction else ""),
+          "statistic": statistic, "p_value": min(p, 1.0), "exact_p_value": min(exact_p, 1.0),
+          "b": b, "c": c, "n_seeds": len(tables), "tables": tables,
+          "odds_ratio": odds, "odds_ratio_ci": odds_ci,
+          "difference": summary["mean"], "difference_ci": summary["ci"],
+          "difference_method": "mean over seeds of per-seed accuracy B - A, Student-t CI over seeds",
+          "per_seed_difference": diffs, "confidence": float(confidence)}
