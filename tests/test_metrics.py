@@ -136,12 +136,43 @@ def test_vectorised_auc_matches_sklearn_with_ties_and_weights():
   assert np.isnan(metrics.weighted_auc(y, scores, np.where(y, 0, 1)[None])[0])
 
 
+@pytest.mark.parametrize("name,key,k,n", [
+    ("COVID", "precision", 3, 5), ("COVID", "recall", 3, 4), ("COVID", "specificity", 4, 6),
+    ("NORMAL", "recall", 3, 3), ("NORMAL", "specificity", 6, 7),
+    ("VIRAL_PNEUMONIA", "precision", 1, 1), ("VIRAL_PNEUMONIA", "specificity", 7, 7),
+])
+def test_proportions_get_clopper_pearson_intervals(hand_report, name, key, k, n):
+  from scipy import stats as sps
+  entry = hand_report["per_class"][name][key]
+  ref = sps.binomtest(k, n).proportion_ci(method="exact")
+  assert entry["ci"] == pytest.approx([ref.low, ref.high])
+  assert entry["ci_method"] == metrics.CLOPPER_PEARSON
+  ref = sps.binomtest(7, 10).proportion_ci(method="exact")
+  assert hand_report["accuracy"]["ci"] == pytest.approx([ref.low, ref.high])
+  assert hand_report["accuracy"]["ci_method"] == metrics.CLOPPER_PEARSON
+  for key in ("f1", "roc_auc"):
+    assert hand_report["per_class"][name][key]["ci_method"] == metrics.BOOTSTRAP
+  assert hand_report["macro_f1"]["ci_method"] == metrics.BOOTSTRAP
+
+
+def test_perfect_recall_no_longer_gets_a_zero_width_interval():
+  # the case: 44/44 COVID recall was [100, 100] under the bootstrap
+  labels = np.array([0] * 44 + [1] * 100)
+  preds = np.array([0] * 44 + [1] * 99 + [0])
+  r = metrics.classification_report(labels, np.eye(2)[preds], NAMES[:2], n_bootstrap=50)
+  lo, hi = r["per_class"]["COVID"]["recall"]["ci"]
+  assert round(lo, 3) == 0.920 and hi == 1.0
+  # 44 of 45 COVID predictions are right: precision 44/45
+  assert r["per_class"]["COVID"]["precision"]["value"] == pytest.approx(44 / 45)
+  assert r["per_class"]["COVID"]["precision"]["ci"][1] < 1.0
+
+
 def test_bootstrap_narrows_with_more_data():
   def width(reps):
     r = metrics.classification_report(np.tile(LABELS, reps), np.tile(PROBS, (reps, 1)), NAMES,
                                       n_bootstrap=300, seed=0)
-    lo, hi = r["accuracy"]["ci"]
-    assert lo <= 0.7 <= hi
+    lo, hi = r["macro_f1"]["ci"]
+    assert lo <= r["macro_f1"]["value"] <= hi
     return hi - lo
   assert width(20) < width(1)
   assert width(20) < 0.15
@@ -150,8 +181,11 @@ def test_bootstrap_narrows_with_more_data():
 def test_perfect_classifier_has_degenerate_cis():
   labels = np.array([0, 1, 2] * 10)
   r = metrics.classification_report(labels, np.eye(3)[labels], NAMES, n_bootstrap=100)
-  for key in ("accuracy", "macro_f1", "weighted_f1", "macro_roc_auc"):
-    assert r[key] == {"value": 1.0, "ci": [1.0, 1.0]}
+  for key in ("macro_f1", "weighted_f1", "macro_roc_auc"):
+    assert r[key] == {"value": 1.0, "ci": [1.0, 1.0], "ci_method": metrics.BOOTSTRAP}
+  # the proportion is exact: 30/30 has a lower bound of 0.025^(1/30), not 1
+  assert r["accuracy"] == {"value": 1.0, "ci": [pytest.approx(0.025 ** (1 / 30)), 1.0],
+                           "ci_method": metrics.CLOPPER_PEARSON}
   assert r["confusion_matrix"] == [[10, 0, 0], [0, 10, 0], [0, 0, 10]]
 
 
@@ -178,7 +212,11 @@ def test_absent_class_gives_nan_and_a_note_not_a_crash(tmp_path):
   json_path, _ = metrics.write_metrics(tmp_path, r)
   with open(json_path, encoding="utf-8") as f:
     loaded = json.load(f)
-  assert loaded["per_class"]["VIRAL_PNEUMONIA"]["roc_auc"] == {"value": None, "ci": [None, None]}
+  assert loaded["per_class"]["VIRAL_PNEUMONIA"]["roc_auc"] == {
+      "value": None, "ci": [None, None], "ci_method": metrics.BOOTSTRAP}
+  # recall of an absent class: n = 0, no Clopper-Pearson interval either
+  assert loaded["per_class"]["VIRAL_PNEUMONIA"]["recall"] == {
+      "value": None, "ci": [None, None], "ci_method": metrics.CLOPPER_PEARSON}
 
 
 def test_write_metrics_writes_json_and_markdown(tmp_path, hand_report):
@@ -191,6 +229,7 @@ def test_write_metrics_writes_json_and_markdown(tmp_path, hand_report):
     md = f.read()
   assert md.startswith("# original / scratch")
   assert "| Metric | Value | 95 % CI |" in md
+  assert "exact Clopper-Pearson for proportions" in md
   lo, hi = hand_report["accuracy"]["ci"]
   assert f"| accuracy | 0.7000 | [{lo:.4f}, {hi:.4f}] |" in md
   assert "| Class | Support | precision | recall | specificity | f1 | roc_auc |" in md
