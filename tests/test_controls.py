@@ -15,7 +15,7 @@ SIZE = 32
 
 
 def _set(prefix: str, labels: list[int], seed: int) -> ImageSet:
-  """Smooth random images, each its own pattern: a mild warp keeps a copy traceable to its source."""
+  """Smooth random images, each its own pattern: a mild warp keeps copies traceable to sources."""
   from scipy import ndimage
   rng = np.random.default_rng(seed)
   n = len(labels)

@@ -45,7 +45,8 @@ def test_ssim_matches_scipy_gaussian_formula():
   var_a, var_b = f(a * a) - mu_a ** 2, f(b * b) - mu_b ** 2
   cov = f(a * b) - mu_a * mu_b
   c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-  s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+  s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+      (mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
   assert quality.ssim(a.astype(np.uint8), b.astype(np.uint8), data_range=255) == pytest.approx(
       s[5:-5, 5:-5].mean())
 

@@ -141,7 +141,7 @@ def test_intervals_undefined_and_bad_input():
       fn(1, 4, 1.0)
 
 
-# --- pooled paired test over seeds ------------------------------------------------------------------
+# --- pooled paired test over seeds ---------------------------------------------------------------
 
 def test_cmh_pooled_by_hand():
   seeds = [_pairs(both=50, only_a=3, only_b=7, neither=5),

@@ -1,4 +1,4 @@
-"""Translation-quality figures of any image translator (pix2pix, CycleGAN, ...): numpy in, floats out.
+"""Translation-quality figures of any translator (pix2pix, CycleGAN, ...): numpy in, floats out.
 
 A translator trained on random normal/COVID pairs can ignore its input and emit one median COVID
 picture; the classifier's accuracy does not show that, these figures do:
@@ -56,8 +56,8 @@ def _range(x: np.ndarray, data_range: float | None) -> float:
 
 
 def ssim(a, b, *, data_range: float | None = None) -> float:
-  """Mean SSIM of two 2-D images (Wang et al., 2004): scikit-image's `structural_similarity` with the
-  paper's settings: 11x11 Gaussian window of sigma 1.5, K1 = 0.01, K2 = 0.03, population
+  """Mean SSIM of two 2-D images (Wang et al., 2004): scikit-image's `structural_similarity` with
+  the paper's settings: 11x11 Gaussian window of sigma 1.5, K1 = 0.01, K2 = 0.03, population
   covariances, mean over the map without its 5-pixel border. uint8 images have data_range 255;
   float images must say theirs."""
   a, b = np.asarray(a), np.asarray(b)

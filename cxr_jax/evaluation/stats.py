@@ -202,5 +202,5 @@ def cochran_mantel_haenszel_paired(pairs: Sequence[tuple[Any, Any]], *, correcti
           "b": b, "c": c, "n_seeds": len(tables), "tables": tables,
           "odds_ratio": odds, "odds_ratio_ci": odds_ci,
           "difference": summary["mean"], "difference_ci": summary["ci"],
-          "difference_method": "mean over seeds of per-seed accuracy B - A, Student-t CI over seeds",
+          "difference_method": "mean over seeds of per-seed accuracy B - A, t-interval over seeds",
           "per_seed_difference": diffs, "confidence": float(confidence)}
