@@ -80,9 +80,6 @@ class ImageSet:
 def check_config(data_cfg: ml_collections.ConfigDict) -> tuple[tuple[str, ...], int]:
   """Validates the data block; returns (canonical classes, image size)."""
   classes = classes_lib.resolve(data_cfg.classes)
-  labels_csv = data_cfg.get("labels_csv", "")
-  if not isinstance(labels_csv, (str, os.PathLike)):
-    raise ConfigError(f"config.data.labels_csv: expected a path or '', got {labels_csv!r}")
   size = data_cfg.image_size
   if not isinstance(size, int) or isinstance(size, bool) or size < MIN_IMAGE_SIZE:
     raise ConfigError(f"config.data.image_size: must be an integer >= {MIN_IMAGE_SIZE}, got "

@@ -315,8 +315,8 @@ def _decode_dicom(data: bytes, size: int, name: str) -> Decoded:
   except Exception as e:  # pylint: disable=broad-except  # pydicom raises many kinds on bad data
     raise ImageError(name, f"unreadable DICOM file ({_short(e)})") from None
   if "PixelData" not in ds:
-    raise ImageError(name, "a DICOM file without pixel data (not an image: a report or "
-                     "structured data?)")
+    raise ImageError(name, "no DICOM pixel data (not a DICOM image, or a report or "
+                     "structured data)")
   syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
   try:
     a = ds.pixel_array

@@ -121,7 +121,8 @@ class Layout:
     raise DataError(
         f"{self.root_path}: no images of class {', '.join(missing)}, which config.data.classes "
         f"asks for (expected a folder named "
-        f"{', '.join(repr(classes_lib.folder_name(c)) for c in missing)}). Class folders "
+        f"{', '.join(repr(classes_lib.folder_name(c)) for c in missing)}; case, spaces, "
+        f"underscores and hyphens do not matter). Class folders "
         f"found: {found}. Set config.data.classes to the classes this copy has.")
 
   @contextlib.contextmanager
