@@ -146,6 +146,13 @@ def load_splits(data_cfg: ml_collections.ConfigDict,
   classes, size = check_config(data_cfg)
   layout = resolve_source(data_cfg, classes)
   layout.require_classes(classes)
+  unused = [c for c in layout.classes if c not in classes]
+  if unused:
+    counts = layout.counts()
+    logging.info("Classes in %s that config.data.classes does not list, not used: %s",
+                 layout.labels_csv or layout.root_path,
+                 ", ".join(f"'{'/'.join(layout.class_folders.get(c, (c,)))}' ({counts[c]} images)"
+                           for c in unused))
   prepared, arrays = _load_prepared(layout, size, cache_dir(data_cfg))
   # Prepared label ids -> indices into config.data.classes.
   wanted = {prepared.class_names.index(c): k for k, c in enumerate(classes)
