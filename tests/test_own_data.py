@@ -17,6 +17,7 @@ from cxr_jax.data import images
 from cxr_jax.data import layout
 from cxr_jax.data import splits
 from cxr_jax.data import tfds_builder
+from cxr_jax.errors import ConfigError
 from cxr_jax.errors import DataError
 
 S = 32
@@ -58,6 +59,13 @@ def test_database_aliases_still_resolve():
   assert classes.resolve(("Tuberculosis", "healthy")) == ("TUBERCULOSIS", "HEALTHY")
   assert classes.ordered(["HEALTHY", "NORMAL", "ABC", "COVID"]) == (
       "COVID", "NORMAL", "ABC", "HEALTHY")
+
+
+def test_source_and_target_class_in_any_spelling_of_the_configured_classes():
+  assert classes.member("healthy", ("Tuberculosis", "Healthy"), "source_class") == "HEALTHY"
+  assert classes.member("Normal", configlib.PAPER_CLASSES, "source_class") == "NORMAL"
+  with pytest.raises(ConfigError, match=r"config\.target_class: 'Cat' is not among"):
+    classes.member("Cat", ("Tuberculosis", "Healthy"), "target_class")
 
 
 def test_custom_class_folders_load_with_their_labels(tmp_path):

@@ -99,3 +99,14 @@ def resolve(classes: Iterable[str] | str, key: str = "data.classes") -> tuple[st
       raise ConfigError(f"config.{key}: class {c} is listed twice ({names!r})")
     out.append(c)
   return tuple(out)
+
+
+def member(name: str, classes: Iterable[str], key: str) -> str:
+  """The canonical spelling of `config.<key>` (source_class, target_class), which must be one of
+  `config.data.classes` in any spelling; consumers compare and index with what this returns."""
+  wanted = resolve(classes)
+  c = canonical(str(name))
+  if c not in wanted:
+    raise ConfigError(f"config.{key}: {name!r} is not among config.data.classes "
+                      f"{tuple(classes)}")
+  return c
