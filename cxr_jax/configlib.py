@@ -15,8 +15,9 @@ import ml_collections
 
 from cxr_jax.errors import ConfigError
 
-# The paper's three classes. `LUNG_OPACITY` (later releases) can be added with --config.data.classes;
-# a user's own class folders are named there too (any names, see cxr_jax/data/classes.py).
+# The paper's three classes. `LUNG_OPACITY` (later releases) can be added with
+# --config.data.classes; a user's own class folders are named there too (any names, see
+# cxr_jax/data/classes.py).
 PAPER_CLASSES = ("COVID", "NORMAL", "VIRAL_PNEUMONIA")
 
 

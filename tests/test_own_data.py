@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import pathlib
+import zipfile
 
 import numpy as np
 import pytest
@@ -88,6 +89,18 @@ def test_custom_class_folders_load_with_their_labels(tmp_path):
                                      classes=("Healthy", "Tuberculosis")))
   t = swapped["test"]
   assert all(lbl == (0 if f.startswith("Healthy/") else 1) for lbl, f in zip(t.labels, t.files))
+
+
+def test_custom_class_folders_in_a_zip(tmp_path):
+  root = _own_folders(tmp_path / "data", n=2)
+  archive = tmp_path / "mine.zip"
+  with zipfile.ZipFile(archive, "w") as zf:
+    for p in sorted(root.rglob("*.png")):
+      zf.write(p, p.relative_to(tmp_path / "data").as_posix())
+  for wanted in (("TUBERCULOSIS", "HEALTHY"), ()):  # by name, or as folders of images
+    lay = layout.discover(archive, wanted)
+    assert lay.is_zip and lay.root == "mydata" and lay.classes == ("HEALTHY", "TUBERCULOSIS")
+    assert layout.Entry("Healthy/healthy-1.png", "HEALTHY") in lay.entries
 
 
 def test_missing_configured_class_lists_the_folders_found(tmp_path):

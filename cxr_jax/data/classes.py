@@ -22,7 +22,7 @@ COVID = "COVID"
 NORMAL = "NORMAL"
 VIRAL_PNEUMONIA = "VIRAL_PNEUMONIA"
 LUNG_OPACITY = "LUNG_OPACITY"
-# The database's classes; their order comes first in `ordered` (the ClassLabel ids of a prepared copy).
+# The database's classes, first in `ordered` (the ClassLabel ids of a prepared copy) in this order.
 CANONICAL = (COVID, NORMAL, VIRAL_PNEUMONIA, LUNG_OPACITY)
 
 # Folder names (and config spellings) after `_key` normalisation -> canonical name.

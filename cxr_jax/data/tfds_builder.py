@@ -323,6 +323,7 @@ def _read_sidecar(path: pathlib.Path) -> dict[str, Any] | None:
 def _from_meta(data_dir: pathlib.Path, meta: dict[str, Any]) -> Prepared:
   return Prepared(data_dir=data_dir, image_size=int(meta["image_size"]), source=meta["source"],
                   release=meta.get("release", "?"),
-                  class_names=tuple(meta.get("class_names", classes_lib.CANONICAL)), skipped=tuple(meta.get("skipped", ())),
+                  class_names=tuple(meta.get("class_names", classes_lib.CANONICAL)),
+                  skipped=tuple(meta.get("skipped", ())),
                   conversions=dict(meta.get("conversions", {})),
                   num_examples=int(meta.get("num_examples", 0)))
