@@ -15,7 +15,9 @@ import ml_collections
 
 from cxr_jax.errors import ConfigError
 
-# The paper's three classes. `LUNG_OPACITY` (later releases) can be added with --config.data.classes.
+# The paper's three classes. `LUNG_OPACITY` (later releases) can be added with
+# --config.data.classes; a user's own class folders are named there too (any names, see
+# cxr_jax/data/classes.py).
 PAPER_CLASSES = ("COVID", "NORMAL", "VIRAL_PNEUMONIA")
 
 
@@ -28,7 +30,12 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
   # Empty: $CXR_JAX_CACHE, else ~/.cache/cxr_jax.
   cfg.cache_dir = ""
   cfg.image_size = 256
+  # Class names (order = label ids): the database's spellings map to its classes, any other name
+  # is a class of its own, read from the folder of that name (or the labels CSV's label column).
   cfg.classes = PAPER_CLASSES
+  # A CSV with header file,label[,split] (file relative to data_dir, or absolute): labels, and the
+  # split when given, come from it instead of class folders and the seeded split. Empty: folders.
+  cfg.labels_csv = ""
   # Stratified train / validation / test fractions (see README: 70/10/20 keeps ~44 real COVID
   # test images at the first release's 219 COVID images, enough for a usable confidence interval).
   cfg.split_fractions = (0.7, 0.1, 0.2)

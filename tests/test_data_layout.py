@@ -94,10 +94,15 @@ def test_aliases_and_class_selection():
       "VIRAL_PNEUMONIA"
   assert classes.canonical("Lung_Opacity") == "LUNG_OPACITY"
   assert classes.canonical("Normal") == "NORMAL" and classes.canonical("COVID-19") == "COVID"
-  assert classes.canonical("masks") is None
+  assert classes.database_class("masks") is None
+  # Any other name is a class of its own, in one stable spelling.
+  assert classes.canonical("Tuberculosis") == classes.canonical("tuberculosis") == "TUBERCULOSIS"
+  assert classes.canonical(" bacterial--pneumonia ") == "BACTERIAL_PNEUMONIA"
+  assert classes.canonical(" _ ") is None
   assert classes.resolve(["normal", "Covid"]) == ("NORMAL", "COVID")
   assert classes.resolve("COVID, Viral Pneumonia") == ("COVID", "VIRAL_PNEUMONIA")
-  for bad in (["COVID", "Bacterial"], ["COVID"], ["COVID", "covid"]):
+  assert classes.resolve(["Tuberculosis", "Healthy"]) == ("TUBERCULOSIS", "HEALTHY")
+  for bad in (["COVID", ""], ["COVID"], ["COVID", "covid"], ["Healthy", "HEALTHY"]):
     with pytest.raises(ConfigError, match=r"config\.data\.classes"):
       classes.resolve(bad)
 
@@ -115,13 +120,26 @@ def test_file_that_is_neither_folder_nor_zip(tmp_path):
 
 
 def test_no_class_folder_lists_what_it_saw(tmp_path):
-  _png(tmp_path / "db" / "cats" / "a.png")
-  _png(tmp_path / "db" / "dogs" / "b.png")
+  (tmp_path / "db" / "cats" / "a").mkdir(parents=True)
+  (tmp_path / "db" / "dogs").mkdir(parents=True)
+  (tmp_path / "db" / "dogs" / "notes.txt").write_text("no image")
   with pytest.raises(DataError) as e:
     layout.discover(tmp_path / "db")
   msg = str(e.value)
   assert str(tmp_path / "db") in msg and "'cats'" in msg and "'dogs'" in msg
   assert "'Viral Pneumonia'" in msg and "'Normal'" in msg
+
+
+def test_folders_of_images_with_other_names_are_classes_and_missing_ones_are_listed(tmp_path):
+  _png(tmp_path / "db" / "cats" / "a.png")
+  _png(tmp_path / "db" / "dogs" / "b.png")
+  lay = layout.discover(tmp_path)  # found one level down, by its folders of images
+  assert lay.classes == ("CATS", "DOGS") and lay.counts()["CATS"] == 1
+  with pytest.raises(DataError) as e:
+    lay.require_classes(["COVID", "NORMAL"])
+  msg = str(e.value)
+  assert "no images of class COVID, NORMAL" in msg
+  assert "'cats' (1 images), 'dogs' (1 images)" in msg
 
 
 def test_pointing_at_a_class_folder_hints_at_the_parent(tmp_path):
@@ -141,14 +159,15 @@ def test_requested_class_without_images(tmp_path):
     layout.discover(tmp_path / "db").require_classes(["COVID", "LUNG_OPACITY"])
 
 
-def test_unknown_class_folder_warns_and_is_ignored(tmp_path, caplog):
+def test_other_folder_beside_the_database_is_a_class_of_its_own(tmp_path):
   root = first_release(tmp_path / "db")
   _png(root / "Bacterial Pneumonia" / "x.png")
-  with caplog.at_level(logging.WARNING):
-    lay = layout.discover(root)
-  assert lay.ignored_folders == ("Bacterial Pneumonia",)
-  assert all(not e.file.startswith("Bacterial") for e in lay.entries)
-  assert any("Bacterial Pneumonia" in r.getMessage() for r in caplog.records)
+  lay = layout.discover(root)
+  assert lay.ignored_folders == ()
+  assert lay.class_folders["BACTERIAL_PNEUMONIA"] == ("Bacterial Pneumonia",)
+  assert layout.Entry("Bacterial Pneumonia/x.png", "BACTERIAL_PNEUMONIA") in lay.entries
+  assert lay.classes == ("COVID", "NORMAL", "VIRAL_PNEUMONIA", "BACTERIAL_PNEUMONIA")
+  assert lay.counts()["COVID"] == 2
 
 
 def test_symlink_loops_do_not_hang(tmp_path):

@@ -186,6 +186,10 @@ def test_bad_config_values(tree, tmp_path):
   with pytest.raises(ConfigError, match=r"config\.data\.image_size"):
     dataset.load_splits(_cfg(tree, tmp_path, image_size=0))
   with pytest.raises(ConfigError, match=r"config\.data\.classes"):
+    dataset.load_splits(_cfg(tree, tmp_path, classes=("COVID", "covid-19")))
+  # Any other name is a class of its own: missing here, so the folders found are listed.
+  with pytest.raises(DataError, match=r"no images of class PNEUMONITIS, which config\.data\."
+                     r"classes asks for .* found: 'COVID' \(10 images\), 'Normal'"):
     dataset.load_splits(_cfg(tree, tmp_path, classes=("COVID", "Pneumonitis")))
   with pytest.raises(DataError, match="does not exist"):
     dataset.load_splits(_cfg(tmp_path / "missing", tmp_path))

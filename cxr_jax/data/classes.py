@@ -1,8 +1,14 @@
-"""Canonical class names and the folder names each release of the database uses for them.
+"""Canonical class names: the database's classes under any of their spellings, and any other class.
 
 The releases spell the same class differently (`NORMAL` / `Normal`, `Viral Pneumonia`, `COVID-19` /
 `COVID`, `Lung_Opacity`); everything past the reader speaks only the canonical names, so a run on
 one release and a run on another agree on what label 0 means.
+
+Any other folder or config name (a user's `Tuberculosis/`, `Healthy/`) is a class of its own. Its
+canonical spelling is the name upper-cased, with each run of spaces, underscores and hyphens made
+one `_` and leading / trailing ones removed: `Healthy`, `healthy` and `HEALTHY` are `HEALTHY`;
+`Bacterial Pneumonia` and `bacterial-pneumonia` are `BACTERIAL_PNEUMONIA` (the database's own
+style). Names differing only in that way are one class.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ COVID = "COVID"
 NORMAL = "NORMAL"
 VIRAL_PNEUMONIA = "VIRAL_PNEUMONIA"
 LUNG_OPACITY = "LUNG_OPACITY"
-# The order fixes the TFDS ClassLabel ids of prepared datasets: append only, never reorder.
+# The database's classes, first in `ordered` (the ClassLabel ids of a prepared copy) in this order.
 CANONICAL = (COVID, NORMAL, VIRAL_PNEUMONIA, LUNG_OPACITY)
 
 # Folder names (and config spellings) after `_key` normalisation -> canonical name.
@@ -37,26 +43,44 @@ def _key(name: str) -> str:
   return re.sub(r"[\s_\-]+", "", name).lower()
 
 
-def canonical(name: str) -> str | None:
-  """The canonical class of a folder name or config spelling, or None if it names no class."""
+def database_class(name: str) -> str | None:
+  """The database class a folder name or config spelling means, or None if it is none of them."""
   return _ALIASES.get(_key(name))
 
 
-def index(name: str) -> int:
-  """The TFDS label id of a canonical class."""
-  return CANONICAL.index(name)
+def canonical(name: str) -> str | None:
+  """The canonical class of a folder name or config spelling (see module doc); None if empty."""
+  name = str(name)
+  known = database_class(name)
+  if known is not None:
+    return known
+  out = re.sub(r"[\s_\-]+", "_", name.strip()).strip("_").upper()
+  return out or None
+
+
+def ordered(names: Iterable[str]) -> tuple[str, ...]:
+  """Canonical classes in a stable order: the database's (in `CANONICAL` order), then the others
+  sorted. It fixes the TFDS ClassLabel ids of a prepared copy holding exactly these classes."""
+  names = set(names)
+  return tuple(c for c in CANONICAL if c in names) + tuple(sorted(names - set(CANONICAL)))
 
 
 def expected_names() -> str:
   """The folder names a user may have, for error messages."""
   return ", ".join(f"'{FOLDER_NAMES[c]}'" for c in CANONICAL) + " (any case; first release: " \
-      "'NORMAL', 'COVID' or 'COVID-19')"
+      "'NORMAL', 'COVID' or 'COVID-19'), or folders named as the classes of config.data.classes"
+
+
+def folder_name(name: str) -> str:
+  """The folder a user would have for a canonical class, for messages."""
+  return FOLDER_NAMES.get(name, name)
 
 
 def resolve(classes: Iterable[str] | str, key: str = "data.classes") -> tuple[str, ...]:
   """Checks `config.data.classes` and returns it in canonical spelling, in the user's order.
 
-  The order is kept because labels are indices into it.
+  The order is kept because labels are indices into it. The database's spellings map to its
+  classes; any other name is a class of its own (see module doc).
   """
   if isinstance(classes, str):
     classes = [c.strip() for c in classes.split(",") if c.strip()]
@@ -70,9 +94,19 @@ def resolve(classes: Iterable[str] | str, key: str = "data.classes") -> tuple[st
   for name in names:
     c = canonical(str(name))
     if c is None:
-      raise ConfigError(f"config.{key}: unknown class {name!r}; known classes: "
-                        f"{', '.join(CANONICAL)} (case, spaces and underscores do not matter)")
+      raise ConfigError(f"config.{key}: empty class name in {names!r}")
     if c in out:
       raise ConfigError(f"config.{key}: class {c} is listed twice ({names!r})")
     out.append(c)
   return tuple(out)
+
+
+def member(name: str, classes: Iterable[str], key: str) -> str:
+  """The canonical spelling of `config.<key>` (source_class, target_class), which must be one of
+  `config.data.classes` in any spelling; consumers compare and index with what this returns."""
+  wanted = resolve(classes)
+  c = canonical(str(name))
+  if c not in wanted:
+    raise ConfigError(f"config.{key}: {name!r} is not among config.data.classes "
+                      f"{tuple(classes)}")
+  return c

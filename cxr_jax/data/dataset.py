@@ -1,9 +1,11 @@
 """`load_splits(config.data)`: the radiographs of a run, decoded, split and in memory.
 
 Every task that touches data goes through here so that all of them see the same images in the same
-splits: source (the configured database, or the embedded synthetic one) -> discovered layout ->
+splits: source (the configured database or a user's class folders, a labels CSV, or the embedded
+synthetic database) -> discovered layout ->
 prepared array_record copy at the run's size (cached, built once) -> numpy -> the run's classes ->
-duplicate-aware stratified split -> `<workdir>/split_manifest.csv`.
+duplicate-aware stratified split (or the labels CSV's split, with the same duplicate checks) ->
+`<workdir>/split_manifest.csv`.
 """
 
 from __future__ import annotations
@@ -93,10 +95,16 @@ def cache_dir(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
                                              workdir_lib.default_cache_dir())))
 
 
-def resolve_source(data_cfg: ml_collections.ConfigDict) -> layout_lib.Layout:
-  """The configured database, or the embedded synthetic one (generated once into the cache)."""
+def resolve_source(data_cfg: ml_collections.ConfigDict,
+                   classes: Sequence[str] | None = None) -> layout_lib.Layout:
+  """The configured data (class folders, or the labels CSV), or the embedded synthetic database
+  (generated once into the cache). `classes`: canonical, default config.data.classes."""
+  if classes is None:
+    classes = classes_lib.resolve(data_cfg.classes)
+  if data_cfg.get("labels_csv", ""):
+    return layout_lib.from_labels_csv(data_cfg.labels_csv, data_cfg.data_dir, classes)
   if data_cfg.data_dir:
-    return layout_lib.discover(data_cfg.data_dir)
+    return layout_lib.discover(data_cfg.data_dir, classes)
   from cxr_jax.data import synthetic  # pylint: disable=import-outside-toplevel
   size = data_cfg.image_size
   scale = float(data_cfg.get("synthetic_scale", 1.0))
@@ -136,10 +144,19 @@ def load_splits(data_cfg: ml_collections.ConfigDict,
                 workdir: str | os.PathLike | None = None) -> dict[str, ImageSet]:
   """{'train', 'val', 'test'} ImageSets of `config.data`; writes the split manifest to `workdir`."""
   classes, size = check_config(data_cfg)
-  layout = resolve_source(data_cfg)
+  layout = resolve_source(data_cfg, classes)
   layout.require_classes(classes)
+  unused = [c for c in layout.classes if c not in classes]
+  if unused:
+    counts = layout.counts()
+    logging.info("Classes in %s that config.data.classes does not list, not used: %s",
+                 layout.labels_csv or layout.root_path,
+                 ", ".join(f"'{'/'.join(layout.class_folders.get(c, (c,)))}' ({counts[c]} images)"
+                           for c in unused))
   prepared, arrays = _load_prepared(layout, size, cache_dir(data_cfg))
-  wanted = {classes_lib.index(c): k for k, c in enumerate(classes)}
+  # Prepared label ids -> indices into config.data.classes.
+  wanted = {prepared.class_names.index(c): k for k, c in enumerate(classes)
+            if c in prepared.class_names}
   skipped = [s for s in prepared.skipped if s["class"] in classes]
   if skipped:
     shown = "; ".join(f"{s['file']} ({s['reason']})" for s in skipped[:20])
@@ -158,9 +175,11 @@ def load_splits(data_cfg: ml_collections.ConfigDict,
     raise DataError(f"{prepared.source}: no readable image of class {', '.join(empty)} (all "
                     f"skipped as unreadable: see the warning above)")
 
+  given = [layout.given_splits[f] for f in files] if layout.given_splits else None
   split = splits_lib.make_split(files, labels, hashes, images, class_names=classes,
                                 fractions=data_cfg.split_fractions, seed=data_cfg.split_seed,
-                                drop_near_duplicates=bool(data_cfg.drop_near_duplicates))
+                                drop_near_duplicates=bool(data_cfg.drop_near_duplicates),
+                                given=given, given_by=layout.labels_csv)
   out = {}
   for name in splits_lib.SPLITS:
     idx = split.indices(name)
@@ -173,7 +192,9 @@ def load_splits(data_cfg: ml_collections.ConfigDict,
         "split_fractions": list(splits_lib.check_fractions(data_cfg.split_fractions)),
         "split_seed": int(data_cfg.split_seed),
         "drop_near_duplicates": bool(data_cfg.drop_near_duplicates),
-        "near_duplicate_pairs": len(split.near_duplicates)})
+        "near_duplicate_pairs": len(split.near_duplicates),
+        "labels_csv": layout.labels_csv,
+        "split_from": layout.labels_csv if given else "stratified (split_fractions, split_seed)"})
   _log_counts(out, classes, split)
   _check_same_data_on_every_host(out, data_cfg)
   return out

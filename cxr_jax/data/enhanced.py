@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from cxr_jax.data import classes as classes_lib
 from cxr_jax.data import images as images_lib
 from cxr_jax.data.dataset import ImageSet
 from cxr_jax.data.images import pixel_hash
@@ -67,7 +68,8 @@ def load_synthetic_set(directory: str | os.PathLike, splits: Mapping[str, ImageS
   problems = []
   pixels, labels, files, hashes = [], [], [], []
   for row in rows:
-    if row["class"] not in class_names:
+    cls = classes_lib.canonical(row["class"])  # written as config.target_class was spelt
+    if cls not in class_names:
       raise DataError(f"{manifest}: {row['file']} has class {row['class']!r}, not one of "
                       f"{class_names}")
     if row["source_sha256"] in held_out:
@@ -84,7 +86,7 @@ def load_synthetic_set(directory: str | os.PathLike, splits: Mapping[str, ImageS
       problems.append(f"{row['file']} is identical to a {held_out[digest]} image")
       continue
     pixels.append(decoded.pixels)
-    labels.append(class_names.index(row["class"]))
+    labels.append(class_names.index(cls))
     files.append(f"synthetic/{row['file']}")
     hashes.append(digest)
   if problems:

@@ -21,6 +21,13 @@ Decisions:
 - An EXIF orientation outside 1..8 is ignored (PIL cannot apply it) and noted as such.
 - Images smaller than `MIN_SIDE` on a side, or larger than PIL's `Image.MAX_IMAGE_PIXELS`
   (decompression-bomb guard), are refused.
+- DICOM (`.dcm`, `.dicom`, or any data with the `DICM` preamble) is read with pydicom (the
+  optional `dicom` extra) as a radiologist's viewer shows it: the modality rescale (slope,
+  intercept), then the VOI window of the file (the first Window Center / Width, DICOM PS3.3
+  C.11.2.1.2.1 linear function; else its VOI LUT; else the full range of the values, min..max) to
+  0..255, then MONOCHROME1 inverted (its 0 is white). Colour DICOM goes through the luma above; of a
+  multi-frame file the first frame is read (noted). A compressed transfer syntax that no installed
+  decoder reads is refused naming the file and the syntax.
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ from PIL import UnidentifiedImageError
 from cxr_jax.errors import DataError
 
 # Suffixes read as images; anything else in a class folder (xlsx, txt, csv) is ignored.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm",
+                  ".dicom")
+DICOM_SUFFIXES = (".dcm", ".dicom")
 # A side shorter than this cannot hold a radiograph (1x1 placeholders, thumbnails of icons).
 MIN_SIDE = 16
 
@@ -79,6 +88,19 @@ def is_image_name(name: str) -> bool:
   return name.lower().endswith(IMAGE_SUFFIXES)
 
 
+def has_dicom_preamble(path: str | os.PathLike) -> bool:
+  """Whether a file (often suffix-less, as DICOM files come off a scanner) starts like DICOM."""
+  try:
+    with open(path, "rb") as f:
+      return _is_dicom_data(f.read(132))
+  except OSError:
+    return False
+
+
+def _is_dicom_data(data: bytes) -> bool:
+  return len(data) >= 132 and data[128:132] == b"DICM"
+
+
 def decode(source: Source, size: int, *, name: str | None = None) -> Decoded:
   """Decodes one file to uint8 [size, size]; raises ImageError naming the file on bad input."""
   with bomb_guard():
@@ -96,6 +118,8 @@ def decode_unguarded(source: Source, size: int, *, name: str | None = None) -> D
   data = _read(source, name)
   if not data:
     raise ImageError(name, "empty file (0 bytes)")
+  if _is_dicom_data(data) or name.lower().endswith(DICOM_SUFFIXES):
+    return _decode_dicom(data, size, name)
   try:
     im = Image.open(io.BytesIO(data))
     fmt = im.format or "?"
@@ -191,6 +215,11 @@ def _to_gray(im: Image.Image, size: int, name: str) -> Decoded:
   else:
     gray = im.convert("RGB").convert("L")
     notes.append(f"{mode} -> grayscale")
+  return _finish(gray, size, notes, w, h)
+
+
+def _finish(gray: Image.Image, size: int, notes: list[str], w: int, h: int) -> Decoded:
+  """Resizes gray ('L', or 'F' in [0, 255]) to the square and rounds to uint8."""
   if w != h and abs(w / h - 1.0) > 0.01:
     notes.append(f"aspect {w}x{h} resized to square")
   if gray.size != (size, size):
@@ -271,3 +300,86 @@ def _kind(note: str) -> str:
     return note.split(" values")[0] + " stretched min..max to 8-bit"
   return note
 
+
+
+def _decode_dicom(data: bytes, size: int, name: str) -> Decoded:
+  """DICOM -> uint8 [size, size]: rescale, VOI window, MONOCHROME1 inversion (see module doc)."""
+  try:
+    import pydicom  # pylint: disable=import-outside-toplevel
+    from pydicom import pixels as dicom_pixels  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ImageError(name, "a DICOM file, and pydicom is not installed (pip install pydicom, "
+                     "or the package's 'dicom' extra)") from None
+  try:
+    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+  except Exception as e:  # pylint: disable=broad-except  # pydicom raises many kinds on bad data
+    raise ImageError(name, f"unreadable DICOM file ({_short(e)})") from None
+  if "PixelData" not in ds:
+    raise ImageError(name, "no DICOM pixel data (not a DICOM image, or a report or "
+                     "structured data)")
+  syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+  try:
+    a = ds.pixel_array
+  except Exception as e:  # pylint: disable=broad-except
+    if syntax is not None and syntax.is_compressed:
+      raise ImageError(name, f"compressed DICOM ({syntax.name}, {syntax}) that no installed "
+                       "decoder reads; install pylibjpeg with pylibjpeg-libjpeg / "
+                       "pylibjpeg-openjpeg, or python-gdcm, or convert the file to "
+                       f"uncompressed DICOM or PNG ({_short(e)})") from None
+    raise ImageError(name, f"cannot decode the DICOM pixel data ({_short(e)})") from None
+  notes: list[str] = []
+  photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+  frames = int(ds.get("NumberOfFrames", 1) or 1)
+  samples = int(ds.get("SamplesPerPixel", 1) or 1)
+  if frames > 1:
+    a = a[0]
+    notes.append("DICOM multi-frame: first frame read")
+  if samples > 1:  # colour (pydicom gives YBR as RGB): the luma of the other formats
+    a = np.asarray(a, np.float32)[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
+    notes.append(f"DICOM {photometric} -> grayscale")
+    values = a
+  else:
+    values = dicom_pixels.apply_modality_lut(a, ds).astype(np.float64)
+  if a.ndim != 2:
+    raise ImageError(name, f"DICOM pixel data of shape {a.shape} is not one 2-D image")
+  h, w = a.shape
+  if min(w, h) < MIN_SIDE:
+    raise ImageError(name, f"too small to be a radiograph ({w}x{h} px; minimum side {MIN_SIDE} px)")
+  if samples > 1:
+    gray = np.clip(values, 0, 255)
+  else:
+    gray = _voi_window(values, ds, a, notes)
+    if photometric == "MONOCHROME1":
+      gray = 255.0 - gray
+      notes.append("DICOM MONOCHROME1 inverted")
+  return _finish(Image.fromarray(gray.astype(np.float32), mode="F"), size, notes, w, h)
+
+
+def _voi_window(values: np.ndarray, ds, stored: np.ndarray, notes: list[str]) -> np.ndarray:
+  """Modality values -> float [0, 255] through the file's VOI window, VOI LUT or full range."""
+  center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+  if center is not None and width is not None:
+    c = float(center[0] if _multi(center) else center)
+    w = float(width[0] if _multi(width) else width)
+    if w > 1:
+      return window(values, c, w)
+    notes.append(f"DICOM window width {w:g} <= 1 ignored")
+  if "VOILUTSequence" in ds:
+    from pydicom import pixels as dicom_pixels  # pylint: disable=import-outside-toplevel
+    values = dicom_pixels.apply_voi_lut(stored, ds).astype(np.float64)
+    notes.append("DICOM VOI LUT applied")
+  else:
+    notes.append("DICOM without a VOI window: full range -> 8-bit")
+  lo, hi = float(values.min()), float(values.max())
+  return (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+
+
+def window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+  """DICOM's linear VOI function (PS3.3 C.11.2.1.2.1) to [0, 255]: values at or below
+  c - 0.5 - (w - 1) / 2 are 0, above c - 0.5 + (w - 1) / 2 are 255, linear in between."""
+  out = ((np.asarray(values, np.float64) - (center - 0.5)) / (width - 1.0) + 0.5) * 255.0
+  return np.clip(out, 0.0, 255.0)
+
+
+def _multi(value) -> bool:
+  return isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"

@@ -9,7 +9,16 @@ Accepted forms of `config.data.data_dir`:
 - any folder up to `MAX_DEPTH` levels above one of those (e.g. the folder the Kaggle download was
   unzipped into, which holds `COVID-19_Radiography_Dataset/`);
 - the Kaggle zip itself. Members are read straight from the zip when the dataset is prepared,
-  nothing is extracted to disk: the prepared array_record copy is the only copy made.
+  nothing is extracted to disk: the prepared array_record copy is the only copy made;
+- a user's own data: class folders with any names (`Tuberculosis/`, `Healthy/`, see `classes`),
+  found as the database is (the root is the shallowest folder holding a folder named as a database
+  class or as a class of `config.data.classes`; failing that, one holding folders of images);
+- a CSV of `file,label[,split]` (`config.data.labels_csv`, `from_labels_csv`): the images may sit
+  anywhere, the labels (and the split, when given) are the CSV's.
+
+Every folder beside the class folders at the root is a class of its own; only the classes of
+`config.data.classes` are used. DICOM files are images (`.dcm`, `.dicom`, and in folders also
+files without a suffix that carry the DICM preamble).
 
 Directory symlinks are followed (a database assembled from links works) but each real directory is
 visited once, so symlink loops cannot hang the scan. Inside a class folder, a link back to a folder
@@ -26,6 +35,7 @@ written to the manifest, and `Layout.reader` maps the escaped name back to the f
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import hashlib
 import os
@@ -48,12 +58,14 @@ _SKIPPED_DIRS = ("masks", "__macosx")
 
 FIRST_RELEASE = "first"  # flat class folders
 LATER_RELEASE = "later"  # <Class>/images/
+LABELS_CSV = "labels_csv"  # files and labels listed in a CSV
+CSV_COLUMNS = ("file", "label", "split")
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
   file: str  # relative to the database root, '/'-separated, e.g. 'COVID/images/COVID-1.png'
-  label: str  # canonical class name
+  label: str  # canonical class name (see classes.canonical)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +74,21 @@ class Layout:
   source: pathlib.Path  # the resolved folder or zip the user gave
   is_zip: bool
   root: str  # the database root, relative to `source` ('' when `source` is the root), '/'-separated
-  release: str  # FIRST_RELEASE or LATER_RELEASE
+  release: str  # FIRST_RELEASE, LATER_RELEASE or LABELS_CSV
   entries: tuple[Entry, ...]  # sorted by file
   class_folders: dict[str, tuple[str, ...]]  # canonical class -> folder name(s) as on disk
-  ignored_folders: tuple[str, ...] = ()  # unknown folders beside the class folders
+  ignored_folders: tuple[str, ...] = ()  # folders beside the class folders that name no class
   fingerprint: str = ""  # changes when files are added, removed or modified
   # Entry.file -> the name on disk, for the names that are not valid UTF-8 (see module doc).
   on_disk: dict[str, str] = dataclasses.field(default_factory=dict)
+  labels_csv: str = ""  # the CSV the entries come from (resolved path), or ''
+  # Entry.file -> 'train' / 'val' / 'test' when the CSV has a split column, else empty.
+  given_splits: dict[str, str] = dataclasses.field(default_factory=dict)
+
+  @property
+  def classes(self) -> tuple[str, ...]:
+    """The classes that have images, in `classes.ordered` order (the prepared copy's label ids)."""
+    return classes_lib.ordered(e.label for e in self.entries)
 
   @property
   def root_path(self) -> str:
@@ -76,26 +96,34 @@ class Layout:
     return str(self.source / self.root) if self.root else str(self.source)
 
   def display(self, file: str) -> str:
-    return f"{self.root_path}/{file}"
+    return file if os.path.isabs(file) else f"{self.root_path}/{file}"
 
   def counts(self) -> dict[str, int]:
-    out = {c: 0 for c in classes_lib.CANONICAL}
+    """Images per class: the database's four classes (0 when absent) and every class found."""
+    out = {c: 0 for c in classes_lib.ordered([*classes_lib.CANONICAL, *self.class_folders])}
     for e in self.entries:
-      out[e.label] += 1
+      out[e.label] = out.get(e.label, 0) + 1
     return out
 
   def require_classes(self, wanted: Sequence[str]) -> None:
     """Raises DataError naming the root when a class the run needs has no image."""
     counts = self.counts()
-    missing = [c for c in wanted if counts[c] == 0]
-    if missing:
-      found = ", ".join(f"{'/'.join(self.class_folders[c])} ({counts[c]} images)"
-                        for c in classes_lib.CANONICAL if counts[c]) or "none"
+    missing = [c for c in wanted if counts.get(c, 0) == 0]
+    if not missing:
+      return
+    if self.labels_csv:
       raise DataError(
-          f"{self.root_path}: no images of class {', '.join(missing)}, which config.data.classes "
-          f"asks for (expected a folder named "
-          f"{', '.join(repr(classes_lib.FOLDER_NAMES[c]) for c in missing)}). Class folders "
-          f"found: {found}. Set config.data.classes to the classes this copy has.")
+          f"{self.labels_csv}: no image labelled {', '.join(missing)}, which config.data.classes "
+          f"asks for. Labels found: "
+          f"{', '.join(f'{c} ({k} images)' for c, k in counts.items() if k) or 'none'}.")
+    found = ", ".join(f"'{'/'.join(self.class_folders[c])}' ({counts.get(c, 0)} images)"
+                      for c in classes_lib.ordered(self.class_folders)) or "none"
+    raise DataError(
+        f"{self.root_path}: no images of class {', '.join(missing)}, which config.data.classes "
+        f"asks for (expected a folder named "
+        f"{', '.join(repr(classes_lib.folder_name(c)) for c in missing)}; case, spaces, "
+        f"underscores and hyphens do not matter). Class folders "
+        f"found: {found}. Set config.data.classes to the classes this copy has.")
 
   @contextlib.contextmanager
   def reader(self) -> Iterator[Callable[[str], bytes]]:
@@ -116,8 +144,12 @@ class Layout:
       yield lambda file: zf.read(prefix + file)
 
 
-def discover(data_dir: str | os.PathLike) -> Layout:
-  """Finds the database under `data_dir` (a folder, a parent folder or the Kaggle zip)."""
+def discover(data_dir: str | os.PathLike, classes: Sequence[str] = ()) -> Layout:
+  """Finds the database under `data_dir` (a folder, a parent folder or the Kaggle zip).
+
+  `classes` (canonical names, config.data.classes) also mark the root: a user's folder holding
+  `Tuberculosis/` and `Healthy/` is found from a folder above it.
+  """
   given = pathlib.Path(os.path.expanduser(str(data_dir)))
   if not given.exists():
     hint = " (a broken symlink)" if given.is_symlink() else ""
@@ -132,15 +164,18 @@ def discover(data_dir: str | os.PathLike) -> Layout:
   else:
     raise DataError(f"config.data.data_dir: {given} is neither a folder nor a zip file; point it "
                     "at the COVID-19 Radiography Database folder or its Kaggle zip.")
-  root = _find_root(tree, given)
+  root = _find_root(tree, given, classes)
   return _read_layout(tree, source, root)
 
 
 class _Tree:
   """A read-only directory tree: a real folder or the member list of a zip."""
 
-  def children(self, rel: str) -> tuple[list[str], list[str]]:
-    """(folder names, file names) directly in `rel` ('' is the top), hidden ones left out."""
+  def children(self, rel: str, peek: bool = False) -> tuple[list[str], list[str]]:
+    """(folder names, file names) directly in `rel` ('' is the top), hidden ones left out.
+
+    `peek`: a look that does not count as the scan of `rel` (folder trees visit each folder once).
+    """
     raise NotImplementedError
 
   def file_stamp(self, rel: str) -> str:
@@ -154,17 +189,20 @@ class _FolderTree(_Tree):
     self.top = top
     self._visited: set[tuple[int, int]] = set()
 
-  def children(self, rel):
+  def children(self, rel, peek=False):
     path = self.top / rel if rel else self.top
     try:
       st = os.stat(path)
     except OSError:
       return [], []
     key = (st.st_dev, st.st_ino)
-    if key in self._visited:
+    if peek:
+      pass
+    elif key in self._visited:
       logging.warning("Not scanning %s again: it is a link to a folder already scanned", path)
       return [], []
-    self._visited.add(key)
+    else:
+      self._visited.add(key)
     dirs, files = [], []
     try:
       with os.scandir(path) as it:
@@ -226,7 +264,8 @@ class _ZipTree(_Tree):
       self._stamps["/".join(parts)] = f"{info.file_size}:{info.CRC}"
     self.top = path
 
-  def children(self, rel):
+  def children(self, rel, peek=False):
+    del peek
     return sorted(self._dirs.get(rel, ())), sorted(self._files.get(rel, ()))
 
   def file_stamp(self, rel):
@@ -263,8 +302,50 @@ def _join(*parts: str) -> str:
   return "/".join(p for p in parts if p)
 
 
-def _find_root(tree: _Tree, given: pathlib.Path) -> str:
-  """Breadth-first search for the shallowest folder that holds class folders."""
+def _find_root(tree: _Tree, given: pathlib.Path, classes: Sequence[str] = ()) -> str:
+  """The shallowest folder that holds a folder named as a class (of the database or of
+  `classes`); failing that, the shallowest that holds folders with image files."""
+  wanted = set(classes)
+
+  def named(rel: str, dirs: list[str]) -> bool:
+    del rel
+    return any(classes_lib.database_class(d) or classes_lib.canonical(d) in wanted
+               for d in dirs if d.lower() not in _SKIPPED_DIRS)
+
+  def with_images(rel: str, dirs: list[str]) -> bool:
+    for d in dirs:
+      if d.lower() in (*_SKIPPED_DIRS, "images"):
+        continue
+      sub_dirs, files = tree.children(_join(rel, d), peek=True)
+      if any(images.is_image_name(f) for f in files):
+        return True
+      if any(x.lower() == "images" for x in sub_dirs) and any(
+          images.is_image_name(f) for f in tree.children(_join(rel, d, "images"), peek=True)[1]):
+        return True
+    return False
+
+  root, seen = _search_root(tree, given, named)
+  if root is None:
+    if isinstance(tree, _FolderTree):
+      tree.reset()
+    root, _ = _search_root(tree, given, with_images)
+  if root is not None:
+    return root
+  shown = ", ".join(f"'{s}'" for s in seen[:20]) + (f" and {len(seen) - 20} more"
+                                                     if len(seen) > 20 else "")
+  hint = ""
+  if any(s.lower() in ("images", "masks") for s in seen[:3]):
+    hint = " It looks like a single class folder: point at the folder above it."
+  raise DataError(
+      f"config.data.data_dir: no class folder found in {given} (searched {MAX_DEPTH} levels "
+      f"down). Folders seen: {shown or 'none'}. Expected folders named "
+      f"{classes_lib.expected_names()}.{hint}")
+
+
+def _search_root(tree: _Tree, given: pathlib.Path, holds_classes: Callable[[str, list[str]], bool]
+                 ) -> tuple[str | None, list[str]]:
+  """Breadth-first search for the shallowest folder for which `holds_classes(rel, dirs)`; returns
+  it (None if there is none) and the folders seen."""
   level = [""]
   seen: list[str] = []
   scanned = 0
@@ -273,7 +354,7 @@ def _find_root(tree: _Tree, given: pathlib.Path) -> str:
     for rel in level:
       dirs, _ = tree.children(rel)
       scanned += 1
-      if any(classes_lib.canonical(d) for d in dirs):
+      if holds_classes(rel, dirs):
         found.append(rel)
       for d in dirs:
         if d.lower() in _SKIPPED_DIRS:
@@ -286,20 +367,12 @@ def _find_root(tree: _Tree, given: pathlib.Path) -> str:
     if found:
       if isinstance(tree, _FolderTree):
         tree.reset()  # the root's own scan starts afresh
-      return found[0]
+      return found[0], seen
     seen.extend(below)
     level = below
     if scanned + len(level) > MAX_SCANNED_DIRS:
       break
-  shown = ", ".join(f"'{s}'" for s in seen[:20]) + (f" and {len(seen) - 20} more"
-                                                     if len(seen) > 20 else "")
-  hint = ""
-  if any(s.lower() in ("images", "masks") for s in seen[:3]):
-    hint = " It looks like a single class folder: point at the folder above it."
-  raise DataError(
-      f"config.data.data_dir: no class folder found in {given} (searched {MAX_DEPTH} levels "
-      f"down). Folders seen: {shown or 'none'}. Expected folders named "
-      f"{classes_lib.expected_names()}.{hint}")
+  return None, seen
 
 
 def _read_layout(tree: _Tree, source: pathlib.Path, root: str) -> Layout:
@@ -308,14 +381,13 @@ def _read_layout(tree: _Tree, source: pathlib.Path, root: str) -> Layout:
   ignored = []
   for d in dirs:
     c = classes_lib.canonical(d)
-    if c is None:
+    if c is None or d.lower() in _SKIPPED_DIRS:
       ignored.append(d)
     else:
       class_folders.setdefault(c, []).append(d)
   root_shown = str(source / root) if root else str(source)
   for d in ignored:
-    logging.warning("Ignoring folder '%s' in %s: not a known class (expected %s)", d, root_shown,
-                    classes_lib.expected_names())
+    logging.warning("Ignoring folder '%s' in %s: it names no class", d, root_shown)
   for c, folders in class_folders.items():
     if len(folders) > 1:
       logging.warning("Folders %s in %s all hold class %s: reading all of them",
@@ -344,7 +416,9 @@ def _read_layout(tree: _Tree, source: pathlib.Path, root: str) -> Layout:
           else:
             stack.append(_join(rel, d))
         for f in files:
-          if images.is_image_name(f):
+          if images.is_image_name(f) or (
+              isinstance(tree, _FolderTree) and "." not in f
+              and images.has_dicom_preamble(tree.top / root / rel / f)):
             file = _join(rel, f)
             shown = files_lib.printable(file)
             if shown != file:
@@ -374,3 +448,72 @@ def _read_layout(tree: _Tree, source: pathlib.Path, root: str) -> Layout:
                 ignored_folders=tuple(ignored), fingerprint=digest.hexdigest()[:16],
                 on_disk=on_disk)
 
+
+
+def from_labels_csv(labels_csv: str | os.PathLike, data_dir: str | os.PathLike,
+                    classes: Sequence[str]) -> Layout:
+  """The images and labels a CSV of `file,label[,split]` lists (config.data.labels_csv).
+
+  `file` is relative to `data_dir` (the CSV's folder when `data_dir` is empty) or absolute; every
+  label must be one of `classes` (canonical); `split` is train, val or test. Each problem raises a
+  DataError naming the CSV and its line.
+  """
+  csv_path = pathlib.Path(os.path.expanduser(str(labels_csv))).resolve()
+  if not csv_path.is_file():
+    raise DataError(f"config.data.labels_csv: {csv_path} is not a file")
+  base = (pathlib.Path(os.path.expanduser(str(data_dir))) if data_dir else csv_path.parent)
+  if not base.is_dir():
+    raise DataError(f"config.data.data_dir: {base} must be the folder the files of "
+                    f"{csv_path} are relative to (a zip is not read with a labels CSV)")
+  base = base.resolve()
+  try:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+      rows = list(csv.reader(f))
+  except (OSError, UnicodeDecodeError, csv.Error) as e:
+    raise DataError(f"{csv_path}: cannot read the labels CSV ({e})") from None
+  header = [h.strip().lower() for h in rows[0]] if rows else []
+  if header not in (list(CSV_COLUMNS[:2]), list(CSV_COLUMNS)):
+    raise DataError(f"{csv_path}: line 1: malformed header {','.join(rows[0]) if rows else ''!r}; "
+                    "expected 'file,label' or 'file,label,split'")
+  wanted = set(classes)
+  entries: list[Entry] = []
+  given: dict[str, str] = {}
+  first_line: dict[str, int] = {}
+  digest = hashlib.sha256(f"{csv_path}\n".encode("utf-8", "surrogateescape"))
+  for line, row in enumerate(rows[1:], start=2):
+    if not any(cell.strip() for cell in row):
+      continue
+    where = f"{csv_path}: line {line}"
+    if len(row) != len(header):
+      raise DataError(f"{where}: {len(row)} field(s), expected {len(header)} "
+                      f"({','.join(header)})")
+    file, label = row[0].strip(), row[1].strip()
+    if not file:
+      raise DataError(f"{where}: empty file name")
+    path = pathlib.Path(file) if os.path.isabs(file) else base / file
+    if not path.is_file():
+      raise DataError(f"{where}: file {file!r} not found (looked for {path})")
+    file = str(path) if os.path.isabs(file) else pathlib.PurePath(file).as_posix()
+    if file in first_line:
+      raise DataError(f"{where}: {file!r} is listed again (first on line {first_line[file]})")
+    first_line[file] = line
+    c = classes_lib.canonical(label)
+    if c not in wanted:
+      raise DataError(f"{where}: label {label!r} is not in config.data.classes "
+                      f"({', '.join(classes)})")
+    if len(header) == 3:
+      split = row[2].strip().lower()
+      if split not in ("train", "val", "test"):
+        raise DataError(f"{where}: unknown split {row[2]!r}; expected train, val or test")
+      given[file] = split
+    entries.append(Entry(file, c))
+    st = path.stat()
+    digest.update(f"{file}\t{c}\t{given.get(file, '')}\t{st.st_size}:{st.st_mtime_ns}\n"
+                  .encode("utf-8", "surrogateescape"))
+  if not entries:
+    raise DataError(f"{csv_path}: lists no images")
+  entries.sort(key=lambda e: e.file)
+  return Layout(source=base, is_zip=False, root="", release=LABELS_CSV, entries=tuple(entries),
+                class_folders={c: (csv_path.name,) for c in classes_lib.ordered(wanted)},
+                fingerprint=digest.hexdigest()[:16], labels_csv=str(csv_path),
+                given_splits=given)

@@ -18,6 +18,12 @@ Each class is shuffled by its own generator, seeded by (split_seed, class name):
 `config.data.classes` does not move the images of the others. Per class, the split sizes are the
 fractions of the class's images, rounded by largest remainder; a class of 3 or more groups gets at
 least one group in every split.
+
+A predefined split (the `split` column of `config.data.labels_csv`) is taken as given, after the
+same checks: identical images under different labels are dropped as above; identical images given
+to different splits are an error naming both files (the run cannot keep the CSV's split without a
+test image also being a training image, and picking one for the user would silently change it);
+near-duplicates are reported (and dropped from test) as above. Every split must get an image.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import numpy as np
 from absl import logging
 
 from cxr_jax.errors import ConfigError
+from cxr_jax.errors import DataError
 
 SPLITS = ("train", "val", "test")
 DROPPED = "dropped"
@@ -86,8 +93,13 @@ class Split:
 
 def make_split(files: Sequence[str], labels: Sequence[int], hashes: Sequence[str],
                images: np.ndarray, *, class_names: Sequence[str], fractions: Sequence[float],
-               seed: int, drop_near_duplicates: bool = False) -> Split:
-  """Splits images (already filtered to the run's classes) into train / val / test."""
+               seed: int, drop_near_duplicates: bool = False,
+               given: Sequence[str] | None = None, given_by: str = "") -> Split:
+  """Splits images (already filtered to the run's classes) into train / val / test.
+
+  `given`: each image's split as predefined (by the file `given_by`), kept instead of the seeded
+  stratified split; see the module doc for the duplicate checks.
+  """
   fractions = check_fractions(fractions)
   n = len(files)
   labels = np.asarray(labels)
@@ -115,6 +127,9 @@ def make_split(files: Sequence[str], labels: Sequence[int], hashes: Sequence[str
         notes[i].append(f"identical to {'; '.join(files[j] for j in members if j != i)} "
                         "(kept in one split)")
     per_class[group_labels[0]].append(members)
+  if given is not None:
+    _take_given(files, given, per_class, assignment, notes, given_by)
+    per_class = {}
   if ambiguous:
     shown = "; ".join(" = ".join(f"{files[i]} ({class_names[labels[i]]})" for i in m)
                       for m in ambiguous[:5])
@@ -156,6 +171,32 @@ def make_split(files: Sequence[str], labels: Sequence[int], hashes: Sequence[str
     for d in near:
       assignment[d.test] = DROPPED
   return Split(tuple(assignment), tuple("; ".join(x) for x in notes), tuple(near))
+
+
+def _take_given(files: Sequence[str], given: Sequence[str],
+                per_class: dict[int, list[list[int]]], assignment: list[str],
+                notes: list[list[str]], given_by: str) -> None:
+  """Assigns each kept group its predefined split; refuses identical images in two splits."""
+  conflicts = []
+  for class_groups in per_class.values():
+    for members in class_groups:
+      if len({given[i] for i in members}) > 1:
+        conflicts.append(" = ".join(f"{files[i]} ({given[i]})" for i in members))
+      for i in members:
+        if given[i] not in SPLITS:
+          raise DataError(f"{given_by}: {files[i]}: unknown split {given[i]!r}")
+        assignment[i] = given[i]
+        notes[i].append("split as given in the labels CSV")
+  if conflicts:
+    raise DataError(
+        f"{given_by}: {len(conflicts)} group(s) of identical images are given different splits, "
+        f"so a held-out image would also be a training image: {'; '.join(conflicts[:5])}"
+        f"{' ...' if len(conflicts) > 5 else ''}. Put each group in one split (or remove the "
+        "copies) in the CSV.")
+  empty = [s for s in SPLITS if s not in assignment]
+  if empty:
+    raise DataError(f"{given_by}: no image in split(s) {', '.join(empty)}; the split column must "
+                    "give every split (train, val, test) at least one image")
 
 
 def _quotas(n: int, fractions: Sequence[float], min_each: bool) -> list[int]:

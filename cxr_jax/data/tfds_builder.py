@@ -3,12 +3,18 @@ array_record.
 
 Decoding 2,905 (or 21,165) PNGs takes a minute; reading back the prepared array_record takes
 seconds, so every later run, task and process reuses the prepared copy. The copy lives in
-`<cache_dir>/tfds/<key>/` where `key` hashes the resolved source path and the image size, so two
-sources (or sizes) never share a folder. `prepared.json` beside it is the completion marker: it
+`<cache_dir>/tfds/<key>/` where `key` hashes the resolved source path, the labels CSV, the image
+size and the classes the copy holds, so two sources (or sizes, or class sets) never share a folder.
+The ClassLabel ids are those of `classes.ordered` over the source's classes (the database's four
+first, then the others sorted); `prepared.json` records the names, and `load_splits` maps them to
+the run's `config.data.classes`. `prepared.json` beside it is the completion marker: it
 records the source's fingerprint (file names, sizes, times), the files skipped as unreadable and the
 conversions made. A source whose files changed since is prepared again, with a warning.
 
 Works without TensorFlow (TFDS' numpy-only path): `as_data_source` decodes records with numpy.
+It is not a `tfds build` dataset (that command needs TensorFlow): the copy is prepared by any task
+that loads data, or on its own by
+  python main.py --config=configs/prepare_data.py --config.data.data_dir=/path/to/data
 """
 
 from __future__ import annotations
@@ -37,16 +43,16 @@ from cxr_jax.errors import DataError
 SPLIT = "full"  # 'all' is reserved by TFDS
 SIDECAR = "prepared.json"
 # Bump when decoding changes what pixels a file gives (it invalidates every prepared copy).
-VERSION = "1.0.0"
+VERSION = "1.1.0"  # 1.1.0: any class set (ClassLabel names in the key), DICOM
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Download the "COVID-19 Radiography Database" by tawsifurrahman from Kaggle:
   https://www.kaggle.com/datasets/tawsifurrahman/covid19-radiography-database
 (`kaggle datasets download -d tawsifurrahman/covid19-radiography-database`). Any release works: the
 first one (COVID/, NORMAL/, Viral Pneumonia/) or a later one (COVID-19_Radiography_Dataset/ with
-<Class>/images/ and <Class>/masks/). Keep the zip as downloaded or unzip it anywhere, then set
-  --config.data.data_dir=/path/to/archive.zip   (or the unzipped folder, or the folder above it)
-When this builder is run by `tfds build`, pass that folder as --manual_dir.
+<Class>/images/ and <Class>/masks/). Keep the zip as downloaded or unzip it anywhere, then run
+  python main.py --config=configs/prepare_data.py --config.data.data_dir=/path/to/archive.zip
+(or the unzipped folder, or the folder above it); every task prepares it the same way on first use.
 """
 
 # Sizes with a predefined config; any other size works as a custom config (TFDS logs a warning).
@@ -59,7 +65,7 @@ class CxrConfig(tfds.core.BuilderConfig):
 
 
 class CxrRadiography(tfds.core.GeneratorBasedBuilder):
-  """COVID-19 Radiography Database as uint8 grayscale [S, S, 1] with the canonical four labels."""
+  """Radiographs as uint8 grayscale [S, S, 1] with canonical labels (`class_names` order)."""
 
   VERSION = tfds.core.Version(VERSION)
   RELEASE_NOTES = {str(VERSION): "Grayscale uint8, Lanczos-resized, sha256 of the decoded pixels."}
@@ -69,9 +75,11 @@ class CxrRadiography(tfds.core.GeneratorBasedBuilder):
   DEFAULT_CONFIG_NAME = "size256"
 
   def __init__(self, *, layout: layout_lib.Layout | None = None, workers: int | None = None,
-               **kwargs):
+               class_names: tuple[str, ...] | None = None, **kwargs):
     self._layout = layout
     self._workers = workers
+    self.class_names = tuple(class_names or (layout.classes if layout is not None
+                                              else classes_lib.CANONICAL))
     self.skipped: list[dict[str, str]] = []  # filled while generating
     self.notes = images_lib.ConversionNotes()
     super().__init__(**kwargs)
@@ -89,7 +97,7 @@ class CxrRadiography(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Tensor(shape=(s, s, 1), dtype=np.uint8,
                                           encoding=tfds.features.Encoding.ZLIB),
-            "label": tfds.features.ClassLabel(names=list(classes_lib.CANONICAL)),
+            "label": tfds.features.ClassLabel(names=list(self.class_names)),
             "file": tfds.features.Text(),
             "sha256": tfds.features.Text(),
         }),
@@ -100,13 +108,16 @@ class CxrRadiography(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    if self._layout is None:  # run by `tfds build --manual_dir=...`
-      self._layout = layout_lib.discover(dl_manager.manual_dir)
+    if self._layout is None:
+      raise DataError("this dataset is prepared by cxr-jax, not by `tfds build`: run "
+                      "python main.py --config=configs/prepare_data.py "
+                      f"--config.data.data_dir={dl_manager.manual_dir}")
     return {SPLIT: self._generate_examples()}
 
   def _generate_examples(self) -> Iterator[tuple[str, dict[str, Any]]]:
     lay = self._layout
     size = self.image_size
+    label_ids = {c: i for i, c in enumerate(self.class_names)}
     workers = self._workers or min(4, os.cpu_count() or 1)
     with lay.reader() as read, images_lib.bomb_guard():
 
@@ -135,7 +146,7 @@ class CxrRadiography(tfds.core.GeneratorBasedBuilder):
             pixels = out.pixels
             yield entry.file, {
                 "image": pixels[..., None],
-                "label": classes_lib.index(entry.label),
+                "label": label_ids[entry.label],
                 "file": entry.file,
                 "sha256": pixel_hash(pixels),
             }
@@ -152,17 +163,21 @@ class Prepared:
   image_size: int
   source: str  # the database root, for messages
   release: str
+  class_names: tuple[str, ...]  # the ClassLabel names: label i of load_arrays is class_names[i]
   skipped: tuple[dict[str, str], ...]  # {'file', 'class', 'reason'}
   conversions: dict[str, list[str]]  # conversion kind -> files
   num_examples: int
 
   def builder(self) -> CxrRadiography:
     return CxrRadiography(data_dir=str(self.data_dir), config=_config(self.image_size),
-                          file_format="array_record")
+                          file_format="array_record", class_names=self.class_names)
 
 
 def cache_key(layout: layout_lib.Layout, image_size: int) -> str:
-  text = f"{layout.source}\0{layout.root}\0{image_size}\0{VERSION}"
+  """Names the copy of one source (folder or zip, root, labels CSV) at one size with one class set:
+  a copy made for other classes, whose label ids mean other classes, is never read."""
+  text = (f"{layout.source}\0{layout.root}\0{layout.labels_csv}\0{image_size}\0{VERSION}\0"
+          + "\0".join(layout.classes))
   # surrogateescape: a folder name that is not UTF-8 (os.fsdecode keeps its bytes) still hashes.
   return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
@@ -203,7 +218,8 @@ def _prepare_locked(layout: layout_lib.Layout, image_size: int, data_dir: pathli
                     workers: int | None) -> Prepared:
   sidecar = data_dir / SIDECAR
   meta = _read_sidecar(sidecar)
-  if meta is not None and meta.get("fingerprint") == layout.fingerprint:
+  if (meta is not None and meta.get("fingerprint") == layout.fingerprint
+      and tuple(meta.get("class_names", ())) == layout.classes):
     prepared = _from_meta(data_dir, meta)
     if prepared.builder().is_prepared():
       logging.info("Using the prepared dataset in %s (%d images of %s at %d px)", data_dir,
@@ -218,7 +234,8 @@ def _prepare_locked(layout: layout_lib.Layout, image_size: int, data_dir: pathli
   logging.info("Preparing %d images of %s at %d x %d px into %s (done once, then reused)",
                len(layout.entries), layout.root_path, image_size, image_size, data_dir)
   builder = CxrRadiography(layout=layout, workers=workers, data_dir=str(data_dir),
-                           config=_config(image_size), file_format="array_record")
+                           config=_config(image_size), file_format="array_record",
+                           class_names=layout.classes)
   manual = layout.source if layout.source.is_dir() else layout.source.parent
   try:
     builder.download_and_prepare(
@@ -238,6 +255,7 @@ def _prepare_locked(layout: layout_lib.Layout, image_size: int, data_dir: pathli
   meta = {
       "source": layout.root_path,
       "release": layout.release,
+      "class_names": list(layout.classes),
       "fingerprint": layout.fingerprint,
       "image_size": image_size,
       "num_examples": len(layout.entries) - len(builder.skipped),
@@ -255,7 +273,8 @@ def load_arrays(prepared: Prepared, batch: int = 128, workers: int | None = None
   """Reads the whole prepared copy into memory, sorted by file (the record order is shuffled).
 
   Batches are read with `__getitems__` from a few threads: record decompression (zlib) releases
-  the GIL. Returns {'image': uint8 [N, S, S, 1], 'label': int32 canonical ids [N],
+  the GIL. Returns {'image': uint8 [N, S, S, 1], 'label': int32 ids into
+  `prepared.class_names` [N],
   'file': list[str], 'sha256': list[str]}.
   """
   source = prepared.builder().as_data_source(SPLIT)
@@ -303,6 +322,8 @@ def _read_sidecar(path: pathlib.Path) -> dict[str, Any] | None:
 
 def _from_meta(data_dir: pathlib.Path, meta: dict[str, Any]) -> Prepared:
   return Prepared(data_dir=data_dir, image_size=int(meta["image_size"]), source=meta["source"],
-                  release=meta.get("release", "?"), skipped=tuple(meta.get("skipped", ())),
+                  release=meta.get("release", "?"),
+                  class_names=tuple(meta.get("class_names", classes_lib.CANONICAL)),
+                  skipped=tuple(meta.get("skipped", ())),
                   conversions=dict(meta.get("conversions", {})),
                   num_examples=int(meta.get("num_examples", 0)))

@@ -1,0 +1,352 @@
+"""A user's own data: class folders with any names, a labels CSV with a predefined split, DICOM."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr_jax import configlib
+from cxr_jax.data import classes
+from cxr_jax.data import dataset
+from cxr_jax.data import images
+from cxr_jax.data import layout
+from cxr_jax.data import splits
+from cxr_jax.data import tfds_builder
+from cxr_jax.errors import ConfigError
+from cxr_jax.errors import DataError
+
+S = 32
+
+
+def _image(seed: int) -> np.ndarray:
+  """A distinct 8-bit image per seed (blocky, so near-duplicate checks do not pair them)."""
+  rng = np.random.default_rng(seed)
+  low = np.kron(rng.normal(size=(4, 4)), np.ones((S // 4, S // 4)))
+  return np.clip(128 + 50 * low + 6 * rng.normal(size=(S, S)), 0, 255).astype(np.uint8)
+
+
+def _png(path: pathlib.Path, pixels: np.ndarray) -> pathlib.Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(pixels).save(path)
+  return path
+
+
+def _own_folders(parent: pathlib.Path, n: int = 6) -> pathlib.Path:
+  """mydata/Tuberculosis/*.png and mydata/Healthy/*.png; pixel value tells the class apart."""
+  root = parent / "mydata"
+  for k, folder in enumerate(("Tuberculosis", "Healthy")):
+    for i in range(n):
+      _png(root / folder / f"{folder.lower()}-{i}.png", _image(100 * k + i))
+  return root
+
+
+def _cfg(tmp_path: pathlib.Path, **kw):
+  return configlib.data_config(**{"cache_dir": str(tmp_path / "cache"), "image_size": S,
+                                  "split_fractions": (0.5, 0.25, 0.25), **kw})
+
+
+def test_database_aliases_still_resolve():
+  assert classes.resolve(["COVID-19", "Normal", "Viral Pneumonia", "lung_opacity"]) == (
+      "COVID", "NORMAL", "VIRAL_PNEUMONIA", "LUNG_OPACITY")
+  assert classes.resolve(configlib.PAPER_CLASSES) == configlib.PAPER_CLASSES
+  assert classes.canonical("covid19") == "COVID"
+  # Other names keep their own class, in one spelling for every way of writing it.
+  assert classes.resolve(("Tuberculosis", "healthy")) == ("TUBERCULOSIS", "HEALTHY")
+  assert classes.ordered(["HEALTHY", "NORMAL", "ABC", "COVID"]) == (
+      "COVID", "NORMAL", "ABC", "HEALTHY")
+
+
+def test_source_and_target_class_in_any_spelling_of_the_configured_classes():
+  assert classes.member("healthy", ("Tuberculosis", "Healthy"), "source_class") == "HEALTHY"
+  assert classes.member("Normal", configlib.PAPER_CLASSES, "source_class") == "NORMAL"
+  with pytest.raises(ConfigError, match=r"config\.target_class: 'Cat' is not among"):
+    classes.member("Cat", ("Tuberculosis", "Healthy"), "target_class")
+
+
+def test_custom_class_folders_load_with_their_labels(tmp_path):
+  root = _own_folders(tmp_path / "data")
+  cfg = _cfg(tmp_path, data_dir=str(tmp_path / "data"), classes=("Tuberculosis", "Healthy"))
+  sets = dataset.load_splits(cfg, tmp_path / "work")
+  assert sets["train"].class_names == ("TUBERCULOSIS", "HEALTHY")
+  seen = 0
+  for s in sets.values():
+    for img, label, file in zip(s.images, s.labels, s.files):
+      folder = file.split("/")[0]
+      assert label == {"Tuberculosis": 0, "Healthy": 1}[folder]
+      np.testing.assert_array_equal(img[..., 0], np.asarray(Image.open(root / file)))
+      seen += 1
+  assert seen == 12
+  assert {k: v for k, v in sets["train"].counts().items()} == {"TUBERCULOSIS": 3, "HEALTHY": 3}
+  assert len(sets["train"].of_class("healthy")) == 3  # any spelling of the configured class
+  # The other order gives the other label ids.
+  swapped = dataset.load_splits(_cfg(tmp_path, data_dir=str(root),
+                                     classes=("Healthy", "Tuberculosis")))
+  t = swapped["test"]
+  assert all(lbl == (0 if f.startswith("Healthy/") else 1) for lbl, f in zip(t.labels, t.files))
+
+
+def test_custom_class_folders_in_a_zip(tmp_path):
+  root = _own_folders(tmp_path / "data", n=2)
+  archive = tmp_path / "mine.zip"
+  with zipfile.ZipFile(archive, "w") as zf:
+    for p in sorted(root.rglob("*.png")):
+      zf.write(p, p.relative_to(tmp_path / "data").as_posix())
+  for wanted in (("TUBERCULOSIS", "HEALTHY"), ()):  # by name, or as folders of images
+    lay = layout.discover(archive, wanted)
+    assert lay.is_zip and lay.root == "mydata" and lay.classes == ("HEALTHY", "TUBERCULOSIS")
+    assert layout.Entry("Healthy/healthy-1.png", "HEALTHY") in lay.entries
+
+
+def test_missing_configured_class_lists_the_folders_found(tmp_path):
+  _own_folders(tmp_path / "data", n=2)
+  cfg = _cfg(tmp_path, data_dir=str(tmp_path / "data"), classes=("Tuberculosis", "Pneumothorax"))
+  with pytest.raises(DataError) as e:
+    dataset.load_splits(cfg)
+  msg = str(e.value)
+  assert "no images of class PNEUMOTHORAX" in msg and "named 'PNEUMOTHORAX'; case" in msg
+  assert "'Healthy' (2 images)" in msg and "'Tuberculosis' (2 images)" in msg
+
+
+def test_prepared_copy_of_one_class_set_is_not_read_for_another(tmp_path):
+  root = _own_folders(tmp_path / "data", n=3)
+  cfg = _cfg(tmp_path, data_dir=str(root), classes=("Tuberculosis", "Healthy"),
+             split_fractions=(0.34, 0.33, 0.33))
+  dataset.load_splits(cfg)
+  first = layout.discover(root, ("TUBERCULOSIS", "HEALTHY"))
+  prepared = tfds_builder.prepare(first, S, tmp_path / "cache")
+  assert prepared.class_names == ("HEALTHY", "TUBERCULOSIS")  # classes.ordered: sorted
+  assert prepared.builder().info.features["label"].names == ["HEALTHY", "TUBERCULOSIS"]
+  # A third class folder appears: another class set, another copy (label ids would differ).
+  _png(root / "Atelectasis" / "a.png", _image(999))
+  second = layout.discover(root, ("TUBERCULOSIS", "HEALTHY"))
+  assert second.classes == ("ATELECTASIS", "HEALTHY", "TUBERCULOSIS")
+  assert tfds_builder.cache_key(second, S) != tfds_builder.cache_key(first, S)
+  again = tfds_builder.prepare(second, S, tmp_path / "cache")
+  assert again.data_dir != prepared.data_dir and again.class_names == second.classes
+  arrays = tfds_builder.load_arrays(again)
+  for file, label in zip(arrays["file"], arrays["label"]):
+    assert again.class_names[label] == classes.canonical(file.split("/")[0])
+
+
+# --- labels CSV -------------------------------------------------------------------------------
+
+
+def _flat_images(folder: pathlib.Path, n: int) -> list[str]:
+  for i in range(n):
+    _png(folder / "scans" / f"scan-{i:02d}.png", _image(500 + i))
+  return [f"scans/scan-{i:02d}.png" for i in range(n)]
+
+
+def _write_csv(path: pathlib.Path, rows, header=("file", "label", "split")) -> pathlib.Path:
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(header)
+    w.writerows(rows)
+  return path
+
+
+def test_labels_csv_with_predefined_split_is_honoured_exactly(tmp_path):
+  files = _flat_images(tmp_path / "data", 10)
+  # A split no stratified draw would give: 7 test images, 2 train, 1 val.
+  plan = ["train", "test", "test", "val", "test", "train", "test", "test", "test", "test"]
+  labels = ["Tuberculosis" if i % 2 else "healthy" for i in range(10)]
+  absolute = str(tmp_path / "data" / files[9])  # an absolute path works too
+  rows = [(f if i < 9 else absolute, labels[i], plan[i].upper() if i == 3 else plan[i])
+          for i, f in enumerate(files)]
+  csv_path = _write_csv(tmp_path / "labels.csv", rows)
+  cfg = _cfg(tmp_path, data_dir=str(tmp_path / "data"), labels_csv=str(csv_path),
+             classes=("Healthy", "Tuberculosis"))
+  sets = dataset.load_splits(cfg, tmp_path / "work")
+  names = [f if i < 9 else absolute for i, f in enumerate(files)]
+  for split in splits.SPLITS:
+    want = sorted(n for n, p in zip(names, plan) if p == split)
+    assert sorted(sets[split].files) == want
+    for f, label in zip(sets[split].files, sets[split].labels):
+      assert label == (1 if names.index(f) % 2 else 0)
+  rows = splits.read_manifest(tmp_path / "work" / splits.MANIFEST)
+  assert {r.file: r.split for r in rows} == dict(zip(names, plan))
+  assert all("split as given in the labels CSV" in r.note for r in rows)
+  summary = json.loads((tmp_path / "work" / splits.SUMMARY).read_text())
+  assert summary["split_from"] == str(csv_path.resolve())
+  # Same files, no split column: labels from the CSV, the seeded stratified split.
+  no_split = _write_csv(tmp_path / "nosplit.csv", [r[:2] for r in zip(names, labels)],
+                        header=("file", "label"))
+  sets = dataset.load_splits(_cfg(tmp_path, data_dir=str(tmp_path / "data"),
+                                  labels_csv=str(no_split), classes=("Healthy", "Tuberculosis")))
+  assert [len(sets[s]) for s in splits.SPLITS] != [2, 1, 7]
+  assert sum(len(s) for s in sets.values()) == 10
+
+
+def test_labels_csv_identical_images_in_two_splits_are_an_error(tmp_path):
+  files = _flat_images(tmp_path / "data", 6)
+  copy = tmp_path / "data" / "scans" / "copy-of-0.png"
+  copy.write_bytes((tmp_path / "data" / files[0]).read_bytes())
+  plan = ["train", "train", "val", "val", "test", "test"]
+  rows = [(f, "COVID" if i % 2 else "Normal", plan[i]) for i, f in enumerate(files)]
+  rows.append(("scans/copy-of-0.png", "Normal", "test"))
+  csv_path = _write_csv(tmp_path / "labels.csv", rows)
+  cfg = _cfg(tmp_path, data_dir=str(tmp_path / "data"), labels_csv=str(csv_path),
+             classes=("COVID", "NORMAL"))
+  with pytest.raises(DataError) as e:
+    dataset.load_splits(cfg)
+  msg = str(e.value)
+  assert str(csv_path.resolve()) in msg
+  assert "scans/copy-of-0.png (test)" in msg and "scans/scan-00.png (train)" in msg
+
+
+@pytest.mark.parametrize("rows,header,problem", [
+    ([("scans/scan-00.png", "Healthy", "train")], ("path", "class", "split"),
+     "line 1: malformed header 'path,class,split'"),
+    ([("scans/scan-00.png", "Healthy", "train")], ("file",), "line 1: malformed header 'file'"),
+    ([("scans/scan-00.png", "Healthy", "train"), ("scans/missing.png", "Healthy", "test")],
+     ("file", "label", "split"), "line 3: file 'scans/missing.png' not found"),
+    ([("scans/scan-00.png", "Healthy", "training")], ("file", "label", "split"),
+     "line 2: unknown split 'training'; expected train, val or test"),
+    ([("scans/scan-00.png", "Healthy", "train"), ("scans/scan-01.png", "Cat", "val")],
+     ("file", "label", "split"), "line 3: label 'Cat' is not in config.data.classes"),
+    ([("scans/scan-00.png", "Healthy")], ("file", "label", "split"),
+     "line 2: 2 field(s), expected 3"),
+    ([("scans/scan-00.png", "Healthy", "train"), ("./scans/scan-00.png", "Healthy", "val")],
+     ("file", "label", "split"), "line 3: 'scans/scan-00.png' is listed again (first on line 2)"),
+])
+def test_labels_csv_errors_name_the_csv_line_and_problem(tmp_path, rows, header, problem):
+  _flat_images(tmp_path / "data", 2)
+  csv_path = _write_csv(tmp_path / "labels.csv", rows, header=header)
+  cfg = _cfg(tmp_path, data_dir=str(tmp_path / "data"), labels_csv=str(csv_path),
+             classes=("Healthy", "Tuberculosis"))
+  with pytest.raises(DataError) as e:
+    dataset.load_splits(cfg)
+  assert str(e.value).startswith(f"{csv_path.resolve()}: {problem}")
+
+
+def test_labels_csv_split_must_give_every_split(tmp_path):
+  files = _flat_images(tmp_path / "data", 4)
+  csv_path = _write_csv(tmp_path / "labels.csv", [(f, "AB" if i % 2 else "CD", "train" if i < 2
+                                                   else "test") for i, f in enumerate(files)])
+  cfg = _cfg(tmp_path, data_dir=str(tmp_path / "data"), labels_csv=str(csv_path),
+             classes=("AB", "CD"))
+  with pytest.raises(DataError, match=r"no image in split\(s\) val"):
+    dataset.load_splits(cfg)
+
+
+# --- DICOM ------------------------------------------------------------------------------------
+
+def _dicom(path: pathlib.Path, stored: np.ndarray, *, photometric: str = "MONOCHROME2",
+           window: tuple[float, float] | None = None, slope: float = 1.0,
+           intercept: float = 0.0, bits: int = 12, preamble: bool = True,
+           syntax: str = "1.2.840.10008.1.2.1", pixel_bytes: bytes | None = None) -> pathlib.Path:
+  """A minimal single-frame DICOM file written by pydicom."""
+  pytest.importorskip("pydicom")
+  from pydicom.dataset import Dataset, FileMetaDataset  # pylint: disable=import-outside-toplevel
+  from pydicom.uid import UID, generate_uid  # pylint: disable=import-outside-toplevel
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray
+  meta.MediaStorageSOPInstanceUID = generate_uid()
+  meta.TransferSyntaxUID = UID(syntax)
+  ds = Dataset()
+  ds.file_meta = meta
+  ds.SOPClassUID = meta.MediaStorageSOPClassUID
+  ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+  ds.Modality = "DX"
+  ds.Rows, ds.Columns = stored.shape
+  ds.SamplesPerPixel = 1
+  ds.PhotometricInterpretation = photometric
+  ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits, bits - 1
+  ds.PixelRepresentation = 0
+  if slope != 1.0 or intercept != 0.0:
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+  if window is not None:
+    ds.WindowCenter, ds.WindowWidth = window
+  if pixel_bytes is None:
+    ds.PixelData = stored.astype("<u2").tobytes()
+  else:
+    from pydicom.encaps import encapsulate  # pylint: disable=import-outside-toplevel
+    ds.PixelData = encapsulate([pixel_bytes])
+    ds["PixelData"].VR = "OB"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  ds.save_as(path, enforce_file_format=preamble)
+  return path
+
+
+def _ramp() -> np.ndarray:
+  """32 x 32 stored values 0..4092 (12-bit), each row a different level."""
+  return (np.arange(S * S).reshape(S, S) * 4).astype(np.uint16)
+
+
+def test_dicom_monochrome1_is_the_inverse_of_monochrome2(tmp_path):
+  stored = _ramp()
+  m2 = images.decode(_dicom(tmp_path / "m2.dcm", stored), S)
+  m1 = images.decode(_dicom(tmp_path / "m1.dcm", stored, photometric="MONOCHROME1"), S)
+  # No window: full range 0..4092 -> 0..255 (by hand), and MONOCHROME1's 0 is white.
+  want = np.rint(stored.astype(np.float64) * 255.0 / 4092.0)
+  np.testing.assert_array_equal(m2.pixels, want.astype(np.uint8))
+  np.testing.assert_array_equal(m1.pixels.astype(int), 255 - m2.pixels.astype(int))
+  assert "DICOM MONOCHROME1 inverted" in m1.notes
+  assert m2.pixels[0, 0] == 0 and m1.pixels[0, 0] == 255
+
+
+def test_dicom_window_clips_as_computed_by_hand(tmp_path):
+  stored = _ramp()
+  center, width = 2000.0, 1001.0  # linear between 1499.5 and 2499.5
+  out = images.decode(_dicom(tmp_path / "w.dcm", stored, window=(center, width)), S).pixels
+  x = stored.astype(np.float64)
+  expected = np.empty_like(x)
+  for idx, v in np.ndenumerate(x):
+    if v <= center - 0.5 - (width - 1) / 2:
+      expected[idx] = 0
+    elif v > center - 0.5 + (width - 1) / 2:
+      expected[idx] = 255
+    else:
+      expected[idx] = ((v - (center - 0.5)) / (width - 1) + 0.5) * 255
+  np.testing.assert_array_equal(out, np.rint(expected).astype(np.uint8))
+  flat = out.reshape(-1)  # pixel k holds stored value 4 k
+  assert flat[1496 // 4] == 0 and flat[2500 // 4] == 255 and flat[2000 // 4] == 128
+  assert flat[1800 // 4] == round(((1800 - 1999.5) / 1000 + 0.5) * 255)
+
+
+def test_dicom_rescale_slope_and_intercept_are_applied_before_the_window(tmp_path):
+  stored = _ramp()
+  # Modality values = 2 * stored - 1000: window (3000, 2001) in modality units.
+  out = images.decode(_dicom(tmp_path / "r.dcm", stored, slope=2.0, intercept=-1000.0,
+                             window=(3000.0, 2001.0)), S).pixels
+  modality = 2.0 * stored - 1000.0
+  expected = np.clip(((modality - 2999.5) / 2000.0 + 0.5) * 255.0, 0, 255)
+  np.testing.assert_array_equal(out, np.rint(expected).astype(np.uint8))
+  # Without the rescale the same window would give other pixels.
+  plain = np.clip(((stored - 2999.5) / 2000.0 + 0.5) * 255.0, 0, 255)
+  assert not np.array_equal(out, np.rint(plain).astype(np.uint8))
+
+
+def test_dicom_without_suffix_is_found_by_its_preamble_and_resized(tmp_path):
+  stored = np.kron(_ramp()[::2, ::2], np.ones((4, 4), np.uint16))  # 64 x 64
+  data_root = tmp_path / "mydata"
+  _dicom(data_root / "Healthy" / "IM0001", stored)
+  _dicom(data_root / "Tuberculosis" / "scan.dcm", stored, photometric="MONOCHROME1")
+  _png(data_root / "Healthy" / "b.png", _image(1))
+  lay = layout.discover(tmp_path, ("HEALTHY", "TUBERCULOSIS"))
+  assert sorted(e.file for e in lay.entries) == ["Healthy/IM0001", "Healthy/b.png",
+                                                  "Tuberculosis/scan.dcm"]
+  out = images.decode(data_root / "Healthy" / "IM0001", S)
+  assert out.pixels.shape == (S, S) and out.original_size == (64, 64)
+  assert out.pixels[0, 0] < 10 and out.pixels[-1, -1] > 245
+
+
+def test_dicom_compressed_without_decoder_is_a_one_line_error(tmp_path):
+  path = _dicom(tmp_path / "jls.dcm", _ramp(), syntax="1.2.840.10008.1.2.4.80",  # JPEG-LS
+                pixel_bytes=b"\xff\xd8\xff\xf7" + b"\x00" * 64)
+  try:
+    import pylibjpeg  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
+    pytest.skip("a JPEG-LS decoder is installed")
+  except ImportError:
+    pass
+  with pytest.raises(images.ImageError) as e:
+    images.decode(path, S)
+  msg = str(e.value)
+  assert "\n" not in msg and msg.startswith(f"{path}: compressed DICOM (JPEG-LS Lossless")
+  assert "no installed decoder" in msg
