@@ -242,6 +242,20 @@ def test_reflect_padding_by_hand():
   np.testing.assert_array_equal(z[0], [4, 3, 4, 5, 4])
 
 
+def test_resnet_generator_dropout_and_bf16():
+  model = filled(lambda rngs: ResnetGenerator(ngf=2, n_blocks=1, use_dropout=True, rngs=rngs,
+                                              dtype=jnp.bfloat16))
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 8, 8, 1)), jnp.float32)
+  with pytest.raises(ValueError, match="dropout"):
+    model(x, train=True)
+  evals = model(x, train=False)
+  assert evals.dtype == jnp.float32 and model.conv_in.kernel[...].dtype == jnp.float32
+  np.testing.assert_array_equal(evals, model(x, train=False))  # no dropout in eval
+  a = model(x, train=True, rngs=nnx.Rngs(dropout=1))
+  b = model(x, train=True, rngs=nnx.Rngs(dropout=2))
+  assert not np.array_equal(a, b)
+
+
 def test_resnet_generator_rejects_bad_sizes():
   with pytest.raises(ConfigError, match="data.image_size"):
     rg.check_image_size(30)
