@@ -56,6 +56,50 @@ def num_levels(image_size: int) -> int:
   return k
 
 
+def reference_keys(levels: int, norm: str = "batch") -> dict[str, str]:
+  """Our parameter / batch-statistic paths ('levels.2.down.kernel') -> the reference's
+  `UnetGenerator` state-dict keys ('model.model.1.model.3.model.1.weight') of the same network.
+
+  The reference nests one `UnetSkipConnectionBlock` per level, each a `.model` Sequential:
+  outermost [down, sub, ReLU, up, Tanh]; intermediate [LeakyReLU, down, norm, sub, ReLU, up,
+  norm, (Dropout)]; innermost [LeakyReLU, down, ReLU, up, norm]. Level 1 is the outermost's
+  item 1, every deeper level its parent's item 3. Dropout has no parameters, so the keys do not
+  depend on it. Layouts: see `resnet_generator.py` (4-D kernels transposed, norm
+  scale/bias/mean/var -> weight/bias/running_mean/running_var).
+  """
+  use_bias = norm == "instance"
+  keys: dict[str, str] = {}
+
+  def layer(ours: str, ref: str, *, conv: bool, bias: bool = False) -> None:
+    if conv:
+      keys[f"{ours}.kernel"] = f"{ref}.weight"
+      if bias:
+        keys[f"{ours}.bias"] = f"{ref}.bias"
+    elif norm == "batch":
+      for a, b in (("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"),
+                   ("var", "running_var")):
+        keys[f"{ours}.{a}"] = f"{ref}.{b}"
+
+  prefix = "model.model"
+  for i in range(levels):
+    ours = f"levels.{i}"
+    if i == 0:
+      layer(f"{ours}.down", f"{prefix}.0", conv=True, bias=use_bias)
+      layer(f"{ours}.up", f"{prefix}.3", conv=True, bias=True)
+      prefix = f"{prefix}.1.model"
+    elif i == levels - 1:
+      layer(f"{ours}.down", f"{prefix}.1", conv=True, bias=use_bias)
+      layer(f"{ours}.up", f"{prefix}.3", conv=True, bias=use_bias)
+      layer(f"{ours}.up_norm", f"{prefix}.4", conv=False)
+    else:
+      layer(f"{ours}.down", f"{prefix}.1", conv=True, bias=use_bias)
+      layer(f"{ours}.down_norm", f"{prefix}.2", conv=False)
+      layer(f"{ours}.up", f"{prefix}.5", conv=True, bias=use_bias)
+      layer(f"{ours}.up_norm", f"{prefix}.6", conv=False)
+      prefix = f"{prefix}.3.model"
+  return keys
+
+
 def up_conv(cin: int, cout: int, *, use_bias: bool, rngs: nnx.Rngs, dtype,
             param_dtype) -> nnx.ConvTranspose:
   """PyTorch ConvTranspose2d(cin, cout, k=4, s=2, p=1): exactly doubles H and W.
