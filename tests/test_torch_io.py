@@ -175,6 +175,13 @@ def test_torchvision_resnet_export_reads_back(tmp_path):
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   np.testing.assert_array_equal(np.asarray(model(x, train=False)),
                                 np.asarray(back(x, train=False)))
+  gray = ResNet(num_classes=2, in_channels=1, stage_sizes=(1,), width=4, rngs=nnx.Rngs(0))
+  sd = load_file(str(torch_io.export_torchvision_resnet(gray, tmp_path / "g.safetensors")))
+  np.testing.assert_array_equal(sd["conv1.weight"],
+                                np.asarray(gray.stem.conv.kernel.get_value()).transpose(3, 2, 0, 1))
+  assert sd["conv1.weight"].shape == (4, 1, 7, 7)
+  with pytest.raises(UserError, match=r"classifier\.pth: exported weights are written as "):
+    torch_io.export_torchvision_resnet(gray, tmp_path / "classifier.pth")
   with pytest.raises(UserError, match="variant 'v1.5'"):
     torch_io.export_torchvision_resnet(
         ResNet(num_classes=3, stage_sizes=(1,), width=4, variant="v1", rngs=nnx.Rngs(0)),
