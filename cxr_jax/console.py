@@ -125,6 +125,18 @@ def setup(level: str = "default") -> None:
   root.addHandler(buffer)
   logging.captureWarnings(True)  # Python warnings become records: the log file only
   _state.update(console=console, buffer=buffer, level=level, py_warnings=0)
+  if not is_tty():
+    _quiet_tfds_bars()
+
+
+def _quiet_tfds_bars() -> None:
+  """TFDS draws its own tqdm bars while preparing a dataset: on a terminal they say how far a
+  long preparation is; in a log or a pipe each redraw is a line of noise."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return
+  tfds.display_progress_bar(False)
 
 
 def start_log_file(workdir: str | os.PathLike, task: str, *,
