@@ -223,3 +223,31 @@ def test_experiment_smoke_console_is_short_and_ends_with_the_report(tmp_path):
   assert lines[-1].startswith(f"Full log: {tmp_path / 'run' / 'logs' / 'experiment-'}")
   log = next((tmp_path / "run" / "logs").glob("experiment-*.log")).read_text()
   assert "checkpoint" in log and "Config:" in log and len(log.splitlines()) > 5 * len(lines)
+
+
+def test_pyproject_lists_every_package_and_admits_the_pins():
+  """pyproject.toml names its packages explicitly (configs/ is mapped in as cxr_jax.configs): a
+  new subpackage left out would be missing from an installed copy. Its ranges must admit the
+  pinned versions CI installs."""
+  import re
+  import tomllib
+  project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+  on_disk = {".".join(p.parent.relative_to(REPO_ROOT).parts)
+             for p in (REPO_ROOT / "cxr_jax").rglob("__init__.py")}
+  listed = set(project["tool"]["setuptools"]["packages"])
+  assert listed == on_disk | {"cxr_jax.configs"}
+  assert project["tool"]["setuptools"]["package-dir"] == {"cxr_jax.configs": "configs"}
+  assert project["project"]["scripts"]["cxr-jax"] == "cxr_jax.cli:run"
+  pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([^\s#]+)", (REPO_ROOT / "requirements.txt")
+                         .read_text(), re.M))
+  norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+  pins = {norm(k): tuple(int(x) for x in v.split(".")) for k, v in pins.items()}
+  names = {norm(re.match(r"[A-Za-z0-9_.-]+", spec).group()) for spec in
+           project["project"]["dependencies"]}
+  assert names == set(pins) - {"jaxlib", "keras", "pytest"}  # jax brings its jaxlib; test-only
+  for spec in project["project"]["dependencies"]:
+    name, bounds = re.match(r"([A-Za-z0-9_.-]+)(.*)", spec.split(";")[0]).groups()
+    version = pins[norm(name)]
+    for op, bound in re.findall(r"(>=|<)([0-9.]+)", bounds):
+      bound = tuple(int(x) for x in bound.split("."))
+      assert (version >= bound) if op == ">=" else (version < bound), (spec, version)
