@@ -170,8 +170,8 @@ class Progress:
     at_end = step >= self.total
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
-      self._bar.set_postfix_str(f", {speed}, ETA {console.fmt_seconds(eta)}, "
-                                f"{_short(metrics)}", refresh=True)
+      self._bar.set_postfix_str(f"{speed}, ETA {console.fmt_seconds(eta)}, {_short(metrics)}",
+                                refresh=True)  # tqdm puts ", " before the postfix
       logging.info("%s", line, extra=console.FILE_ONLY)
     elif self._visible:
       if at_end or now >= self._next_line_t:
