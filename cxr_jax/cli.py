@@ -168,11 +168,13 @@ def _headline(workdir: pathlib.Path) -> list[str]:
     report = json.loads(path.read_text())
     from cxr_jax.pipeline.report import _fmt  # pylint: disable=import-outside-toplevel
     rows = [f"  {'training data / init':<22} {'accuracy %':<28} macro-F1 %"]
+    skipped: dict[str, list[str]] = {}  # reason -> rows: one line per reason
     for key, entry in report["table"].items():
       if "skipped" in entry:
-        rows.append(f"  {key:<22} skipped: {entry['skipped']}")
+        skipped.setdefault(str(entry["skipped"]), []).append(key)
       else:
         rows.append(f"  {key:<22} {_fmt(entry['accuracy']):<28} {_fmt(entry['macro_f1'])}")
+    rows += [f"  {', '.join(keys)}: skipped: {reason}" for reason, keys in skipped.items()]
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     return [f"  (cannot read {path}: {e})"]
   seeds = report.get("seeds", [])
