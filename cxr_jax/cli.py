@@ -138,6 +138,9 @@ def main(argv: list[str]) -> None:
     logging.error("%s", e, extra=console.FILE_ONLY)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except Exception:  # a crash: its traceback goes to the console as usual, and into the log file
+    logging.exception("%s failed", config.task, extra=console.FILE_ONLY)
+    raise
   if workdir_lib.is_writer():
     print(closing_summary(config.task, workdir, time.perf_counter() - started,
                           console.log_path(), console.python_warnings()), file=sys.stderr)
