@@ -109,3 +109,147 @@ def test_workdir_same_config_resumes_other_config_refused(tmp_path):
   aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
   assert len(aside) == 1 and (aside[0] / "keep.txt").read_text() == "user data"
   assert json.loads((run / "config.json").read_text())["batch_size"] == 4
+
+
+def test_config_flag_falls_back_to_the_packaged_configs(tmp_path, monkeypatch):
+  from cxr_jax import cli
+  monkeypatch.chdir(tmp_path)                          # no configs/ here
+  packaged = str(REPO_ROOT / "configs" / "pix2pix.py")
+  assert cli.resolve_config_arg(["p", "--config=configs/pix2pix.py:smoke", "--workdir=w"]) == [
+      "p", f"--config={packaged}:smoke", "--workdir=w"]
+  assert cli.resolve_config_arg(["p", "--config", "pix2pix.py"]) == ["p", "--config", packaged]
+  for kept in (["p", "--config=configs/nothere.py"], ["p", "--config=other/pix2pix.py"]):
+    assert cli.resolve_config_arg(kept) == kept
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "pix2pix.py").write_text("")  # the cwd's own copy wins
+  assert cli.resolve_config_arg(["p", "--config=configs/pix2pix.py"])[1] == \
+      "--config=configs/pix2pix.py"
+
+
+@pytest.fixture
+def quiet_console():
+  import logging
+  from absl import logging as absl_logging
+  from cxr_jax import console
+  root = logging.getLogger()
+  had_absl, level = absl_logging.get_absl_handler() in root.handlers, root.level
+  yield console
+  console.teardown()
+  logging.captureWarnings(False)
+  root.setLevel(level)
+  if had_absl:
+    root.addHandler(absl_logging.get_absl_handler())
+
+
+def _ours(message, level="INFO", **extra):
+  """A record as cxr_jax's own modules log it: through absl, from a file of the package."""
+  import logging
+  from absl import logging as absl_logging
+  from cxr_jax import console
+  record = logging.LogRecord("absl", getattr(logging, level), console.__file__, 1, message, None,
+                             None)
+  record.__dict__.update(extra)
+  absl_logging.get_absl_logger().handle(record)
+
+
+def test_console_hides_library_info_and_warnings_but_the_log_file_keeps_all(
+    tmp_path, capsys, quiet_console):
+  import logging
+  import warnings
+  console = quiet_console
+  console.setup("default")
+  _ours("before the log file")                           # kept for the file too
+  log = console.start_log_file(tmp_path, "pix2pix")
+  assert log.parent == tmp_path / "logs" and log.name.startswith("pix2pix-")
+  logging.getLogger("orbax.checkpoint").info("Finished blocking save")
+  logging.getLogger("orbax.checkpoint").warning("library warning")
+  warnings.warn("Matrix is singular", RuntimeWarning)
+  _ours("our progress")
+  _ours("our progress")                                  # said once on the console
+  _ours("the resolved config", **console.FILE_ONLY)
+  _ours("our warning", "WARNING")
+  err = capsys.readouterr().err
+  shown = [line.split(" ", 1)[1] for line in err.splitlines()]
+  assert shown == ["before the log file", "warning: library warning", "our progress",
+                   "warning: our warning"]
+  text = log.read_text()
+  for message in ("before the log file", "Finished blocking save", "library warning",
+                  "Matrix is singular", "the resolved config", "our warning"):
+    assert message in text, message
+  assert text.count("our progress") == 2 and console.python_warnings() == 1
+
+
+def test_console_log_level_info_shows_library_records(capsys, quiet_console):
+  import logging
+  console = quiet_console
+  console.setup("info")
+  logging.getLogger("orbax.checkpoint").info("Finished blocking save")
+  logging.getLogger("jax._src.compiler").debug("debug detail")
+  assert capsys.readouterr().err.split(" ", 1)[1].strip() == "Finished blocking save"
+  with pytest.raises(ValueError, match="--log_level=loud"):
+    console.setup("loud")
+
+
+def test_closing_summary_shows_the_headline_table(tmp_path):
+  from cxr_jax import cli
+  agg = {"mean": 0.95, "std": 0.01, "ci": [0.9, 1.02]}
+  (tmp_path / "report.json").write_text(json.dumps({"seeds": [0, 1], "table": {
+      "original/scratch": {"accuracy": agg, "macro_f1": {"mean": 0.5, "std": None, "ci": None}},
+      "original/transfer": {"skipped": "no ImageNet weights"},
+      "enhanced/transfer": {"skipped": "no ImageNet weights"}}}))
+  (tmp_path / "report.md").write_text("# report")
+  text = cli.closing_summary("experiment", tmp_path, 3725.0, tmp_path / "x.log", 2)
+  lines = text.splitlines()
+  assert lines[1] == f"Done: experiment in 1:02:05. Outputs in {tmp_path}"
+  assert lines[2].strip() == "report.md"
+  assert lines[4].split() == ["training", "data", "/", "init", "accuracy", "%", "macro-F1", "%"]
+  # the CI's upper end is clipped to 100 %; a macro-F1 without spread shows only its mean
+  assert lines[5].split() == ["original/scratch", "95.0", "±", "1.0", "[90.0,", "100.0]", "50.0"]
+  assert lines[6].strip() == "original/transfer, enhanced/transfer: skipped: no ImageNet weights"
+  assert lines[-2:] == [f"Report: {tmp_path / 'report.md'}",
+                        f"Full log: {tmp_path / 'x.log'} (2 Python warning(s) there)"]
+
+
+def test_experiment_smoke_console_is_short_and_ends_with_the_report(tmp_path):
+  """The README's job in small: the console stays under a bound (it was 927 lines before the
+  quiet console), ends with where the report is, and the log file has the library records."""
+  result = _main("--config=" + str(REPO_ROOT / "configs/experiment.py:smoke"),
+                 f"--workdir={tmp_path / 'run'}", cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = (result.stdout + result.stderr).splitlines()
+  assert len(lines) <= 60, "\n".join(lines)
+  assert not [line for line in lines if "orbax" in line.lower() or "Warning:" in line]
+  assert f"Report: {tmp_path / 'run' / 'report.md'}" in lines
+  assert lines[-1].startswith(f"Full log: {tmp_path / 'run' / 'logs' / 'experiment-'}")
+  log = next((tmp_path / "run" / "logs").glob("experiment-*.log")).read_text()
+  assert "checkpoint" in log and "Config:" in log and len(log.splitlines()) > 5 * len(lines)
+
+
+def test_pyproject_lists_every_package_and_admits_the_pins():
+  """pyproject.toml names its packages explicitly (configs/ is mapped in as cxr_jax.configs): a
+  new subpackage left out would be missing from an installed copy. Its ranges must admit the
+  pinned versions CI installs."""
+  import re
+  import tomllib
+  project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+  on_disk = {".".join(p.parent.relative_to(REPO_ROOT).parts)
+             for p in (REPO_ROOT / "cxr_jax").rglob("__init__.py")}
+  listed = set(project["tool"]["setuptools"]["packages"])
+  assert listed == on_disk | {"cxr_jax.configs"}
+  assert project["tool"]["setuptools"]["package-dir"] == {"cxr_jax.configs": "configs"}
+  assert project["project"]["scripts"]["cxr-jax"] == "cxr_jax.cli:run"
+  pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([^\s#]+)", (REPO_ROOT / "requirements.txt")
+                         .read_text(), re.M))
+  norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+  pins = {norm(k): tuple(int(x) for x in v.split(".")) for k, v in pins.items()}
+  names = {norm(re.match(r"[A-Za-z0-9_.-]+", spec).group()) for spec in
+           project["project"]["dependencies"]}
+  # jax brings its jaxlib; keras and pytest are test-only; pydicom is the `dicom` extra
+  assert names == set(pins) - {"jaxlib", "keras", "pytest", "pydicom"}
+  assert any(spec.startswith("pydicom") for spec in project["project"]["optional-dependencies"]["dicom"])
+  for spec in project["project"]["dependencies"]:
+    name, bounds = re.match(r"([A-Za-z0-9_.-]+)(.*)", spec.split(";")[0]).groups()
+    version = pins[norm(name)]
+    for op, bound in re.findall(r"(>=|<)([0-9.]+)", bounds):
+      bound = tuple(int(x) for x in bound.split("."))
+      assert (version >= bound) if op == ">=" else (version < bound), (spec, version)

@@ -161,3 +161,68 @@ def test_best_checkpoint_restored_and_an_unreadable_one_named(tmp_path):
   (tmp_path / "best" / "1" / "metrics" / "metrics").write_text("{not json")
   with pytest.raises(UserError, match=r"/best: cannot read the records of the best checkpoint"):
     checkpoint.Checkpointer(tmp_path / "ck", best_metric="f1")
+
+
+def test_progress_due_eta_lines_and_slow_warning(caplog):
+  """`due` is time-based; the ETA counts from the first report (compilation left out); off a
+  terminal only some reports reach the console; a run of more than a day warns once."""
+  import time
+  from cxr_jax.training.summary import Progress
+  caplog.set_level("INFO")
+  total = 10**9
+  p = Progress(total, 0, images_per_step=4, name="pix2pix")
+  p.FIRST_REPORT_S, p.REPORT_EVERY_S, p.LINE_EVERY_S = 0.05, 0.05, 3600.0
+  p._next_line_t = 0.0  # the first report reaches the console at once
+  assert not p.due(0)                      # nothing done yet
+  time.sleep(0.06)
+  assert p.due(10) and not p.due(total)
+  p.report(10, {"g_loss": 2.0}, p.rate(10))
+  assert not p.due(11)                     # just reported
+  t1 = time.perf_counter()
+  time.sleep(0.1)
+  before = time.perf_counter()
+  eta = p.eta(20)
+  after = time.perf_counter()
+  # (total - 20) steps at 10 steps per (now - first report)
+  assert (total - 20) * (before - t1) / 10 <= eta <= (total - 20) * (after - t1 + 0.01) / 10
+  p.report(20, {"g_loss": 1.5}, p.rate(20))
+  p.report(30, {"g_loss": 1.0}, p.rate(30))
+  reports = [r for r in caplog.records if "pix2pix step" in r.getMessage()]
+  assert [getattr(r, "console", True) for r in reports] == [True, False, False]
+  assert "g_loss=1.5" in reports[1].getMessage() and "4 img/s" not in reports[1].getMessage()
+  slow = [r for r in caplog.records if r.levelname == "WARNING"]
+  assert len(slow) == 1 and "configs/pix2pix.py:cpu" in slow[0].getMessage()
+  p.report(total, {"g_loss": 0.5}, 1.0)    # the last report always reaches the console
+  assert getattr(caplog.records[-1], "console", True) is True
+  p.close()
+
+
+def test_first_report_without_measured_rate_does_not_warn(caplog):
+  from cxr_jax.training.summary import Progress
+  caplog.set_level("INFO")
+  p = Progress(10**9, 0, images_per_step=1, name="classifier")
+  p.report(1, {"loss": 1.0}, p.rate(1))   # includes compilation: no verdict on speed yet
+  assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_summary_scalars_csv_resumed_run_and_training_curves(tmp_path):
+  """Scalars also go to tensorboard/scalars.csv; a resumed run's repeated steps keep the last
+  value; write_training_curves draws train/ and val/ panels from it."""
+  from PIL import Image
+  from cxr_jax.evaluation import plots
+  writer = SummaryWriter(tmp_path / "tensorboard")
+  writer.scalars(10, {"train/loss": 1.0, "perf/steps_per_sec": 3.0})
+  writer.scalars(20, {"train/loss": 0.5, "val/macro_f1": 0.25})
+  writer.close()
+  writer = SummaryWriter(tmp_path / "tensorboard")      # resumed from step 10
+  writer.scalars(20, {"train/loss": 0.75})
+  writer.scalars(30, {"train/loss": 0.125})
+  writer.close()
+  history = plots.read_scalars(tmp_path / "tensorboard" / "scalars.csv")
+  assert history == {"train/loss": [(10, 1.0), (20, 0.75), (30, 0.125)],
+                     "perf/steps_per_sec": [(10, 3.0)], "val/macro_f1": [(20, 0.25)]}
+  out = plots.write_training_curves(tmp_path)
+  assert out == tmp_path / "training_curves.png"
+  width, height = Image.open(out).size
+  assert width > 2 * height                             # two panels side by side, perf/ left out
+  assert plots.write_training_curves(tmp_path / "no-run") is None

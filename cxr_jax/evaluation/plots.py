@@ -1,5 +1,8 @@
 """Figures for the report: confusion matrix, one-vs-rest ROC curves, training curves.
 
+A training run's curves come from the `scalars.csv` its `SummaryWriter` writes beside the
+TensorBoard event files (`write_training_curves`), so no TensorBoard install is needed to draw them.
+
 Figures are built on matplotlib's Agg canvas directly (no pyplot): no global figure registry to
 leak or close, no display needed on a headless machine, safe next to other threads. Each PNG is
 written to a temporary file and renamed, so a crash never leaves a half-written picture.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import pathlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -120,3 +124,42 @@ def training_curves_png(path: str | os.PathLike,
     fig.suptitle(title)
   fig.tight_layout()
   save_figure(fig, path)
+
+
+def read_scalars(csv_path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+  """`{tag: [(step, value), ...]}` sorted by step from a `step,tag,value` CSV; a step written twice
+  (a run resumed from a checkpoint older than its last log) keeps its last value."""
+  latest: dict[str, dict[int, float]] = {}
+  with open(csv_path, encoding="utf-8") as f:
+    for line in f:
+      fields = line.rstrip("\n").split(",")
+      if len(fields) < 3 or fields[0] == "step":
+        continue
+      try:
+        step, value = int(fields[0]), float(fields[-1])
+      except ValueError:
+        continue  # a line cut short by a crash
+      latest.setdefault(",".join(fields[1:-1]), {})[step] = value
+  return {tag: sorted(points.items()) for tag, points in latest.items()}
+
+
+def write_training_curves(workdir: str | os.PathLike, *,
+                          prefixes: Sequence[str] = ("train/", "val/")) -> pathlib.Path | None:
+  """Draws `<workdir>/training_curves.png` from `<workdir>/tensorboard/scalars.csv`.
+
+  One panel per `train/` and `val/` scalar. Returns the picture's path, or None when the run
+  wrote no scalars (or on processes other than 0, which write nothing).
+  """
+  from cxr_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from cxr_jax.training.summary import SCALARS_CSV  # pylint: disable=import-outside-toplevel
+  workdir = pathlib.Path(workdir)
+  csv_path = workdir / "tensorboard" / SCALARS_CSV
+  if not workdir_lib.is_writer() or not csv_path.is_file():
+    return None
+  history = {tag: points for tag, points in read_scalars(csv_path).items()
+             if tag.startswith(tuple(prefixes))}
+  if not history:
+    return None
+  out = workdir / "training_curves.png"
+  training_curves_png(out, history, title=workdir.name)
+  return out
