@@ -141,23 +141,47 @@ def test_mesh_and_batch_checks():
   assert len(x.addressable_shards) == 4 and x.addressable_shards[0].data.shape == (2, 1)
 
 
-def test_best_checkpoint_restored_and_an_unreadable_one_named(tmp_path):
-  ckpt = checkpoint.Checkpointer(tmp_path / "ck", best_metric="f1")
-  ckpt.save(1, _state(1.0), metrics={"f1": 0.9})
-  ckpt.save(2, _state(2.0), metrics={"f1": 0.5})
+def test_one_manager_keeps_latest_k_and_the_best_and_names_an_unreadable_best(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path / "ck", max_to_keep=2, best_metric="f1")
+  for step, f1 in ((1, 0.9), (2, 0.5), (3, 0.7), (4, 0.6)):
+    ckpt.save(step, _state(float(step)), metrics={"f1": f1})
   ckpt.wait()
+  assert ckpt.all_steps() == [1, 3, 4], "the latest 2 and the best"
   best, step = ckpt.restore_best(_state(0.0))
   assert step == 1
   np.testing.assert_array_equal(best["params"]["w"], np.full((3, 2), 1.0))
   ckpt.close()
-  for f in (tmp_path / "best" / "1" / "default").rglob("*"):   # the arrays, not the metrics
+  plain = checkpoint.Checkpointer(tmp_path / "plain", max_to_keep=2)
+  for step in (1, 2, 3):
+    plain.save(step, _state(float(step)))
+  plain.wait()
+  assert plain.all_steps() == [2, 3] and plain.best_step() is None
+  plain.close()
+  for f in (tmp_path / "ck" / "1" / "default").rglob("*"):   # the arrays, not the metrics
     if f.is_file() and "metadata" not in f.name.lower() and f.suffix != ".txt":
       f.write_bytes(b"garbage")
-  ckpt = checkpoint.Checkpointer(tmp_path / "ck", best_metric="f1")
-  with pytest.raises(UserError, match=r"best/1: the best checkpoint cannot be read"):
+  ckpt = checkpoint.Checkpointer(tmp_path / "ck", max_to_keep=2, best_metric="f1")
+  with pytest.raises(UserError, match=r"ck/1: the best checkpoint cannot be read"):
     ckpt.restore_best(_state(0.0))
-  assert (tmp_path / "best" / "1").is_dir(), "left where it is"
+  assert (tmp_path / "ck" / "1").is_dir(), "left where it is"
   ckpt.close()
-  (tmp_path / "best" / "1" / "metrics" / "metrics").write_text("{not json")
-  with pytest.raises(UserError, match=r"/best: cannot read the records of the best checkpoint"):
+  (tmp_path / "ck" / "1" / "metrics" / "metrics").write_text("{not json")
+  with pytest.raises(UserError, match=r"/ck: cannot read the records of the checkpoints"):
     checkpoint.Checkpointer(tmp_path / "ck", best_metric="f1")
+
+
+def test_typed_keys_are_saved_as_key_data_and_restored_typed(tmp_path):
+  state = {"rng": jax.random.fold_in(jax.random.key(3), 7), "step": jnp.int32(5)}
+  flat = checkpoint.flatten(state)
+  assert flat["rng"].dtype == jnp.uint32 and flat["rng"].shape == (2,)
+  ckpt = checkpoint.Checkpointer(tmp_path / "ck")
+  ckpt.save(5, state)
+  ckpt.wait()
+  template = {"rng": jax.random.key(0), "step": jnp.int32(0)}
+  restored, step = ckpt.restore_latest(checkpoint.abstract(template))
+  ckpt.close()
+  assert step == 5 and jax.dtypes.issubdtype(restored["rng"].dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(jax.random.key_data(restored["rng"]),
+                                jax.random.key_data(state["rng"]))
+  np.testing.assert_array_equal(jax.random.uniform(restored["rng"], (3,)),
+                                jax.random.uniform(state["rng"], (3,)))
