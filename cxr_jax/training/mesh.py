@@ -47,6 +47,9 @@ def put_replicated(tree, mesh: Mesh):
   sharding = replicated(mesh)
 
   def put(x):
+    if jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+      # Typed keys travel as their key data (no numpy form), wrapped again on the devices.
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
     x = np.asarray(x) if not isinstance(x, jax.Array) else x
     if isinstance(x, jax.Array) and jax.process_count() == 1:
       return jax.device_put(x, sharding)
