@@ -93,7 +93,7 @@ def build_module(meta: dict, *, seed: int = 0, abstract: bool = True) -> nnx.Mod
 # ------------------------------------------------------------------- pure inference functions
 
 
-def _translate(net: Functional, inference: str, params, stats, images_u8, key_data):
+def translate_images(net: Functional, inference: str, params, stats, images_u8, key_data):
   """uint8 translations of uint8 images; each image's dropout noise comes from its own key."""
   if inference == "eval":
     out, _ = net.apply(params, stats, gan.to_signed(images_u8), train=False)
@@ -173,7 +173,7 @@ class Exported:
     base = jax.random.key(seed)
     key_data = np.asarray(jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(base, i))(
         jnp.arange(first_index, first_index + len(images_u8)))))
-    fn = lambda p, s, x, k: _translate(self.net, self.meta["inference"], p, s, x, k)  # noqa: E731
+    fn = lambda p, s, x, k: translate_images(self.net, self.meta["inference"], p, s, x, k)  # noqa: E731
     return self.map("translate", fn, images_u8, key_data, batch_size=batch_size)
 
   # Classifiers --------------------------------------------------------------------------------
