@@ -1,5 +1,7 @@
 """The shared training machinery: checkpoints, the host loop, augmentation, the mesh."""
 
+import ast
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,8 @@ from cxr_jax.training import checkpoint
 from cxr_jax.training import loop
 from cxr_jax.training import mesh as mesh_lib
 from cxr_jax.training.summary import SummaryWriter
+
+from conftest import REPO_ROOT
 
 
 def _state(scale=1.0):
@@ -185,3 +189,41 @@ def test_typed_keys_are_saved_as_key_data_and_restored_typed(tmp_path):
                                 jax.random.key_data(state["rng"]))
   np.testing.assert_array_equal(jax.random.uniform(restored["rng"], (3,)),
                                 jax.random.uniform(state["rng"], (3,)))
+
+
+# Which packages each layer may import (besides errors, configlib, workdir, runtime and utils).
+LAYERS = {"data": {"data"}, "models": {"models"}, "training": {"data", "models", "training"},
+          "evaluation": {"data", "models", "training", "evaluation"},
+          "pipeline": {"data", "models", "training", "evaluation", "pipeline"}}
+
+
+def _imports(path):
+  """(imported cxr_jax module, whether the import is inside a function) for each import."""
+  tree = ast.parse(path.read_text())
+  inner = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+           for n in ast.walk(f) if n is not f}
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module:
+      names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    elif isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    else:
+      continue
+    for name in names:
+      yield name, id(node) in inner
+
+
+def test_imports_run_one_way_and_none_hide_in_functions():
+  package = REPO_ROOT / "cxr_jax"
+  wrong, hidden = [], []
+  for layer, allowed in LAYERS.items():
+    for path in sorted((package / layer).glob("*.py")):
+      for name, in_function in _imports(path):
+        parts = name.split(".")
+        if parts[0] == "cxr_jax" and len(parts) > 1 and parts[1] in LAYERS:
+          if parts[1] not in allowed:
+            wrong.append(f"{path.relative_to(REPO_ROOT)} imports {name}")
+          if in_function and layer in ("training", "evaluation", "pipeline"):
+            hidden.append(f"{path.relative_to(REPO_ROOT)}: {name}")
+  assert not wrong, wrong
+  assert not hidden, hidden
