@@ -2,6 +2,7 @@
 leakage refusal, and the task end to end (scratch and transfer) with predict."""
 
 import json
+import logging
 import math
 import os
 
@@ -207,3 +208,23 @@ def test_scratch_smoke_end_to_end_and_predict(tmp_path):
   rows = (tmp_path / "pred" / "predictions.csv").read_text(encoding="utf-8").splitlines()
   assert rows[0].startswith("file,label,predicted,p_COVID") and rows[1].startswith("a.png")
   assert rows[2].startswith("caf\\xe9.png,")
+
+
+def test_validation_goes_through_the_export_path_and_compiles_once(tiny_model, caplog):
+  """Validation with new weights reuses the compiled prediction (`Exported.with_weights`) and
+  gives what the exported classifier built from those weights gives."""
+  rng = np.random.default_rng(3)
+  val = _image_set(rng.integers(0, 256, 6), [0, 1, 2, 0, 1, 2], "val")
+  tiny_model.val = val
+  state = fit.place_state(tiny_model.init_state(), tiny_model.mesh)
+  first = tiny_model.validate(0, state)
+  assert set(first) == {"accuracy", "macro_f1"} and 0.0 <= first["macro_f1"] <= 1.0
+  doubled = jax.tree.map(lambda w: w * 1.5, state.net.params)
+  caplog.set_level(logging.WARNING)
+  with jax.log_compiles(True):
+    probs = tiny_model.exported.with_weights(doubled, state.net.stats).predict(val.images, 16)
+  assert not [r for r in caplog.records if "Compiling" in r.getMessage()], "compiled again"
+  exported = export.Exported.create(tiny_model.export_meta(), tiny_model.net,
+                                    jax.device_get(doubled), jax.device_get(state.net.stats))
+  np.testing.assert_allclose(probs, exported.predict(val.images, 8), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)

@@ -227,3 +227,20 @@ def test_imports_run_one_way_and_none_hide_in_functions():
             hidden.append(f"{path.relative_to(REPO_ROOT)}: {name}")
   assert not wrong, wrong
   assert not hidden, hidden
+
+
+def test_map_batches_pads_dispatches_every_batch_before_fetching(monkeypatch):
+  mesh = mesh_lib.make_mesh()
+  events = []
+  double = jax.jit(lambda x: x * 2, out_shardings=mesh_lib.batch_sharding(mesh))
+
+  def fn(x):
+    events.append(("dispatch", x.shape))
+    return double(x)
+
+  fetch = mesh_lib.fetch
+  monkeypatch.setattr(mesh_lib, "fetch", lambda y: (events.append(("fetch",)), fetch(y))[1])
+  x = np.arange(10, dtype=np.float32)[:, None]
+  out = mesh_lib.map_batches(fn, (x,), batch_size=3, mesh=mesh)   # rounded up to 4 (devices)
+  np.testing.assert_array_equal(out, x * 2)
+  assert events == [("dispatch", (4, 1))] * 3 + [("fetch",)] * 3
