@@ -8,13 +8,14 @@
 
 (from the repository root; `python benchmarks/bench.py` works too). Each step workload runs the
 real trainer's compiled chunk (`fit.compile_chunk`: `steps` steps in one call, device-resident
-data, donated state) on random data. The goals and their targets are data: `goals.json`. It is compiled ahead of time, so that
-compile time is reported apart; one chunk warms up, then the median of `blocks` timed chunks is
-the step time. Memory is the compiled program's own account (arguments + outputs + temporaries,
-less donated buffers), which every backend gives, and the allocator's peak where the backend
-reports one (GPUs, TPUs; it is the process's peak, so run one workload per process to read it
-per workload). `scripts/gpu_bench.sh` runs every GPU measurement, with the PyTorch reference
-(`torch_reference.py`, the project lead's), in one go; docs/performance.md records the figures.
+data, donated state) on random data; the goals and their targets are data (`goals.json`). It is
+compiled ahead of time, so that compile time is reported apart; one chunk warms up, then the
+median of `blocks` timed chunks is the step time. Memory is the compiled program's own account
+(arguments + outputs + temporaries, less donated buffers), which every backend gives, and the
+allocator's peak where the backend reports one (GPUs, TPUs; it is the process's peak, so run one
+workload per process to read it per workload). `scripts/gpu_bench.sh` runs every GPU
+measurement, with the PyTorch reference (`torch_reference.py`, the project lead's), in one go;
+docs/performance.md records the figures.
 """
 
 from __future__ import annotations

@@ -173,8 +173,10 @@ class Exported:
     base = jax.random.key(seed)
     key_data = np.asarray(jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(base, i))(
         jnp.arange(first_index, first_index + len(images_u8)))))
-    fn = lambda p, s, x, k: translate_images(self.net, self.meta["inference"], p, s, x, k)  # noqa: E731
-    return self.map("translate", fn, images_u8, key_data, batch_size=batch_size)
+    inference = self.meta["inference"]
+    return self.map("translate",
+                    lambda p, s, x, k: translate_images(self.net, inference, p, s, x, k),
+                    images_u8, key_data, batch_size=batch_size)
 
   # Classifiers --------------------------------------------------------------------------------
 

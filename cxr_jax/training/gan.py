@@ -62,6 +62,16 @@ def constant_then_linear_decay(learning_rate: float, total_steps: int,
       [total_steps - decay_steps])
 
 
+def sample_rows(seed: int, count: int, inputs: np.ndarray,
+                reals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The fixed rows of the sample grids: `count` distinct inputs, each beside a random real image
+  of the target class."""
+  rng = np.random.default_rng(seed)
+  count = min(count, len(inputs))
+  return (inputs[np.sort(rng.choice(len(inputs), count, replace=False))],
+          reals[rng.integers(0, len(reals), count)])
+
+
 class SampleGrid:
   """A training hook: a PNG grid (and TensorBoard image) of input | translated | `extra` columns,
   translated through the exported-model path with the state's current generator weights."""

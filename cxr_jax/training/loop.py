@@ -2,9 +2,10 @@
 
 The trainer supplies a jitted `chunk_fn(state, num_steps)` that runs `num_steps` steps on the
 device and returns per-step metrics stacked along axis 0 (at least `num_steps` rows: `fit`'s
-chunk fills a fixed-size buffer, of which the first `num_steps` rows are kept). This loop only decides when
-to fetch those metrics, write summaries, run evaluations and save checkpoints; between those points
-it queues chunks without waiting for the device, so Python dispatch never gates a step.
+chunk fills a fixed-size buffer, of which the first `num_steps` rows are kept). This loop only
+decides when to fetch those metrics, write summaries, run evaluations and save checkpoints;
+between those points it queues chunks without waiting for the device, so Python dispatch never
+gates a step.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ the sample grids and the generator's export metadata.
 from __future__ import annotations
 
 import pathlib
-from typing import Any
 
 import flax
 import jax
@@ -227,15 +226,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"{config[key]!r} is not among config.data.classes {config.data.classes}")
 
 
-def sample_images(config: ml_collections.ConfigDict, normal: np.ndarray,
-                  covid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """The fixed (normal input, real COVID) rows of the sample grids."""
-  rng = np.random.default_rng(config.seed)
-  count = min(config.num_samples, len(normal))
-  return (normal[np.sort(rng.choice(len(normal), count, replace=False))],
-          covid[rng.integers(0, len(covid), count)])
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: pathlib.Path) -> export.Exported:
   """The `pix2pix` task: trains, checkpoints, writes samples, exports the generator."""
@@ -255,13 +245,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                config.source_class, len(covid), config.target_class, steps_per_epoch, total_steps)
   trainer = Pix2Pix(config, image_size=config.data.image_size, steps_per_epoch=steps_per_epoch,
                     mesh=mesh, channels=normal.shape[-1],
-                    samples=sample_images(config, normal, covid), sample_dir=workdir / "samples")
+                    samples=gan.sample_rows(config.seed, config.num_samples, normal, covid), sample_dir=workdir / "samples")
   fit.fit(trainer, workdir, data=(normal, covid),
           schedule=loop.Schedule(total_steps=total_steps, steps_per_call=config.steps_per_call,
                                  log_every=config.log_every,
                                  checkpoint_every=config.checkpoint_every,
                                  hook_every=config.sample_every),
           keep_checkpoints=config.keep_checkpoints, images_per_step=config.batch_size,
-          memory_hint=f"lower config.batch_size (now {config.batch_size}), config.data.image_size "
-                      f"(now {config.data.image_size}) or config.model.ngf (now {config.model.ngf})")
+          memory_hint=f"lower config.batch_size (now {config.batch_size}), "
+                      f"config.data.image_size (now {config.data.image_size}) or "
+                      f"config.model.ngf (now {config.model.ngf})")
   return export.load_generator(workdir / GENERATOR_DIR, mesh)
