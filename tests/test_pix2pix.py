@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 
 from cxr_jax import configlib
+from cxr_jax.errors import UserError
 from cxr_jax.training import export
 from cxr_jax.training import fit
 from cxr_jax.training import gan
 from cxr_jax.training import mesh as mesh_lib
 from cxr_jax.training import pix2pix
+from cxr_jax.training.functional import Functional
 
 from conftest import REPO_ROOT
 
@@ -164,3 +166,26 @@ def test_resume_at_an_odd_step_equals_uninterrupted_and_compiles_one_program(tmp
   for a, b in zip(jax.tree.leaves(full.stats), jax.tree.leaves(resumed.stats)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert full.meta["step"] == resumed.meta["step"] == 12
+
+
+def test_generator_exports_load_by_their_meta_whatever_the_translator(tmp_path):
+  """Synthesis loads any generator export through one loader: the meta names the architecture
+  (built by models/build.py) and how to run it, not the model that trained it."""
+  config = smoke_config()
+  gen, _ = pix2pix.build_networks(config, 32, 1)
+  net, params, stats = Functional.split(gen)
+  meta = {"kind": "generator", "translator": "another-translator",
+          "arch": pix2pix.generator_arch(config.model), "image_size": 32, "channels": 1,
+          "compute_dtype": "float32", "inference": "eval", "source_class": "NORMAL",
+          "target_class": "COVID", "step": 0}
+  export.save(tmp_path / "g", params, stats, meta)
+  loaded = export.load_generator(tmp_path / "g")
+  images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 1)).astype(np.uint8)
+  expected, _ = net.apply(params, stats, gan.to_signed(jnp.asarray(images)), train=False)
+  np.testing.assert_array_equal(loaded.translate(images, batch_size=4),
+                                np.asarray(gan.to_uint8(expected)))
+  for key, value, message in (("arch", {"name": "resnet9"}, "unknown generator architecture"),
+                              ("inference", "sometimes", "'inference' is 'sometimes'")):
+    export.save(tmp_path / key, params, stats, dict(meta, **{key: value}))
+    with pytest.raises(UserError, match=message):
+      export.load_generator(tmp_path / key)
