@@ -19,7 +19,7 @@ from conftest import REPO_ROOT
 
 def _state(scale=1.0):
   return {"params": {"w": jnp.full((3, 2), scale), "b": jnp.zeros(2)},
-          "step": jnp.int32(0), "rng": jax.random.PRNGKey(1)}
+          "step": jnp.int32(0), "rng": jax.random.key(1)}
 
 
 def test_flatten_roundtrip_keys_name_the_path():
@@ -47,7 +47,7 @@ def test_restore_refuses_other_model_naming_key(tmp_path):
   ckpt.save(1, _state())
   ckpt.wait()
   other = {"params": {"w": jnp.zeros((4, 2)), "b": jnp.zeros(2)}, "step": jnp.int32(0),
-           "rng": jax.random.PRNGKey(0)}
+           "rng": jax.random.key(0)}
   with pytest.raises(UserError, match=r"params/w.*\(3, 2\).*\(4, 2\)"):
     ckpt.restore_latest(other)
   ckpt.close()
@@ -117,16 +117,16 @@ def test_loop_stops_on_non_finite_loss_naming_step_and_keeps_last_good(tmp_path)
 
 
 def test_augment_shapes_ranges_and_identity():
-  images = jax.random.randint(jax.random.PRNGKey(0), (3, 40, 40, 1), 0, 256).astype(jnp.uint8)
+  images = jax.random.randint(jax.random.key(0), (3, 40, 40, 1), 0, 256).astype(jnp.uint8)
   spec = augment.AugmentSpec(out_size=32)
-  out = augment.augment(images, jax.random.PRNGKey(1), spec)
+  out = augment.augment(images, jax.random.key(1), spec)
   assert out.shape == (3, 32, 32, 1) and out.dtype == jnp.float32
   assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
   identity = augment.AugmentSpec(out_size=40, crop_scale=(1.0, 1.0), max_rotate_deg=0.0,
                                  max_translate=0.0, brightness=0.0, contrast=0.0)
-  same = augment.augment(images, jax.random.PRNGKey(2), identity)
+  same = augment.augment(images, jax.random.key(2), identity)
   np.testing.assert_allclose(np.asarray(same), np.asarray(images) / 255.0, atol=1e-5)
-  flipped = augment.augment(images, jax.random.PRNGKey(2),
+  flipped = augment.augment(images, jax.random.key(2),
                             augment.AugmentSpec(out_size=40, crop_scale=(1.0, 1.0),
                                                 max_rotate_deg=0.0, max_translate=0.0,
                                                 brightness=0.0, contrast=0.0, hflip=True))
