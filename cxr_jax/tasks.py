@@ -12,7 +12,7 @@ from cxr_jax.errors import ConfigError
 TASKS = {
     "prepare_data": "cxr_jax.data.dataset:prepare_task",
     "pix2pix": "cxr_jax.training.pix2pix:train_and_evaluate",
-    "classifier": "cxr_jax.training.classifier:train_and_evaluate",
+    "classifier": "cxr_jax.pipeline.classify:train_and_evaluate",
     "synthesize": "cxr_jax.pipeline.synthesize:synthesize_task",
     "predict": "cxr_jax.evaluation.predict:predict_task",
     "experiment": "cxr_jax.pipeline.experiment:run_experiment",

@@ -12,7 +12,7 @@
 #   4. pix2pix b1 with XLA's CUDA-graph command buffers extended to the scan's while loop;
 #   5. experiment:paper with one seed (pix2pix shortened to 4 epochs), for the time that is left.
 # MODE `profile` prints where the device time of each step goes (the kernels per step and the
-# costliest kernels, `cxr_jax.bench --profile`) and times the variants under trial against the
+# costliest kernels, `benchmarks.bench --profile`) and times the variants under trial against the
 # defaults on the same card.
 # After each part OUT_DIR/summary.txt and OUT_DIR/results.json are rewritten from all results so
 # far, so a run stopped from outside still leaves its table. OUT_DIR/log.txt has everything.
@@ -28,7 +28,7 @@ log="$out/log.txt"
 export PYTHONUNBUFFERED=1
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$raw/jax-cache}
 export CXR_JAX_CACHE=${CXR_JAX_CACHE:-$raw/cache}
-bench=(python3 -m cxr_jax.bench)
+bench=(python3 -m benchmarks.bench)
 
 summarize() {
   "${bench[@]}" --compare="$raw" --out="$out/results.json" >"$out/summary.txt" 2>>"$log"

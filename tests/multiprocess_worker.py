@@ -30,6 +30,8 @@ from cxr_jax import runtime
 from cxr_jax import tasks
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.training import checkpoint
+from cxr_jax.training import export
+from cxr_jax.training import fit
 from cxr_jax.training import pix2pix
 from cxr_jax.training.checkpoint import Checkpointer
 
@@ -42,7 +44,7 @@ def smoke_config():
 
 def dump_generator(path: pathlib.Path, run: pathlib.Path) -> None:
   """This process's view of the exported generator, flattened to {key path: array}."""
-  gen = pix2pix.load_generator(run / pix2pix.GENERATOR_DIR)
+  gen = export.load_generator(run / pix2pix.GENERATOR_DIR)
   leaves = jax.tree_util.tree_flatten_with_path({"params": gen.params, "stats": gen.stats})[0]
   np.savez(path, **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves})
 
@@ -65,14 +67,14 @@ def main(workdir: str, out_dir: str) -> None:
   # The trainer's state, as shapes and shardings: the restore target below, without building the
   # model again (that would compile its initialisation again, 15 s on process 1).
   targets = []
-  init_state = pix2pix.Pix2Pix.init_state
+  place_state = fit.place_state
 
-  def recording_init_state(self):
-    state = init_state(self)
+  def recording_place_state(state, mesh):
+    state = place_state(state, mesh)
     targets.append(checkpoint.abstract(state))
     return state
 
-  pix2pix.Pix2Pix.init_state = recording_init_state
+  fit.place_state = recording_place_state
   tasks.get(config.task)(config, run)
   dump_generator(out / f"generator_{pid}.npz", run)
 

@@ -2,6 +2,7 @@
 leakage refusal, and the task end to end (scratch and transfer) with predict."""
 
 import json
+import logging
 import math
 import os
 
@@ -16,7 +17,10 @@ from cxr_jax.data import enhanced
 from cxr_jax.data.dataset import ImageSet
 from cxr_jax.data.images import pixel_hash
 from cxr_jax.errors import DataError
+from cxr_jax.pipeline import classify
 from cxr_jax.training import classifier
+from cxr_jax.training import export
+from cxr_jax.training import fit
 from cxr_jax.training import mesh as mesh_lib
 from cxr_jax.utils import grid
 
@@ -57,8 +61,8 @@ def test_class_weights_balanced():
 @pytest.fixture(scope="module")
 def tiny_model():
   config = smoke_config(batch_size=4, freeze_backbone_epochs=1, num_epochs=2)
-  return classifier.Classifier(config, num_classes=3, steps_per_epoch=3, total_steps=6,
-                               mesh=mesh_lib.make_mesh(), weights=None)
+  return classifier.Classifier(config, class_names=NAMES, steps_per_epoch=3, total_steps=6,
+                               mesh=mesh_lib.make_mesh())
 
 
 def test_sampled_batches_keep_labels_with_their_images(tiny_model):
@@ -67,30 +71,47 @@ def test_sampled_batches_keep_labels_with_their_images(tiny_model):
   images = np.repeat(images, 32, 2)
   seen = []
   for step in range(3):  # one epoch: every image once
-    x, y = tiny_model.sample_batch(jnp.int32(step), jax.random.PRNGKey(0), jnp.asarray(images),
+    x, y = tiny_model.sample_batch(jnp.int32(step), jax.random.key(0), jnp.asarray(images),
                                    jnp.asarray(labels))
     ids = np.asarray(x)[:, 0, 0, 0] // 20
     np.testing.assert_array_equal(np.asarray(y), labels[ids])
     seen.extend(ids.tolist())
   assert sorted(seen) == list(range(12))
-  x = tiny_model.inputs(jnp.asarray(images[:4]), jax.random.PRNGKey(1))
+  x = tiny_model.inputs(jnp.asarray(images[:4]), jax.random.key(1))
   assert x.shape == (4, 32, 32, 1) and bool(jnp.all(jnp.isfinite(x)))
 
 
-def test_frozen_backbone_only_trains_the_head(tiny_model):
-  state = tiny_model.init_state()
+def _changed(before, after) -> dict[str, bool]:
+  """{key path: whether any element changed} over two pytrees of the same structure."""
+  paths, _ = jax.tree_util.tree_flatten_with_path(before)
+  return {jax.tree_util.keystr(path): not np.array_equal(a, b)
+          for (path, a), b in zip(paths, jax.tree.leaves(after))}
+
+
+def test_frozen_backbone_only_trains_the_head_and_accumulates_no_moments(tiny_model):
+  state = fit.place_state(tiny_model.init_state(), tiny_model.mesh)
   rng = np.random.default_rng(0)
-  images = mesh_lib.put_replicated(rng.integers(0, 256, (12, 32, 32, 1)).astype(np.uint8),
-                                   tiny_model.mesh)
-  labels = mesh_lib.put_replicated((np.arange(12) % 3).astype(np.int32), tiny_model.mesh)
-  before = jax.device_get(state.params)
-  state, _ = tiny_model.chunk(state, images, labels, 2)   # inside the frozen first epoch
-  after = jax.device_get(state.params)
-  changed = jax.tree_util.tree_map_with_path(
-      lambda path, a, b: (jax.tree_util.keystr(path), not np.array_equal(a, b)), before, after)
-  flags = dict(jax.tree.leaves(changed, is_leaf=lambda x: isinstance(x, tuple)))
+  data = mesh_lib.put_replicated((rng.integers(0, 256, (12, 32, 32, 1)).astype(np.uint8),
+                                  (np.arange(12) % 3).astype(np.int32)), tiny_model.mesh)
+  chunk = fit.compile_chunk(tiny_model, steps_per_call=4)
+  before, opt_before = jax.device_get((state.net.params, state.net.opt))
+  state, _ = chunk(state, data, np.int32(2))   # inside the frozen first epoch (3 steps)
+  after, opt_after = jax.device_get((state.net.params, state.net.opt))
+  flags = _changed(before, after)
   assert any(v for k, v in flags.items() if "fc" in k)
   assert not any(v for k, v in flags.items() if "fc" not in k)
+  # The optimiser: the head's momentum moved, the backbone's stayed zero (no hidden moments).
+  moments = {k: v for k, v in _changed(opt_before, opt_after).items() if "trace" in k}
+  assert any(v for k, v in moments.items() if "'head'" in k)
+  assert not any(v for k, v in moments.items() if "'backbone'" in k and "fc" not in k)
+  backbone = opt_after[0].inner_states["backbone"].inner_state.inner_state  # masked, conditional
+  assert jax.tree.leaves(backbone) and not any(np.any(x) for x in jax.tree.leaves(backbone))
+  # Past the freeze (steps 3 and 4), the backbone trains with the global learning rate.
+  state, metrics = chunk(state, data, np.int32(2))
+  flags = _changed(after, jax.device_get(state.net.params))
+  assert all(flags.values()), [k for k, v in flags.items() if not v]
+  np.testing.assert_allclose(np.asarray(metrics["learning_rate"])[:2],
+                             [float(tiny_model.schedule(s)) for s in (2, 3)], rtol=1e-6)
 
 
 def _image_set(values, labels, prefix):
@@ -160,11 +181,13 @@ def test_enhanced_set_refuses_paths_outside_and_unknown_sources(tmp_path):
 def test_scratch_smoke_end_to_end_and_predict(tmp_path):
   config = smoke_config()
   run = workdir_lib.prepare(tmp_path / "run", config)
-  result = classifier.train_and_evaluate(config, run)
+  result = classify.train_and_evaluate(config, run)
   for name in ("metrics.json", "metrics.md", "confusion_matrix.png", "roc_curves.png",
                "gradcam.png", "test_predictions.csv", "classifier/model.json"):
     assert (run / name).exists(), name
-  assert list((run / "best").iterdir()), "the best checkpoint is kept"
+  trained = export.load_classifier(run / "classifier")
+  assert trained.meta["best_step"] in [int(p.name) for p in (run / "checkpoints").iterdir()], (
+      "the best checkpoint is kept")
   metrics = json.loads((run / "metrics.json").read_text())
   assert 0.0 <= metrics["accuracy"]["value"] <= 1.0
   assert result["summary"]["accuracy"] == pytest.approx(metrics["accuracy"]["value"])
@@ -185,3 +208,23 @@ def test_scratch_smoke_end_to_end_and_predict(tmp_path):
   rows = (tmp_path / "pred" / "predictions.csv").read_text(encoding="utf-8").splitlines()
   assert rows[0].startswith("file,label,predicted,p_COVID") and rows[1].startswith("a.png")
   assert rows[2].startswith("caf\\xe9.png,")
+
+
+def test_validation_goes_through_the_export_path_and_compiles_once(tiny_model, caplog):
+  """Validation with new weights reuses the compiled prediction (`Exported.with_weights`) and
+  gives what the exported classifier built from those weights gives."""
+  rng = np.random.default_rng(3)
+  val = _image_set(rng.integers(0, 256, 6), [0, 1, 2, 0, 1, 2], "val")
+  tiny_model.val = val
+  state = fit.place_state(tiny_model.init_state(), tiny_model.mesh)
+  first = tiny_model.validate(0, state)
+  assert set(first) == {"accuracy", "macro_f1"} and 0.0 <= first["macro_f1"] <= 1.0
+  doubled = jax.tree.map(lambda w: w * 1.5, state.net.params)
+  caplog.set_level(logging.WARNING)
+  with jax.log_compiles(True):
+    probs = tiny_model.exported.with_weights(doubled, state.net.stats).predict(val.images, 16)
+  assert not [r for r in caplog.records if "Compiling" in r.getMessage()], "compiled again"
+  exported = export.Exported.create(tiny_model.export_meta(), tiny_model.net,
+                                    jax.device_get(doubled), jax.device_get(state.net.stats))
+  np.testing.assert_allclose(probs, exported.predict(val.images, 8), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)

@@ -36,11 +36,13 @@ from cxr_jax.data import images
 from cxr_jax.data import splits
 from cxr_jax.errors import ConfigError, DataError, UserError
 from cxr_jax.models.pretrained import load_imagenet_resnet50
-from cxr_jax.models.resnet import ResNet
+from cxr_jax.models import build
 from cxr_jax.training import checkpoint
 from cxr_jax.training import classifier
+from cxr_jax.training import export
 from cxr_jax.training import functional
 from cxr_jax.training import pix2pix
+from cxr_jax.training.fit import NetState
 
 from conftest import REPO_ROOT
 from test_data_images import _bytes
@@ -173,32 +175,33 @@ def smoke_config(name: str, **overrides):
 
 
 def _zeros(tree):
-  """numpy zeros for an abstract pytree: real arrays without compiling one op per shape."""
-  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree)
+  """numpy zeros (a typed key for keys) for an abstract pytree: real arrays without compiling one
+  op per shape."""
+  return jax.tree.map(lambda s: jax.random.key(0) if jax.dtypes.issubdtype(
+      s.dtype, jax.dtypes.prng_key) else np.zeros(s.shape, s.dtype), tree)
 
 
 def pix2pix_state(config) -> pix2pix.State:
   """A pix2pix training state of the smoke config's networks (zeros: only the structure and
   shapes matter to the checks), built from abstract modules in well under a second."""
-  gen, disc = pix2pix.build_networks(config.model, S, 1, "float32", 0, abstract=True)
+  gen, disc = pix2pix.build_networks(config, S, 1, abstract=True)
   _, gp, gs = functional.Functional.split(gen)
   _, dp, ds = functional.Functional.split(disc)
   tx = optax.adam(1e-3)
   return _zeros(jax.eval_shape(lambda gp, gs, dp, ds: pix2pix.State(
-      step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(0), g_params=gp, g_stats=gs,
-      d_params=dp, d_stats=ds, g_opt=tx.init(gp), d_opt=tx.init(dp)), gp, gs, dp, ds))
+      step=jnp.zeros((), jnp.int32), rng=jax.random.key(0), g=NetState.create(gp, gs, tx),
+      d=NetState.create(dp, ds, tx)), gp, gs, dp, ds))
 
 
 def classifier_state(config) -> classifier.State:
-  net = functional.build(lambda rngs: ResNet(
-      num_classes=3, in_channels=config.model.in_channels,
-      stage_sizes=tuple(config.model.stage_sizes), width=config.model.width, rngs=rngs), 0,
-                         abstract=True)
+  arch = {"variant": config.model.variant, "stage_sizes": config.model.stage_sizes,
+          "width": config.model.width, "in_channels": config.model.in_channels}
+  net = build.build_resnet(arch, num_classes=3, compute_dtype="float32", seed=0, abstract=True)
   _, params, stats = functional.Functional.split(net)
   tx = optax.sgd(0.1, momentum=0.9)
   return _zeros(jax.eval_shape(lambda p, s: classifier.State(
-      step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(0), params=p, stats=s,
-      opt=tx.init(p)), params, stats))
+      step=jnp.zeros((), jnp.int32), rng=jax.random.key(0), net=NetState.create(p, s, tx)),
+      params, stats))
 
 
 # ------------------------------------------------------------------------------ bad image files
@@ -551,13 +554,14 @@ def generator_export_as_classifier(tmp_path, caplog):
   del caplog
   config = smoke_config("pix2pix")
   model = types.SimpleNamespace(image_size=S, channels=1, config=config)  # what export reads
-  directory = tmp_path / "pix2pix" / "generator"
-  pix2pix.export_generator(directory, model, pix2pix_state(config), {"source_class": "NORMAL"})
-  assert pix2pix.load_generator(directory).meta["kind"] == "pix2pix_generator"
-  refused(lambda: classifier.load_classifier(directory), UserError, str(directory),
-          "'pix2pix_generator', not a classifier")
+  model.export_meta = lambda: pix2pix.Pix2Pix.export_meta(model)
+  pix2pix.Pix2Pix.export(model, tmp_path / "pix2pix", pix2pix_state(config), 4)
+  directory = tmp_path / "pix2pix" / pix2pix.GENERATOR_DIR
+  assert export.load_generator(directory).meta["kind"] == "generator"
+  refused(lambda: export.load_classifier(directory), UserError, str(directory),
+          "'generator', not a classifier")
   (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-  refused(lambda: classifier.load_classifier(tmp_path / "run" / "checkpoints"), UserError,
+  refused(lambda: export.load_classifier(tmp_path / "run" / "checkpoints"), UserError,
           str(tmp_path / "run" / "checkpoints"), "no model.json")
 
 

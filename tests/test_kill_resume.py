@@ -30,6 +30,7 @@ import pytest
 
 from cxr_jax.training import checkpoint
 from cxr_jax.training import classifier
+from cxr_jax.training import export
 from cxr_jax.training import pix2pix
 
 from conftest import REPO_ROOT
@@ -222,7 +223,7 @@ class KillPoint:
 
 def before_first_checkpoint() -> KillPoint:
   def trigger(p, resumed, ctx):
-    if resumed == 0 and p.progress > 0 and not (committed(ctx["ckdir"]) + committed(ctx["best"])):
+    if resumed == 0 and p.progress > 0 and not committed(ctx["ckdir"]):
       return {"progress": p.progress}
     return None
   return KillPoint("before the first checkpoint", trigger, lambda seen, after: not after)
@@ -232,7 +233,7 @@ def during_async_write(min_step: int) -> KillPoint:
   def trigger(p, resumed, ctx):
     steps = [s for s in uncommitted(ctx["ckdir"])
              if s >= max(min_step, resumed + 1) and s not in ctx["tmp_at_start"]]
-    return {"writing": steps[0], "best_tmp": uncommitted(ctx["best"])} if steps else None
+    return {"writing": steps[0]} if steps else None
   return KillPoint("during an asynchronous checkpoint write", trigger,
                    lambda seen, after: seen["writing"] not in after)
 
@@ -261,10 +262,10 @@ def train_with_kills(config, workdir: pathlib.Path, points: list[KillPoint],
   """Starts the run again and again in `workdir`, killing it at each point in turn, until a run
   finishes. Checks that every restart resumes from the newest readable checkpoint the previous
   kill left, with a warning for a damaged one that is kept aside. Returns what each kill saw."""
-  ckdir, best = workdir / "checkpoints", workdir / "best"
+  ckdir = workdir / "checkpoints"
   pending, log, resume, damaged = list(points), [], None, {}
   for attempt in range(len(points) + 3):
-    ctx = {"ckdir": ckdir, "best": best, "tmp_at_start": set(uncommitted(ckdir)),
+    ctx = {"ckdir": ckdir, "tmp_at_start": set(uncommitted(ckdir)),
            "committed_at_start": set(committed(ckdir))}
     p = start(config, workdir, workdir.parent / f"{workdir.name}-{attempt}.log", registry,
               workdir.parent / "cache")
@@ -358,7 +359,7 @@ def runs(tmp_path_factory):
       ], registry)),
       "classifier": Background(lambda: killed_and_uninterrupted(CLASSIFIER, root / "classifier", [
           before_first_checkpoint(),           # nothing to resume: starts afresh
-          during_async_write(min_step=10),     # best has weighed 10; resumes from 5, replays 10
+          during_async_write(min_step=10),     # 10 half-written: resumes from 5, replays 10
       ], registry)),
   }
   yield started
@@ -387,8 +388,8 @@ def test_pix2pix_killed_and_resumed_equals_uninterrupted(runs):
   assert_bitwise_equal(final, load_checkpoint(ref_ck, 12),
                        "final training state (G, D, optimisers, step, rng)")
   assert differing(final, load_checkpoint(ref_ck, 8)), "the comparison must see 4 steps' change"
-  gen = pix2pix.load_generator(r["killed"] / pix2pix.GENERATOR_DIR)
-  ref_gen = pix2pix.load_generator(r["reference"] / pix2pix.GENERATOR_DIR)
+  gen = export.load_generator(r["killed"] / pix2pix.GENERATOR_DIR)
+  ref_gen = export.load_generator(r["reference"] / pix2pix.GENERATOR_DIR)
   assert gen.meta["step"] == ref_gen.meta["step"] == 12
   assert_bitwise_equal(exported(gen), exported(ref_gen), "exported generator")
 
@@ -398,20 +399,20 @@ def test_classifier_killed_and_resumed_equals_uninterrupted(runs):
   landed = [k for k in r["kills"] if k["landed"]]
   assert [k["point"] for k in landed] == [
       "before the first checkpoint", "during an asynchronous checkpoint write"], r["kills"]
-  assert not landed[1]["best_tmp"], (
-      "the best checkpoint must be committed before the latest one is written", landed[1])
   run, ref = r["killed"], r["reference"]
-  assert_no_partial_writes_left(run / "checkpoints", run / "best")
-  best_step = committed(ref / "best")[-1]
-  assert committed(run / "best") == committed(ref / "best") == [best_step]
+  assert_no_partial_writes_left(run / "checkpoints")
+  model = export.load_classifier(run / classifier.CLASSIFIER_DIR)
+  ref_model = export.load_classifier(ref / classifier.CLASSIFIER_DIR)
+  best_step = ref_model.meta["best_step"]
+  # One manager keeps the latest (5, 10) and the best; the killed run weighed the same steps.
+  assert committed(run / "checkpoints") == committed(ref / "checkpoints")
+  assert {5, 10, best_step} == set(committed(ref / "checkpoints"))
 
   final = load_checkpoint(run / "checkpoints", 10)
   assert_bitwise_equal(final, load_checkpoint(ref / "checkpoints", 10), "final training state")
   assert differing(final, load_checkpoint(ref / "checkpoints", 5)), "the comparison can fail"
-  assert_bitwise_equal(load_checkpoint(run / "best", best_step),
-                       load_checkpoint(ref / "best", best_step), "best checkpoint")
-  model = classifier.load_classifier(run / classifier.CLASSIFIER_DIR)
-  ref_model = classifier.load_classifier(ref / classifier.CLASSIFIER_DIR)
+  assert_bitwise_equal(load_checkpoint(run / "checkpoints", best_step),
+                       load_checkpoint(ref / "checkpoints", best_step), "best checkpoint")
   assert model.meta["best_step"] == ref_model.meta["best_step"] == best_step
   assert_bitwise_equal(exported(model), exported(ref_model), "exported classifier")
 
@@ -423,16 +424,23 @@ def _state(value: float) -> dict:
   return {"w": jnp.full((3, 2), value, jnp.float32), "step": jnp.int32(int(value))}
 
 
-def test_best_is_committed_before_the_latest_checkpoint_is_written(tmp_path):
-  """Otherwise a kill between the two commits resumes from a step whose validation result never
-  reached the best manager, and the run can export another model than an uninterrupted one."""
+def test_a_steps_metrics_are_committed_with_its_checkpoint(tmp_path):
+  """The validation result of a step lives in that step's checkpoint: once the step is committed
+  its result has been weighed, so a run killed at any point and resumed picks the same best."""
   ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", best_metric="f1")
   try:
     ckpt.save(5, _state(5.0), metrics={"f1": 0.5})
-    assert committed(tmp_path / "best") == [5] and not uncommitted(tmp_path / "best")
+    ckpt.save(10, _state(10.0), metrics={"f1": 0.25})
   finally:
     ckpt.wait()
     ckpt.close()
+  assert committed(tmp_path / "checkpoints") == [5, 10]
+  assert (tmp_path / "checkpoints" / "5" / "metrics").is_dir()
+  reopened = checkpoint.Checkpointer(tmp_path / "checkpoints", best_metric="f1")
+  try:
+    assert reopened.best_step() == 5
+  finally:
+    reopened.close()
 
 
 def test_steps_replayed_after_an_unreadable_checkpoint_save_again(tmp_path):

@@ -101,7 +101,7 @@ def _assert_close(actual: dict, expected: dict, what: str) -> None:
     # Parameters and statistics move at most 12 x 2e-4 (the learning rate) from their initial
     # values, so 5e-6 still catches an update that is 0.2 % off. Adam's moments of gradients that
     # are rounding noise (biases before BatchNorm) differ by more, relative to their element.
-    is_moment = key.split("/")[0].endswith("_opt")
+    is_moment = key.split("/")[1:2] == ["opt"]
     scale = float(np.max(np.abs(value))) if is_moment and value.size else 0.0
     np.testing.assert_allclose(actual[key], value, rtol=2e-4, atol=max(5e-6, 2e-3 * scale),
                                err_msg=f"{what}: {key}")

@@ -1,6 +1,7 @@
 """pix2pix: losses by hand, learning on a fixed pair, sharded == single device, the task end to end,
 and resume == uninterrupted."""
 
+import logging
 import math
 import os
 import subprocess
@@ -12,8 +13,13 @@ import numpy as np
 import pytest
 
 from cxr_jax import configlib
+from cxr_jax.errors import UserError
+from cxr_jax.training import export
+from cxr_jax.training import fit
+from cxr_jax.training import gan
 from cxr_jax.training import mesh as mesh_lib
 from cxr_jax.training import pix2pix
+from cxr_jax.training.functional import Functional
 
 from conftest import REPO_ROOT
 
@@ -28,12 +34,12 @@ def test_gan_losses_against_hand_values():
   logits = jnp.array([2.0, -1.0])
   softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731
   # BCE with logits against 1: softplus(-x); against 0: softplus(x).
-  assert float(pix2pix.gan_loss(logits, True, "bce")) == pytest.approx(
+  assert float(gan.gan_loss(logits, True, "bce")) == pytest.approx(
       (softplus(-2.0) + softplus(1.0)) / 2, rel=1e-6)
-  assert float(pix2pix.gan_loss(logits, False, "bce")) == pytest.approx(
+  assert float(gan.gan_loss(logits, False, "bce")) == pytest.approx(
       (softplus(2.0) + softplus(-1.0)) / 2, rel=1e-6)
-  assert float(pix2pix.gan_loss(jnp.zeros(3), True, "bce")) == pytest.approx(math.log(2), 1e-6)
-  assert float(pix2pix.gan_loss(logits, True, "lsgan")) == pytest.approx((1 + 4) / 2)
+  assert float(gan.gan_loss(jnp.zeros(3), True, "bce")) == pytest.approx(math.log(2), 1e-6)
+  assert float(gan.gan_loss(logits, True, "lsgan")) == pytest.approx((1 + 4) / 2)
   # D's loss is halved: 0.5 * (real term + fake term).
   d = pix2pix.discriminator_loss(jnp.zeros(4), jnp.zeros(4), "bce")
   assert float(d) == pytest.approx(math.log(2), rel=1e-6)
@@ -44,8 +50,7 @@ def test_gan_losses_against_hand_values():
 
 
 def test_learning_rate_constant_then_linear_to_zero():
-  config = smoke_config(num_epochs=4, decay_epochs=2, learning_rate=1.0)
-  sched = pix2pix.learning_rate_schedule(config, steps_per_epoch=10)
+  sched = gan.constant_then_linear_decay(1.0, total_steps=40, decay_steps=20)
   assert float(sched(0)) == 1.0 and float(sched(19)) == 1.0
   assert float(sched(30)) == pytest.approx(0.5)
   assert float(sched(40)) == pytest.approx(0.0)
@@ -55,7 +60,7 @@ def _fixed_pair(size, batch):
   rng = np.random.default_rng(0)
   source = rng.integers(0, 256, (batch, size, size, 1)).astype(np.uint8)
   target = np.clip(source.astype(int) + 60, 0, 255).astype(np.uint8)
-  return pix2pix.to_signed(jnp.asarray(source)), pix2pix.to_signed(jnp.asarray(target))
+  return gan.to_signed(jnp.asarray(source)), gan.to_signed(jnp.asarray(target))
 
 
 def test_steps_on_a_fixed_pair_reduce_l1():
@@ -64,10 +69,10 @@ def test_steps_on_a_fixed_pair_reduce_l1():
                           mesh=mesh_lib.make_mesh(1))
   state = model.init_state()
   src, tgt = _fixed_pair(32, 2)
-  step = jax.jit(model.train_step)
+  step = jax.jit(model.update)
   l1 = []
   for i in range(15):
-    state, metrics = step(state, src, tgt, jax.random.PRNGKey(i))
+    state, metrics = step(state, src, tgt, jax.random.key(i))
     l1.append(float(metrics["g_l1"]))
   assert l1[-1] < 0.85 * l1[0] and l1[-1] == min(l1), l1
   assert int(state.step) == 15
@@ -81,10 +86,10 @@ def test_sharded_step_equals_single_device():
   for devices in (1, 4):
     mesh = mesh_lib.make_mesh(devices)
     model = pix2pix.Pix2Pix(config, image_size=32, steps_per_epoch=3, mesh=mesh)
-    state = model.init_state()
-    n_dev, c_dev = mesh_lib.put_replicated((normal, covid), mesh)
-    state, metrics = model.chunk(state, n_dev, c_dev, 3)
-    results.append((jax.device_get(state.g_params), jax.device_get(metrics)))
+    state = fit.place_state(model.init_state(), mesh)
+    data = mesh_lib.put_replicated((normal, covid), mesh)
+    state, metrics = fit.compile_chunk(model, steps_per_call=3)(state, data, np.int32(3))
+    results.append((jax.device_get(state.g.params), jax.device_get(metrics)))
   (p1, m1), (p4, m4) = results
   np.testing.assert_allclose(m1["g_l1"], m4["g_l1"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
@@ -104,7 +109,8 @@ def test_pix2pix_task_end_to_end_via_main(tmp_path):
   assert list((run / "tensorboard").glob("events.out.tfevents.*"))
   assert list((run / "samples").glob("step_*.png"))
   assert (run / "generator" / "model.json").exists()
-  gen = pix2pix.load_generator(run / "generator")
+  gen = export.load_generator(run / "generator")
+  assert gen.meta["translator"] == "pix2pix" and gen.meta["inference"] == "instance"
   images = np.zeros((3, 32, 32, 1), np.uint8)
   out = gen.translate(images, batch_size=4)
   assert out.shape == images.shape and out.dtype == np.uint8
@@ -116,18 +122,22 @@ class _Interrupt(Exception):
   pass
 
 
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+def test_resume_at_an_odd_step_equals_uninterrupted_and_compiles_one_program(tmp_path, monkeypatch,
+                                                                             caplog):
+  """Chunks of 3 steps, logs every 4, checkpoints every 5: a run resumed at step 5 runs chunks of
+  3 and 2 steps, all one compiled training program, and ends bitwise where an uninterrupted
+  run ends."""
   from cxr_jax import workdir as workdir_lib
   from cxr_jax.training import checkpoint
 
-  config = smoke_config()
+  config = smoke_config(steps_per_call=3, checkpoint_every=5)
   full = pix2pix.train_and_evaluate(config, workdir_lib.prepare(tmp_path / "full", config))
 
   original_save = checkpoint.Checkpointer.save
 
   def save_then_die(self, step, state, **kw):
     original_save(self, step, state, **kw)
-    if step == 8:
+    if step == 5:
       self.wait()
       raise _Interrupt()
 
@@ -136,8 +146,46 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
   with pytest.raises(_Interrupt):
     pix2pix.train_and_evaluate(config, run)
   monkeypatch.setattr(checkpoint.Checkpointer, "save", original_save)
-  resumed = pix2pix.train_and_evaluate(config, run)
+  lengths = []
+  original_run = fit.loop.run
+
+  def recording_run(state, *, chunk_fn, **kw):
+    assert kw["start_step"] == 5
+    return original_run(state, chunk_fn=lambda st, k: (lengths.append(k), chunk_fn(st, k))[1],
+                        **kw)
+
+  monkeypatch.setattr(fit.loop, "run", recording_run)
+  caplog.set_level(logging.WARNING)
+  with jax.log_compiles(True):  # logged for every program lowered and compiled (cached or not)
+    resumed = pix2pix.train_and_evaluate(config, run)
+  assert lengths == [3, 2, 2], lengths  # 5-8 (a log), 8-10 (a checkpoint), 10-12
+  compiled = [r for r in caplog.records if "Compiling jit(train_chunk)" in r.getMessage()]
+  assert len(compiled) == 1, "one compiled training program"
   for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for a, b in zip(jax.tree.leaves(full.stats), jax.tree.leaves(resumed.stats)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert full.meta["step"] == resumed.meta["step"] == 12
+
+
+def test_generator_exports_load_by_their_meta_whatever_the_translator(tmp_path):
+  """Synthesis loads any generator export through one loader: the meta names the architecture
+  (built by models/build.py) and how to run it, not the model that trained it."""
+  config = smoke_config()
+  gen, _ = pix2pix.build_networks(config, 32, 1)
+  net, params, stats = Functional.split(gen)
+  meta = {"kind": "generator", "translator": "another-translator",
+          "arch": pix2pix.generator_arch(config.model), "image_size": 32, "channels": 1,
+          "compute_dtype": "float32", "inference": "eval", "source_class": "NORMAL",
+          "target_class": "COVID", "step": 0}
+  export.save(tmp_path / "g", params, stats, meta)
+  loaded = export.load_generator(tmp_path / "g")
+  images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 1)).astype(np.uint8)
+  expected, _ = net.apply(params, stats, gan.to_signed(jnp.asarray(images)), train=False)
+  np.testing.assert_array_equal(loaded.translate(images, batch_size=4),
+                                np.asarray(gan.to_uint8(expected)))
+  for key, value, message in (("arch", {"name": "resnet9"}, "unknown generator architecture"),
+                              ("inference", "sometimes", "'inference' is 'sometimes'")):
+    export.save(tmp_path / key, params, stats, dict(meta, **{key: value}))
+    with pytest.raises(UserError, match=message):
+      export.load_generator(tmp_path / key)

@@ -1,5 +1,7 @@
 """The shared training machinery: checkpoints, the host loop, augmentation, the mesh."""
 
+import ast
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,10 +14,12 @@ from cxr_jax.training import loop
 from cxr_jax.training import mesh as mesh_lib
 from cxr_jax.training.summary import SummaryWriter
 
+from conftest import REPO_ROOT
+
 
 def _state(scale=1.0):
   return {"params": {"w": jnp.full((3, 2), scale), "b": jnp.zeros(2)},
-          "step": jnp.int32(0), "rng": jax.random.PRNGKey(1)}
+          "step": jnp.int32(0), "rng": jax.random.key(1)}
 
 
 def test_flatten_roundtrip_keys_name_the_path():
@@ -43,7 +47,7 @@ def test_restore_refuses_other_model_naming_key(tmp_path):
   ckpt.save(1, _state())
   ckpt.wait()
   other = {"params": {"w": jnp.zeros((4, 2)), "b": jnp.zeros(2)}, "step": jnp.int32(0),
-           "rng": jax.random.PRNGKey(0)}
+           "rng": jax.random.key(0)}
   with pytest.raises(UserError, match=r"params/w.*\(3, 2\).*\(4, 2\)"):
     ckpt.restore_latest(other)
   ckpt.close()
@@ -113,16 +117,16 @@ def test_loop_stops_on_non_finite_loss_naming_step_and_keeps_last_good(tmp_path)
 
 
 def test_augment_shapes_ranges_and_identity():
-  images = jax.random.randint(jax.random.PRNGKey(0), (3, 40, 40, 1), 0, 256).astype(jnp.uint8)
+  images = jax.random.randint(jax.random.key(0), (3, 40, 40, 1), 0, 256).astype(jnp.uint8)
   spec = augment.AugmentSpec(out_size=32)
-  out = augment.augment(images, jax.random.PRNGKey(1), spec)
+  out = augment.augment(images, jax.random.key(1), spec)
   assert out.shape == (3, 32, 32, 1) and out.dtype == jnp.float32
   assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
   identity = augment.AugmentSpec(out_size=40, crop_scale=(1.0, 1.0), max_rotate_deg=0.0,
                                  max_translate=0.0, brightness=0.0, contrast=0.0)
-  same = augment.augment(images, jax.random.PRNGKey(2), identity)
+  same = augment.augment(images, jax.random.key(2), identity)
   np.testing.assert_allclose(np.asarray(same), np.asarray(images) / 255.0, atol=1e-5)
-  flipped = augment.augment(images, jax.random.PRNGKey(2),
+  flipped = augment.augment(images, jax.random.key(2),
                             augment.AugmentSpec(out_size=40, crop_scale=(1.0, 1.0),
                                                 max_rotate_deg=0.0, max_translate=0.0,
                                                 brightness=0.0, contrast=0.0, hflip=True))
@@ -141,25 +145,32 @@ def test_mesh_and_batch_checks():
   assert len(x.addressable_shards) == 4 and x.addressable_shards[0].data.shape == (2, 1)
 
 
-def test_best_checkpoint_restored_and_an_unreadable_one_named(tmp_path):
-  ckpt = checkpoint.Checkpointer(tmp_path / "ck", best_metric="f1")
-  ckpt.save(1, _state(1.0), metrics={"f1": 0.9})
-  ckpt.save(2, _state(2.0), metrics={"f1": 0.5})
+def test_one_manager_keeps_latest_k_and_the_best_and_names_an_unreadable_best(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path / "ck", max_to_keep=2, best_metric="f1")
+  for step, f1 in ((1, 0.9), (2, 0.5), (3, 0.7), (4, 0.6)):
+    ckpt.save(step, _state(float(step)), metrics={"f1": f1})
   ckpt.wait()
+  assert ckpt.all_steps() == [1, 3, 4], "the latest 2 and the best"
   best, step = ckpt.restore_best(_state(0.0))
   assert step == 1
   np.testing.assert_array_equal(best["params"]["w"], np.full((3, 2), 1.0))
   ckpt.close()
-  for f in (tmp_path / "best" / "1" / "default").rglob("*"):   # the arrays, not the metrics
+  plain = checkpoint.Checkpointer(tmp_path / "plain", max_to_keep=2)
+  for step in (1, 2, 3):
+    plain.save(step, _state(float(step)))
+  plain.wait()
+  assert plain.all_steps() == [2, 3] and plain.best_step() is None
+  plain.close()
+  for f in (tmp_path / "ck" / "1" / "default").rglob("*"):   # the arrays, not the metrics
     if f.is_file() and "metadata" not in f.name.lower() and f.suffix != ".txt":
       f.write_bytes(b"garbage")
-  ckpt = checkpoint.Checkpointer(tmp_path / "ck", best_metric="f1")
-  with pytest.raises(UserError, match=r"best/1: the best checkpoint cannot be read"):
+  ckpt = checkpoint.Checkpointer(tmp_path / "ck", max_to_keep=2, best_metric="f1")
+  with pytest.raises(UserError, match=r"ck/1: the best checkpoint cannot be read"):
     ckpt.restore_best(_state(0.0))
-  assert (tmp_path / "best" / "1").is_dir(), "left where it is"
+  assert (tmp_path / "ck" / "1").is_dir(), "left where it is"
   ckpt.close()
-  (tmp_path / "best" / "1" / "metrics" / "metrics").write_text("{not json")
-  with pytest.raises(UserError, match=r"/best: cannot read the records of the best checkpoint"):
+  (tmp_path / "ck" / "1" / "metrics" / "metrics").write_text("{not json")
+  with pytest.raises(UserError, match=r"/ck: cannot read the records of the checkpoints"):
     checkpoint.Checkpointer(tmp_path / "ck", best_metric="f1")
 
 
@@ -226,3 +237,75 @@ def test_summary_scalars_csv_resumed_run_and_training_curves(tmp_path):
   width, height = Image.open(out).size
   assert width > 2 * height                             # two panels side by side, perf/ left out
   assert plots.write_training_curves(tmp_path / "no-run") is None
+
+
+def test_typed_keys_are_saved_as_key_data_and_restored_typed(tmp_path):
+  state = {"rng": jax.random.fold_in(jax.random.key(3), 7), "step": jnp.int32(5)}
+  flat = checkpoint.flatten(state)
+  assert flat["rng"].dtype == jnp.uint32 and flat["rng"].shape == (2,)
+  ckpt = checkpoint.Checkpointer(tmp_path / "ck")
+  ckpt.save(5, state)
+  ckpt.wait()
+  template = {"rng": jax.random.key(0), "step": jnp.int32(0)}
+  restored, step = ckpt.restore_latest(checkpoint.abstract(template))
+  ckpt.close()
+  assert step == 5 and jax.dtypes.issubdtype(restored["rng"].dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(jax.random.key_data(restored["rng"]),
+                                jax.random.key_data(state["rng"]))
+  np.testing.assert_array_equal(jax.random.uniform(restored["rng"], (3,)),
+                                jax.random.uniform(state["rng"], (3,)))
+
+
+# Which packages each layer may import (besides errors, configlib, workdir, runtime and utils).
+LAYERS = {"data": {"data"}, "models": {"models"}, "training": {"data", "models", "training"},
+          "evaluation": {"data", "models", "training", "evaluation"},
+          "pipeline": {"data", "models", "training", "evaluation", "pipeline"}}
+
+
+def _imports(path):
+  """(imported cxr_jax module, whether the import is inside a function) for each import."""
+  tree = ast.parse(path.read_text())
+  inner = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+           for n in ast.walk(f) if n is not f}
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module:
+      names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    elif isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    else:
+      continue
+    for name in names:
+      yield name, id(node) in inner
+
+
+def test_imports_run_one_way_and_none_hide_in_functions():
+  package = REPO_ROOT / "cxr_jax"
+  wrong, hidden = [], []
+  for layer, allowed in LAYERS.items():
+    for path in sorted((package / layer).glob("*.py")):
+      for name, in_function in _imports(path):
+        parts = name.split(".")
+        if parts[0] == "cxr_jax" and len(parts) > 1 and parts[1] in LAYERS:
+          if parts[1] not in allowed:
+            wrong.append(f"{path.relative_to(REPO_ROOT)} imports {name}")
+          if in_function and layer in ("training", "evaluation", "pipeline"):
+            hidden.append(f"{path.relative_to(REPO_ROOT)}: {name}")
+  assert not wrong, wrong
+  assert not hidden, hidden
+
+
+def test_map_batches_pads_dispatches_every_batch_before_fetching(monkeypatch):
+  mesh = mesh_lib.make_mesh()
+  events = []
+  double = jax.jit(lambda x: x * 2, out_shardings=mesh_lib.batch_sharding(mesh))
+
+  def fn(x):
+    events.append(("dispatch", x.shape))
+    return double(x)
+
+  fetch = mesh_lib.fetch
+  monkeypatch.setattr(mesh_lib, "fetch", lambda y: (events.append(("fetch",)), fetch(y))[1])
+  x = np.arange(10, dtype=np.float32)[:, None]
+  out = mesh_lib.map_batches(fn, (x,), batch_size=3, mesh=mesh)   # rounded up to 4 (devices)
+  np.testing.assert_array_equal(out, x * 2)
+  assert events == [("dispatch", (4, 1))] * 3 + [("fetch",)] * 3

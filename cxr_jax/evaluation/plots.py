@@ -20,6 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
+from cxr_jax.training.summary import SCALARS_CSV
+
 
 def new_figure(figsize: tuple[float, float]) -> Figure:
   """A figure on its own Agg canvas (not registered with pyplot)."""
@@ -151,7 +153,6 @@ def write_training_curves(workdir: str | os.PathLike, *,
   wrote no scalars (or on processes other than 0, which write nothing).
   """
   from cxr_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-  from cxr_jax.training.summary import SCALARS_CSV  # pylint: disable=import-outside-toplevel
   workdir = pathlib.Path(workdir)
   csv_path = workdir / "tensorboard" / SCALARS_CSV
   if not workdir_lib.is_writer() or not csv_path.is_file():

@@ -12,6 +12,7 @@ from cxr_jax import configlib
 from cxr_jax.data import images as images_lib
 from cxr_jax.errors import DataError
 from cxr_jax.evaluation.report_classifier import write_predictions
+from cxr_jax.training import export
 from cxr_jax.utils import files as files_lib
 
 
@@ -28,12 +29,10 @@ def list_inputs(path: pathlib.Path) -> list[pathlib.Path]:
 
 def predict_task(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   """The `predict` task: per-image class probabilities, printed and written to CSV."""
-  from cxr_jax.training import classifier  # pylint: disable=import-outside-toplevel
-
   configlib.require(bool(config.classifier_dir), "classifier_dir",
                     "set it to an exported classifier (<classifier workdir>/classifier)")
   configlib.require(bool(config.input), "input", "set it to an image file or a folder of images")
-  trained = classifier.load_classifier(config.classifier_dir)
+  trained = export.load_classifier(config.classifier_dir)
   size = trained.meta.get("data_image_size") or config.data.image_size
   root = pathlib.Path(config.input)
   decoded, names, skipped = [], [], []

@@ -20,7 +20,13 @@ from absl import logging
 
 from cxr_jax import configlib
 from cxr_jax import workdir as workdir_lib
+from cxr_jax.data import dataset
 from cxr_jax.errors import ConfigError
+from cxr_jax.pipeline import classify
+from cxr_jax.pipeline import report
+from cxr_jax.pipeline import synthesize
+from cxr_jax.training import classifier
+from cxr_jax.training import pix2pix
 from cxr_jax.utils import files
 
 ROWS = (("original", "scratch"), ("original", "transfer"), ("enhanced", "scratch"),
@@ -74,12 +80,6 @@ def classifier_runs(config: ml_collections.ConfigDict) -> list[dict]:
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   """The `experiment` task."""
-  from cxr_jax.data import dataset  # pylint: disable=import-outside-toplevel
-  from cxr_jax.pipeline import report  # pylint: disable=import-outside-toplevel
-  from cxr_jax.pipeline import synthesize  # pylint: disable=import-outside-toplevel
-  from cxr_jax.training import classifier  # pylint: disable=import-outside-toplevel
-  from cxr_jax.training import pix2pix  # pylint: disable=import-outside-toplevel
-
   configlib.require(len(config.seeds) > 0, "seeds", "list at least one seed")
   # Every stage's config is checked now, not hours later when the stage starts.
   pix2pix.validate(sub_config(config, "pix2pix"))
@@ -126,7 +126,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
         cfg[key] = value
     run_dir = workdir_lib.prepare(workdir / "classifiers" / run["name"], cfg)
     stages.run(f"classifier-{run['name']}",
-               lambda cfg=cfg, run_dir=run_dir: classifier.train_and_evaluate(cfg, run_dir)[
+               lambda cfg=cfg, run_dir=run_dir: classify.train_and_evaluate(cfg, run_dir)[
                    "summary"])
 
   first_original = workdir / "classifiers" / f"original-scratch-seed{config.seeds[0]}"

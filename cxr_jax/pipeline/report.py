@@ -9,7 +9,11 @@ import pathlib
 import platform
 from typing import Any
 
+import flax
+import jax
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.evaluation import report_classifier
@@ -54,10 +58,6 @@ def _fmt(agg: dict[str, Any], spread: bool = True) -> str:
 
 
 def _versions() -> dict[str, str]:
-  import flax  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   return {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
           "optax": optax.__version__, "orbax-checkpoint": getattr(ocp, "__version__", "?"),
           "numpy": np.__version__,

@@ -16,9 +16,12 @@ from absl import logging
 
 from cxr_jax import configlib
 from cxr_jax import workdir as workdir_lib
+from cxr_jax.data import dataset
 from cxr_jax.data import enhanced
 from cxr_jax.data.images import pixel_hash
 from cxr_jax.errors import ConfigError, UserError
+from cxr_jax.evaluation import fid
+from cxr_jax.training import export
 from cxr_jax.utils import grid
 
 SYNTHETIC_DIR = "synthetic"
@@ -43,9 +46,7 @@ def synthesize(generator_dir: str | pathlib.Path, splits, out_dir: pathlib.Path,
                num_synthetic: str, seed: int, batch_size: int, source_class: str = "NORMAL",
                target_class: str = "COVID", grid_rows: int = 6) -> dict:
   """Translates training normals into `out_dir`; returns a summary (also `synthesis.json`)."""
-  from cxr_jax.training import pix2pix  # pylint: disable=import-outside-toplevel
-
-  gen = pix2pix.load_generator(generator_dir)
+  gen = export.load_generator(generator_dir)
   made_for = (gen.meta.get("source_class", source_class), gen.meta.get("target_class", target_class))
   if made_for != (source_class, target_class):
     raise UserError(f"{generator_dir}: the generator translates {made_for[0]} -> {made_for[1]}, "
@@ -101,10 +102,7 @@ def synthesis_quality(synthetic_dir: pathlib.Path, classifier_dir: str | pathlib
   offline and trained on radiographs (an ImageNet Inception network is not at hand here), so the
   figures compare like with like within this project, not with FIDs published elsewhere.
   """
-  from cxr_jax.evaluation import fid  # pylint: disable=import-outside-toplevel
-  from cxr_jax.training import classifier  # pylint: disable=import-outside-toplevel
-
-  trained = classifier.load_classifier(classifier_dir)
+  trained = export.load_classifier(classifier_dir)
   size = splits["train"].images.shape[1]
   synthetic = enhanced.load_synthetic_set(synthetic_dir, splits, image_size=size)
   real = splits["train"].of_class(target_class)
@@ -132,8 +130,6 @@ def synthesis_quality(synthetic_dir: pathlib.Path, classifier_dir: str | pathlib
 
 def synthesize_task(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   """The `synthesize` task."""
-  from cxr_jax.data import dataset  # pylint: disable=import-outside-toplevel
-
   configlib.require(bool(config.generator_dir), "generator_dir",
                     "set it to an exported generator (<pix2pix workdir>/generator)")
   configlib.require_positive_int(config, "batch_size")

@@ -1,8 +1,13 @@
 """Orbax checkpoints of a whole training state, saved asynchronously and restored exactly.
 
-The state pytree (nnx.State objects, optax states, step, RNG key) is saved as a flat dict keyed by
-its key paths, so that a checkpoint is readable without the Python classes that made it, and a
-mismatch with the model being restored is reported key by key instead of as an Orbax traceback.
+The state pytree (nnx.State objects, optax states, step, typed RNG key) is saved as a flat dict
+keyed by `jax.tree_util.keystr` paths, so that a checkpoint is readable without the Python classes
+that made it, and a mismatch with the model being restored is reported key by key instead of as an
+Orbax traceback. Typed PRNG keys are stored as their raw key data.
+
+One `CheckpointManager` per run keeps the latest K checkpoints and, when a metric is named, the
+best one by that metric, through Orbax's preservation policies (`LatestN` or `BestN`). A step's
+metrics are written inside its checkpoint, so the best is never out of step with the latest.
 """
 
 from __future__ import annotations
@@ -15,33 +20,52 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from cxr_jax.errors import UserError
 
 
+def _is_key(x: Any) -> bool:
+  return jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)
+
+
+def _key_path(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def _storable(x: Any) -> Any:
+  """Typed PRNG keys (arrays or abstract stand-ins) -> their uint32 key data."""
+  if not _is_key(x):
+    return x
+  if isinstance(x, jax.ShapeDtypeStruct):
+    shape = jax.eval_shape(jax.random.key_data, x).shape
+    return jax.ShapeDtypeStruct(shape, np.uint32, sharding=x.sharding)
+  return jax.random.key_data(x)
+
+
+def _key_impl(x: Any) -> Any:
+  """The PRNG implementation of a typed key, also of an abstract one (read while tracing)."""
+  if not isinstance(x, jax.ShapeDtypeStruct):
+    return jax.random.key_impl(x)
+  found = []
+  jax.eval_shape(lambda k: found.append(jax.random.key_impl(k)), x)
+  return found[0]
+
+
 def flatten(tree: Any) -> dict[str, Any]:
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  flat = {}
-  for path, leaf in leaves:
-    flat[_key(path)] = leaf
-  return flat
+  return {_key_path(path): _storable(leaf) for path, leaf in leaves}
 
 
 def unflatten(template: Any, flat: dict[str, Any]) -> Any:
   paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-  return jax.tree_util.tree_unflatten(treedef, [flat[_key(p)] for p, _ in paths_leaves])
-
-
-def _key(path) -> str:
-  parts = []
-  for entry in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(entry, attr):
-        parts.append(str(getattr(entry, attr)))
-        break
-    else:
-      parts.append(str(entry))
-  return "/".join(parts)
+  leaves = []
+  for path, leaf in paths_leaves:
+    value = flat[_key_path(path)]
+    if _is_key(leaf):
+      value = jax.random.wrap_key_data(value, impl=_key_impl(leaf))
+    leaves.append(value)
+  return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def abstract(tree: Any) -> Any:
@@ -52,41 +76,31 @@ def abstract(tree: Any) -> Any:
 
 
 class Checkpointer:
-  """Keeps the last `max_to_keep` checkpoints of a run under `directory` (async writes).
-
-  With `best_metric`, a second manager under `<directory>/../best` keeps the single checkpoint with
-  the highest value of that metric (e.g. validation macro-F1), beside the latest ones.
-  """
+  """Keeps the last `max_to_keep` checkpoints of a run under `directory` (async writes) and, with
+  `best_metric`, also the one with the highest value of that metric (e.g. validation macro-F1)."""
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
                asynchronous: bool = True, best_metric: str | None = None):
     self.directory = pathlib.Path(directory).absolute()
-    # The handler is named up front: a manager that has not saved in this process (a resumed
-    # run) can then read a checkpoint's metadata, which the compatibility check needs.
-    self._mgr = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=asynchronous),
-        item_handlers=ocp.StandardCheckpointHandler())
     self.best_metric = best_metric
-    self._best = None
+    policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
+    best_fn = None
     if best_metric:
-      self._best = self._open_best(best_metric, asynchronous)
-
-  def _open_best(self, best_metric: str, asynchronous: bool):
+      best_fn = lambda m: m[best_metric]  # noqa: E731
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=best_fn, n=1, keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        create=True, enable_async_checkpointing=asynchronous, best_fn=best_fn, best_mode="max",
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
     try:
-      return ocp.CheckpointManager(
-          self.directory.parent / "best",
-          options=ocp.CheckpointManagerOptions(
-              max_to_keep=1, create=True, enable_async_checkpointing=asynchronous,
-              best_fn=lambda m: m[best_metric], best_mode="max"),
-          item_handlers=ocp.StandardCheckpointHandler())
+      # The handler is named up front: a manager that has not saved in this process (a resumed
+      # run) can then read a checkpoint's metadata, which the compatibility check needs.
+      self._mgr = ocp.CheckpointManager(self.directory, options=options,
+                                        item_handlers=ocp.StandardCheckpointHandler())
     except Exception as e:  # pylint: disable=broad-except  # a damaged metrics record
-      path = self.directory.parent / "best"
-      raise UserError(f"{path}: cannot read the records of the best checkpoint "
-                      f"({type(e).__name__}: {e}); move the folder aside and run the same "
-                      "command again (the run resumes; the best is chosen anew from then on)."
-                      ) from None
+      raise UserError(f"{self.directory}: cannot read the records of the checkpoints "
+                      f"({type(e).__name__}: {e}); move the damaged step folder aside and run "
+                      "the same command again.") from None
 
   def all_steps(self) -> list[int]:
     return sorted(self._mgr.all_steps())
@@ -94,29 +108,18 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._mgr.latest_step()
 
+  def best_step(self) -> int | None:
+    return self._mgr.best_step() if self.best_metric else None
+
   def save(self, step: int, state: Any, *, metrics: dict[str, float] | None = None,
            force: bool = False) -> None:
-    """Saves `step`; with `metrics`, first offers it to the best manager and waits for that write.
+    """Saves `step` with its validation `metrics` (weighed for the best one) in the same write."""
+    self._mgr.save(step, args=ocp.args.StandardSave(flatten(state)), force=force,
+                   metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()})
 
-    The wait orders the commits (at the cost of one unoverlapped write per evaluation): once the
-    latest checkpoint of a step exists, its validation result has been weighed, so a run killed
-    between the two writes and resumed from that step still picks the same best. A resumed run
-    replays the steps after its checkpoint: those the best manager has weighed already (up to its
-    newest step) are not offered again, which would raise Orbax's StepAlreadyExistsError at the
-    same step on every restart.
-    """
-    flat = flatten(state)
-    if self._best is not None and metrics is not None:
-      if step > max(self._best.all_steps(), default=-1):
-        self._best.save(step, args=ocp.args.StandardSave(flat),
-                        metrics={k: float(v) for k, v in metrics.items()}, force=True)
-        self._best.wait_until_finished()
-    self._mgr.save(step, args=ocp.args.StandardSave(flat), force=force)
-
-  def restore(self, step: int, template: Any, *, best: bool = False) -> Any:
-    mgr = self._best if best else self._mgr
-    self._check_compatible(mgr, step, template)
-    flat = mgr.restore(step, args=ocp.args.StandardRestore(abstract(flatten(template))))
+  def restore(self, step: int, template: Any) -> Any:
+    self._check_compatible(step, template)
+    flat = self._mgr.restore(step, args=ocp.args.StandardRestore(abstract(flatten(template))))
     return unflatten(template, flat)
 
   def restore_best(self, template: Any) -> tuple[Any, int | None]:
@@ -127,17 +130,13 @@ class Checkpointer:
     if step is None:
       return None, None
     try:
-      return self.restore(step, template, best=True), step
+      return self.restore(step, template), step
     except UserError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      path = self.directory.parent / "best" / str(step)
-      raise UserError(f"{path}: the best checkpoint cannot be read ({type(e).__name__}: {e}). It "
-                      "is left as it is; move it aside and run the same command again to "
-                      "evaluate the final weights instead.") from None
-
-  def best_step(self) -> int | None:
-    return None if self._best is None else self._best.best_step()
+      raise UserError(f"{self.directory / str(step)}: the best checkpoint cannot be read "
+                      f"({type(e).__name__}: {e}). It is left as it is; move it aside and run the "
+                      "same command again to evaluate the best of the others.") from None
 
   def restore_latest(self, template: Any) -> tuple[Any, int | None]:
     """The newest readable checkpoint, falling back to older ones (nothing is deleted)."""
@@ -153,7 +152,6 @@ class Checkpointer:
         if jax.process_index() == 0:
           os.replace(self.directory / str(step), aside)
         if jax.process_count() > 1:  # every process lists the steps after the move
-          from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
           multihost_utils.sync_global_devices(f"cxr_jax.checkpoint aside {self.directory} {step}")
         self._mgr.reload()
     return None, None
@@ -167,9 +165,9 @@ class Checkpointer:
       aside, n = self.directory / f"{step}.unreadable-{n}", n + 1
     return aside
 
-  def _check_compatible(self, mgr, step: int, template: Any) -> None:
+  def _check_compatible(self, step: int, template: Any) -> None:
     try:
-      meta = mgr.item_metadata(step)
+      meta = self._mgr.item_metadata(step)
     except Exception:  # pylint: disable=broad-except
       return  # unreadable metadata: let restore fail and fall back
     if meta is None:
@@ -193,10 +191,6 @@ class Checkpointer:
 
   def wait(self) -> None:
     self._mgr.wait_until_finished()
-    if self._best is not None:
-      self._best.wait_until_finished()
 
   def close(self) -> None:
     self._mgr.close()
-    if self._best is not None:
-      self._best.close()

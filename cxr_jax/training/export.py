@@ -1,25 +1,44 @@
-"""Trained networks exported for inference: parameters and batch statistics (no optimiser state)
-plus the JSON needed to rebuild the module, in `<dir>/params` (Orbax) and `<dir>/model.json`.
+"""Trained networks exported for inference, and the one class every inference goes through.
 
-The pix2pix generator is exported this way for synthesis, the classifier for prediction, FID
-features and the experiment's report.
+An export is the parameters and batch statistics (no optimiser state) in `<dir>/params` (Orbax)
+plus `<dir>/model.json`: the `kind` ('generator' or 'classifier'), the architecture (`arch`,
+rebuilt by `cxr_jax.models.build`, the builders training uses) and how to run it. Generator
+exports are translator-agnostic: `translator` names the model that trained it ('pix2pix', ...),
+`inference` says how to run it ('instance': pix2pix's test mode, batch statistics of each image
+alone with dropout on as the noise source; 'eval': `train=False`), and synthesis loads any of them.
+
+`Exported` holds the meta, the functional module and the parameters replicated once on a mesh;
+`map` runs a pure function over fixed-size, batch-sharded batches (one compile per function),
+dispatching every batch before fetching. Translation, class probabilities, pooled features,
+Grad-CAM inputs, the trainers' validation and sample grids all use it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.errors import UserError
+from cxr_jax.models import build
+from cxr_jax.training import augment
+from cxr_jax.training import gan
+from cxr_jax.training import mesh as mesh_lib
+from cxr_jax.training.functional import Functional
 from cxr_jax.utils import files
 
 META_FILE = "model.json"
+GENERATOR = "generator"
+CLASSIFIER = "classifier"
+INFERENCE_MODES = ("instance", "eval")
 
 
 def save(directory: str | pathlib.Path, params: nnx.State, stats: nnx.State, meta: dict) -> None:
@@ -59,3 +78,152 @@ def restore_into(directory: str | pathlib.Path, params: nnx.State, stats: nnx.St
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise UserError(f"{directory}: the exported weights do not fit the model described in "
                     f"{META_FILE} ({type(e).__name__}: {e})") from None
+
+
+def build_module(meta: dict, *, seed: int = 0, abstract: bool = True) -> nnx.Module:
+  """The module an export's meta describes, by the builders training uses."""
+  if meta["kind"] == GENERATOR:
+    return build.build_generator(meta["arch"], image_size=meta["image_size"],
+                                 channels=meta["channels"], compute_dtype=meta["compute_dtype"],
+                                 seed=seed, abstract=abstract)
+  return build.build_resnet(meta["arch"], num_classes=len(meta["class_names"]),
+                            compute_dtype=meta["compute_dtype"], seed=seed, abstract=abstract)
+
+
+# ------------------------------------------------------------------- pure inference functions
+
+
+def translate_images(net: Functional, inference: str, params, stats, images_u8, key_data):
+  """uint8 translations of uint8 images; each image's dropout noise comes from its own key."""
+  if inference == "eval":
+    out, _ = net.apply(params, stats, gan.to_signed(images_u8), train=False)
+    return gan.to_uint8(out)
+
+  def one(image, kd):
+    out, _ = net.apply(params, stats, gan.to_signed(image[None]), train=True,
+                       rngs=nnx.Rngs(dropout=jax.random.wrap_key_data(kd)))
+    return gan.to_uint8(out[0])
+  return jax.vmap(one)(images_u8, key_data)
+
+
+def _network_input(spec: build.InputSpec, images_u8: jax.Array) -> jax.Array:
+  return spec(augment.resize(images_u8, spec.image_size))
+
+
+def _probabilities(net: Functional, spec: build.InputSpec, params, stats, images_u8):
+  logits, _ = net.apply(params, stats, _network_input(spec, images_u8), train=False)
+  return jax.nn.softmax(logits)
+
+
+def _pooled_features(net: Functional, spec: build.InputSpec, params, stats, images_u8):
+  fmap, _ = net.apply(params, stats, _network_input(spec, images_u8), train=False,
+                      method="features")
+  return jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
+
+
+# ------------------------------------------------------------------------------- the class
+
+
+@dataclasses.dataclass(eq=False)
+class Exported:
+  """A network ready for inference: meta, functional module, parameters replicated on `mesh`."""
+  meta: dict
+  net: Functional
+  params: Any
+  stats: Any
+  mesh: jax.sharding.Mesh
+  # Compiled `map` functions by name, shared by the copies `with_weights` makes.
+  _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  @classmethod
+  def create(cls, meta: dict, net: Functional, params, stats,
+             mesh: jax.sharding.Mesh | None = None) -> "Exported":
+    mesh = mesh or mesh_lib.make_mesh()
+    params, stats = mesh_lib.put_replicated((params, stats), mesh)
+    return cls(meta, net, params, stats, mesh)
+
+  def with_weights(self, params, stats) -> "Exported":
+    """The same network with other weights already replicated on this mesh (a training state's),
+    sharing the compiled functions: validation during training compiles once."""
+    return dataclasses.replace(self, params=params, stats=stats)
+
+  @property
+  def input_spec(self) -> build.InputSpec:
+    return build.InputSpec.from_json(self.meta["input"])
+
+  def map(self, name: str, fn: Callable, *arrays: np.ndarray, batch_size: int) -> np.ndarray:
+    """`fn(params, stats, *batch)` over `arrays` in fixed-size batches sharded along `data`;
+    compiled once per `name` (and batch shape)."""
+    compiled = self._compiled.get(name)
+    if compiled is None:
+      rep, batch = mesh_lib.replicated(self.mesh), mesh_lib.batch_sharding(self.mesh)
+      compiled = self._compiled[name] = jax.jit(
+          fn, in_shardings=(rep, rep) + (batch,) * len(arrays), out_shardings=batch)
+    return mesh_lib.map_batches(lambda *xs: compiled(self.params, self.stats, *xs), arrays,
+                                batch_size, self.mesh)
+
+  # Generators ---------------------------------------------------------------------------------
+
+  def translate(self, images_u8: np.ndarray, *, seed: int = 0, first_index: int = 0,
+                batch_size: int = 32) -> np.ndarray:
+    """uint8 [N, S, S, C] -> uint8 [N, S, S, C]; image i's dropout noise is keyed by
+    (seed, first_index + i), so results do not depend on the batch size."""
+    if not len(images_u8):
+      return np.zeros_like(images_u8)
+    base = jax.random.key(seed)
+    key_data = np.asarray(jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(base, i))(
+        jnp.arange(first_index, first_index + len(images_u8)))))
+    inference = self.meta["inference"]
+    return self.map("translate",
+                    lambda p, s, x, k: translate_images(self.net, inference, p, s, x, k),
+                    images_u8, key_data, batch_size=batch_size)
+
+  # Classifiers --------------------------------------------------------------------------------
+
+  def predict(self, images_u8: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities [N, K]."""
+    spec = self.input_spec
+    return self.map("predict", lambda p, s, x: _probabilities(self.net, spec, p, s, x), images_u8,
+                    batch_size=batch_size)
+
+  def features(self, images_u8: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Globally pooled last-stage features, [N, 2048] for ResNet-50 (FID / KID)."""
+    spec = self.input_spec
+    return self.map("features", lambda p, s, x: _pooled_features(self.net, spec, p, s, x),
+                    images_u8, batch_size=batch_size)
+
+  def network_input(self, images_u8: jax.Array) -> jax.Array:
+    return _network_input(self.input_spec, images_u8)
+
+  def feature_and_head_fns(self):
+    """(features_fn, head_fn) over network input, for Grad-CAM."""
+    def features_fn(x):
+      return self.net.apply(self.params, self.stats, x, train=False, method="features")[0]
+
+    def head_fn(fmap):
+      return self.net.apply(self.params, self.stats, fmap, method="head")[0]
+    return features_fn, head_fn
+
+
+def load(directory: str | pathlib.Path, kind: str,
+         mesh: jax.sharding.Mesh | None = None) -> Exported:
+  """An exported network of `kind`, rebuilt from its meta and replicated once on `mesh`."""
+  meta = read_meta(directory, kind)
+  net, params, stats = Functional.split(build_module(meta))
+  restore_into(directory, params, stats)
+  return Exported.create(meta, net, params, stats, mesh)
+
+
+def load_generator(directory: str | pathlib.Path,
+                   mesh: jax.sharding.Mesh | None = None) -> Exported:
+  """Any exported image translator (pix2pix, ...): what synthesis loads."""
+  exported = load(directory, GENERATOR, mesh)
+  if exported.meta.get("inference") not in INFERENCE_MODES:
+    raise UserError(f"{directory}/{META_FILE}: 'inference' is {exported.meta.get('inference')!r}, "
+                    f"not one of {INFERENCE_MODES}")
+  return exported
+
+
+def load_classifier(directory: str | pathlib.Path,
+                    mesh: jax.sharding.Mesh | None = None) -> Exported:
+  return load(directory, CLASSIFIER, mesh)

@@ -7,9 +7,8 @@ steps merge the module inside the trace, so Python never walks the module graph 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
-import jax
 from flax import nnx
 
 
@@ -36,16 +35,3 @@ class Functional:
     out = fn(*args, **kwargs)
     return out, nnx.state(module, nnx.BatchStat)
 
-
-def build(make: Callable[[nnx.Rngs], nnx.Module], seed: int, *,
-          abstract: bool = False) -> nnx.Module:
-  """Builds a module with its whole initialisation compiled as one program.
-
-  Built eagerly, every parameter shape compiles its own threefry sampler: tens of seconds for a
-  ResNet-50 on a CPU. One `nnx.jit` and an `rbg` key make it a few seconds. The key only draws
-  initial weights; training randomness uses the default (threefry) keys. `abstract=True` gives
-  shapes only, for modules whose values are about to be restored.
-  """
-  if abstract:
-    return nnx.eval_shape(lambda: make(nnx.Rngs(0)))
-  return nnx.jit(lambda: make(nnx.Rngs(jax.random.key(seed, impl="rbg"))))()

@@ -1,9 +1,11 @@
 """The host side of training, shared by every trainer.
 
 The trainer supplies a jitted `chunk_fn(state, num_steps)` that runs `num_steps` steps on the
-device (`lax.scan`) and returns per-step metrics stacked along axis 0. This loop only decides when
-to fetch those metrics, write summaries, run evaluations and save checkpoints; between those points
-it queues chunks without waiting for the device, so Python dispatch never gates a step.
+device and returns per-step metrics stacked along axis 0 (at least `num_steps` rows: `fit`'s
+chunk fills a fixed-size buffer, of which the first `num_steps` rows are kept). This loop only
+decides when to fetch those metrics, write summaries, run evaluations and save checkpoints;
+between those points it queues chunks without waiting for the device, so Python dispatch never
+gates a step.
 """
 
 from __future__ import annotations
@@ -47,14 +49,15 @@ def run(state: Any, *, chunk_fn: Callable[[Any, int], tuple[Any, Mapping[str, ja
   """Trains from `start_step` to `schedule.total_steps`; returns the final state."""
   s = schedule
   step = start_step
-  pending: list[tuple[int, Mapping[str, jax.Array]]] = []
+  pending: list[tuple[int, Mapping[str, jax.Array], int]] = []  # (first step, metrics, steps)
   window: list[tuple[int, Mapping[str, Any]]] = []  # fetched, not yet logged
   progress = Progress(s.total_steps, start_step, images_per_step=images_per_step, name=name)
 
   def flush_metrics() -> None:
     """Fetches queued metrics (the only host sync between log points) and checks them."""
     if pending:
-      fetched = jax.device_get(pending)
+      fetched = [(first, {name: np.atleast_1d(v)[:k] for name, v in m.items()})
+                 for first, m, k in jax.device_get(pending)]
       pending.clear()
       _check_finite(fetched)
       window.extend(fetched)
@@ -79,7 +82,7 @@ def run(state: Any, *, chunk_fn: Callable[[Any, int], tuple[Any, Mapping[str, ja
         raise UserError(f"out of device memory at step {step} ({jax.devices()[0].device_kind}): "
                         f"{memory_hint}") from None
       raise
-    pending.append((step, metrics))
+    pending.append((step, metrics, k))
     step += k
 
     at_end = step >= s.total_steps

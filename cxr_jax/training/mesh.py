@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cxr_jax.errors import ConfigError
@@ -46,6 +47,9 @@ def put_replicated(tree, mesh: Mesh):
   sharding = replicated(mesh)
 
   def put(x):
+    if jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+      # Typed keys travel as their key data (no numpy form), wrapped again on the devices.
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
     x = np.asarray(x) if not isinstance(x, jax.Array) else x
     if isinstance(x, jax.Array) and jax.process_count() == 1:
       return jax.device_put(x, sharding)
@@ -58,18 +62,18 @@ def put_replicated(tree, mesh: Mesh):
 def fetch(x: jax.Array) -> np.ndarray:
   """A (possibly multi-host, batch-sharded) result as one host array on every process."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 
 
 def map_batches(fn, inputs: tuple[np.ndarray, ...], batch_size: int, mesh: Mesh) -> np.ndarray:
   """`fn(*batch)` over fixed-size (zero-padded, so compiled once) batches sharded along `data`;
-  the batch size is rounded up to a multiple of the device count."""
+  the batch size is rounded up to a multiple of the device count. Every batch is dispatched before
+  the first result is fetched, so the device never waits for the host between batches."""
   n_dev = mesh.devices.size
   batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
   n = len(inputs[0])
-  out = []
+  dispatched = []
   for start in range(0, n, batch_size):
     parts = []
     for x in inputs:
@@ -78,7 +82,8 @@ def map_batches(fn, inputs: tuple[np.ndarray, ...], batch_size: int, mesh: Mesh)
         chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:],
                                                 chunk.dtype)])
       parts.append(put_batch(chunk, mesh))
-    out.append(fetch(fn(*parts))[:min(batch_size, n - start)])
+    dispatched.append((fn(*parts), min(batch_size, n - start)))
+  out = [fetch(y)[:valid] for y, valid in dispatched]
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 

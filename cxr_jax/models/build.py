@@ -1,0 +1,109 @@
+"""Network builders, shared by the trainers and by loading an export, so that both build the same
+module from the same description (`arch`, a JSON-able dict recorded in every export's model.json).
+
+Generators are looked up by `arch["name"]` in `GENERATORS`: a translator with another generator
+(e.g. CycleGAN's ResNet generator) adds one entry there, and synthesis loads it unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cxr_jax import configlib
+from cxr_jax.errors import UserError
+from cxr_jax.models import pretrained as pretrained_lib
+from cxr_jax.models.patchgan import PatchGAN
+from cxr_jax.models.resnet import ResNet
+from cxr_jax.models.unet import UNet
+
+# Scratch classifiers see [0, 1] intensities standardised with these (a radiograph's statistics).
+SCRATCH_MEAN, SCRATCH_STD = 0.5, 0.25
+
+
+def init_module(make: Callable[[nnx.Rngs], nnx.Module], seed: int, *,
+                abstract: bool = False) -> nnx.Module:
+  """Builds a module with its whole initialisation compiled as one program.
+
+  Built eagerly, every parameter shape compiles its own threefry sampler: tens of seconds for a
+  ResNet-50 on a CPU. One `nnx.jit` and an `rbg` key make it a few seconds. The key only draws
+  initial weights; training randomness uses the default (threefry) keys. `abstract=True` gives
+  shapes only, for modules whose values are about to be restored.
+  """
+  if abstract:
+    return nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+  return nnx.jit(lambda: make(nnx.Rngs(jax.random.key(seed, impl="rbg"))))()
+
+
+def _unet(arch: dict, *, image_size: int, channels: int, dtype: Any,
+          rngs: nnx.Rngs) -> nnx.Module:
+  return UNet(image_size=image_size, in_channels=channels, out_channels=channels,
+              ngf=arch["ngf"], norm=arch["norm"], use_dropout=arch["use_dropout"], rngs=rngs,
+              dtype=dtype)
+
+
+# arch["name"] -> constructor(arch, *, image_size, channels, dtype, rngs).
+GENERATORS: dict[str, Callable[..., nnx.Module]] = {"unet": _unet}
+
+
+def build_generator(arch: dict, *, image_size: int, channels: int, compute_dtype: str,
+                    seed: int, abstract: bool = False) -> nnx.Module:
+  """The image-to-image generator `arch` describes (`arch["name"]` in GENERATORS)."""
+  make = GENERATORS.get(arch.get("name", ""))
+  if make is None:
+    raise UserError(f"unknown generator architecture {arch.get('name')!r}; known: "
+                    f"{', '.join(GENERATORS)}")
+  dtype = configlib.compute_dtype(compute_dtype)
+  return init_module(lambda rngs: make(arch, image_size=image_size, channels=channels,
+                                       dtype=dtype, rngs=rngs), seed, abstract=abstract)
+
+
+def build_patchgan(*, in_channels: int, ndf: int, n_layers: int, norm: str, compute_dtype: str,
+                   seed: int, abstract: bool = False) -> nnx.Module:
+  """The PatchGAN discriminator (pix2pix's on (source, image) pairs, CycleGAN's on images)."""
+  dtype = configlib.compute_dtype(compute_dtype)
+  return init_module(lambda rngs: PatchGAN(in_channels=in_channels, ndf=ndf, n_layers=n_layers,
+                                           norm=norm, rngs=rngs, dtype=dtype), seed,
+                     abstract=abstract)
+
+
+def build_resnet(arch: dict, *, num_classes: int, compute_dtype: str, seed: int,
+                 abstract: bool = False) -> nnx.Module:
+  """The ResNet classifier of `arch` (variant, stage_sizes, width, in_channels)."""
+  dtype = configlib.compute_dtype(compute_dtype)
+  return init_module(
+      lambda rngs: ResNet(num_classes=num_classes, in_channels=arch["in_channels"],
+                          stage_sizes=tuple(arch["stage_sizes"]), width=arch["width"],
+                          variant=arch["variant"], rngs=rngs, dtype=dtype), seed,
+      abstract=abstract)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+  """How [0, 1] radiographs become classifier input: the size, and the normalisation the weights
+  expect (ImageNet weights) or the scratch standardisation."""
+  image_size: int
+  in_channels: int
+  weights_preprocess: Any = None  # pretrained_lib.Preprocess, or None for scratch
+
+  def __call__(self, x01: jax.Array) -> jax.Array:
+    """float [B, S, S, 1] in [0, 1] -> normalised network input."""
+    if self.weights_preprocess is None:
+      x = (x01 - SCRATCH_MEAN) / SCRATCH_STD
+      return jnp.repeat(x, self.in_channels, axis=-1) if x.shape[-1] == 1 else x
+    return pretrained_lib.normalize(x01, self.weights_preprocess, self.in_channels)
+
+  def to_json(self) -> dict:
+    pre = self.weights_preprocess
+    return {"image_size": self.image_size, "in_channels": self.in_channels,
+            "weights_preprocess": None if pre is None else pretrained_lib.preprocess_to_json(pre)}
+
+  @classmethod
+  def from_json(cls, d: dict) -> "InputSpec":
+    pre = d.get("weights_preprocess")
+    return cls(d["image_size"], d["in_channels"],
+               pretrained_lib.preprocess_from_json(pre) if pre else None)
