@@ -6,6 +6,12 @@ chunk fills a fixed-size buffer, of which the first `num_steps` rows are kept). 
 decides when to fetch those metrics, write summaries, run evaluations and save checkpoints;
 between those points it queues chunks without waiting for the device, so Python dispatch never
 gates a step.
+
+The console's progress bar gets its first rate and ETA within seconds of the first compiled step:
+the first chunks are short (1, 1, 2, 4, ... steps, then `steps_per_call`) and the bar is updated
+whenever `Progress.due` says so, not only every `log_every` steps. Chunk lengths are a traced
+argument of one compiled program (`fit.compile_chunk`), so this costs no compilation and changes
+no result.
 """
 
 from __future__ import annotations
@@ -62,47 +68,57 @@ def run(state: Any, *, chunk_fn: Callable[[Any, int], tuple[Any, Mapping[str, ja
       _check_finite(fetched)
       window.extend(fetched)
 
-  def log_means() -> dict[str, float]:
+  def window_means(clear: bool) -> dict[str, float]:
+    """Means of the metrics fetched since the last log point; kept (not cleared) for a progress
+    update in between, so that the logged means still cover the whole interval."""
     flush_metrics()
     if not window:
       return {}
     stacked = {k: np.concatenate([np.atleast_1d(m[k]) for _, m in window]) for k in window[0][1]}
-    window.clear()
+    if clear:
+      window.clear()
     return {k: float(np.mean(v)) for k, v in stacked.items()}
 
-  while step < s.total_steps:
-    boundaries = [s.total_steps, _next_boundary(step, s.log_every),
-                  _next_boundary(step, s.checkpoint_every), _next_boundary(step, s.eval_every),
-                  _next_boundary(step, s.hook_every)]
-    k = int(min([step + s.steps_per_call] + boundaries) - step)
-    try:
-      state, metrics = chunk_fn(state, k)
-    except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-        raise UserError(f"out of device memory at step {step} ({jax.devices()[0].device_kind}): "
-                        f"{memory_hint}") from None
-      raise
-    pending.append((step, metrics, k))
-    step += k
+  try:
+    while step < s.total_steps:
+      boundaries = [s.total_steps, _next_boundary(step, s.log_every),
+                    _next_boundary(step, s.checkpoint_every), _next_boundary(step, s.eval_every),
+                    _next_boundary(step, s.hook_every)]
+      # Short first chunks (1, 1, 2, 4, ...): an early rate for the progress bar.
+      ramp = max(1, step - start_step)
+      k = int(min([step + min(s.steps_per_call, ramp)] + boundaries) - step)
+      try:
+        state, metrics = chunk_fn(state, k)
+      except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+          raise UserError(f"out of device memory at step {step} "
+                          f"({jax.devices()[0].device_kind}): {memory_hint}") from None
+        raise
+      pending.append((step, metrics, k))
+      step += k
 
-    at_end = step >= s.total_steps
-    if step % s.log_every == 0 or at_end:
-      means = log_means()
-      rate = progress.rate(step)
-      progress.report(step, means, rate)
-      writer.scalars(step, {f"train/{k}": v for k, v in means.items()})
-      writer.scalars(step, {"perf/steps_per_sec": rate,
-                            "perf/images_per_sec": rate * images_per_step})
-    eval_metrics = None
-    if eval_fn is not None and ((s.eval_every and step % s.eval_every == 0) or at_end):
-      flush_metrics()
-      eval_metrics = dict(eval_fn(step, state))
-      writer.scalars(step, {f"val/{k}": v for k, v in eval_metrics.items()})
-    if hook_fn is not None and ((s.hook_every and step % s.hook_every == 0) or at_end):
-      hook_fn(step, state)
-    if checkpointer is not None and (step % s.checkpoint_every == 0 or at_end):
-      flush_metrics()  # never save a state that has already diverged
-      checkpointer.save(step, state, metrics=eval_metrics, force=at_end)
+      at_end = step >= s.total_steps
+      at_log = step % s.log_every == 0 or at_end
+      if at_log or progress.due(step):
+        means = window_means(clear=at_log)
+        rate = progress.rate(step)
+        progress.report(step, means, rate)
+        if at_log:
+          writer.scalars(step, {f"train/{k}": v for k, v in means.items()})
+          writer.scalars(step, {"perf/steps_per_sec": rate,
+                                "perf/images_per_sec": rate * images_per_step})
+      eval_metrics = None
+      if eval_fn is not None and ((s.eval_every and step % s.eval_every == 0) or at_end):
+        flush_metrics()
+        eval_metrics = dict(eval_fn(step, state))
+        writer.scalars(step, {f"val/{k}": v for k, v in eval_metrics.items()})
+      if hook_fn is not None and ((s.hook_every and step % s.hook_every == 0) or at_end):
+        hook_fn(step, state)
+      if checkpointer is not None and (step % s.checkpoint_every == 0 or at_end):
+        flush_metrics()  # never save a state that has already diverged
+        checkpointer.save(step, state, metrics=eval_metrics, force=at_end)
+  finally:
+    progress.close()  # a crash leaves no progress bar open
   writer.flush()
   if checkpointer is not None:
     checkpointer.wait()
