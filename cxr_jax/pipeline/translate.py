@@ -52,9 +52,12 @@ def reference_exported(path: str | pathlib.Path, *, image_size: int = 0, channel
   image, dropout on); 'eval' is its `--eval`."""
   if inference not in export.INFERENCE_MODES:
     raise ConfigError(f"config.inference: {inference!r} is not one of {export.INFERENCE_MODES}")
-  module, info = torch_io.import_reference_generator(
-      path, image_size=image_size or REFERENCE_DEFAULT_SIZE, channels=channels or None,
-      architecture=architecture or None)
+  try:
+    module, info = torch_io.import_reference_generator(
+        path, image_size=image_size or REFERENCE_DEFAULT_SIZE, channels=channels or None,
+        architecture=architecture or None)
+  except ConfigError as e:  # the size it needs: name the key that sets it
+    raise ConfigError(f"config.image_size: {e}") from None
   meta = {"kind": export.GENERATOR, "translator": "pytorch-reference",
           "arch": {"name": info.architecture, "reference_name": info.name, "ngf": info.ngf,
                    "norm": info.norm, "use_dropout": info.use_dropout},
