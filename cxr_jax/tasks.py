@@ -16,6 +16,8 @@ TASKS = {
     "synthesize": "cxr_jax.pipeline.synthesize:synthesize_task",
     "predict": "cxr_jax.evaluation.predict:predict_task",
     "experiment": "cxr_jax.pipeline.experiment:run_experiment",
+    "translate": "cxr_jax.pipeline.translate:translate_task",
+    "export": "cxr_jax.pipeline.export_task:export_task",
 }
 
 
