@@ -11,6 +11,7 @@ import pathlib
 import ml_collections
 
 from cxr_jax.data import dataset
+from cxr_jax.evaluation import plots
 from cxr_jax.evaluation import report_classifier
 from cxr_jax.training import classifier
 from cxr_jax.training import fit
@@ -35,4 +36,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
                    {f"test/{k}": v for k, v in result["summary"].items()})
   finally:
     writer.close()
+  plots.write_training_curves(workdir)
   return result
