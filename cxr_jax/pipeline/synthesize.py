@@ -147,8 +147,8 @@ def synthesize(generator_dir: str | pathlib.Path, splits, out_dir: pathlib.Path,
     raise UserError(f"the training split has no {source_class} images to translate")
   # Each normal image is used once before any is used twice; repeats get fresh dropout noise.
   rng = np.random.default_rng(seed)
-  order = np.concatenate([rng.permutation(len(sources)) for _ in range(-(-n // len(sources)))])
-  picks = order[:n].astype(int)
+  order = [rng.permutation(len(sources)) for _ in range(-(-n // len(sources)))]
+  picks = np.concatenate(order)[:n].astype(int) if n else np.zeros(0, int)  # 'balance' may be 0
   out_dir = pathlib.Path(out_dir)
   image_dir = out_dir / target_class
   image_dir.mkdir(parents=True, exist_ok=True)
