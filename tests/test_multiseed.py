@@ -152,7 +152,6 @@ def test_bad_options_are_refused(tiny):
     classifier.validate(smoke_config(seeds_in_one_program="grouped"))
   assert classifier.seeds_mode(smoke_config(seeds_in_one_program="off")) is None
   assert classifier.seeds_mode(smoke_config(seeds_in_one_program="auto")) is None  # on a CPU
-  assert classifier.seeds_mode(smoke_config(seeds_in_one_program=True)) is None
   assert classifier.seeds_mode(smoke_config(seeds_in_one_program="vmap")) == "vmap"
   with pytest.raises(ConfigError, match="repeats"):
     classifier.train_seeds(smoke_config(), [1, 1], ["a", "b"], None, None, tiny[0][0].mesh)
