@@ -50,8 +50,8 @@ def get_config(variant: str = "scratch") -> ml_collections.ConfigDict:
       contrast=0.1, hflip=False))
 
   # A row's seeds (the experiment) trained as one compiled program: 'auto' (vmap over the seed axis
-  # on GPUs / TPUs, lax.map on a CPU: bitwise the runs alone), 'map', 'vmap', or 'off' (one run
-  # after another). docs/performance.md has the measurement behind the default.
+  # on GPUs / TPUs; on a CPU one run after another, as fast there), 'map' (lax.map: bitwise the
+  # runs alone), 'vmap', or 'off'. docs/performance.md has the measurement behind the default.
   config.seeds_in_one_program = "auto"
   config.num_devices = 0
   config.multihost = False

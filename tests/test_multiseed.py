@@ -151,7 +151,8 @@ def test_bad_options_are_refused(tiny):
   with pytest.raises(ConfigError, match="seeds_in_one_program"):
     classifier.validate(smoke_config(seeds_in_one_program="grouped"))
   assert classifier.seeds_mode(smoke_config(seeds_in_one_program="off")) is None
-  assert classifier.seeds_mode(smoke_config(seeds_in_one_program="auto")) == "map"  # on a CPU
+  assert classifier.seeds_mode(smoke_config(seeds_in_one_program="auto")) is None  # on a CPU
+  assert classifier.seeds_mode(smoke_config(seeds_in_one_program="vmap")) == "vmap"
   with pytest.raises(ConfigError, match="repeats"):
     classifier.train_seeds(smoke_config(), [1, 1], ["a", "b"], None, None, tiny[0][0].mesh)
   with pytest.raises(ValueError, match="2 seeds for 1 workdirs"):

@@ -295,13 +295,14 @@ def train(config: ml_collections.ConfigDict, workdir: pathlib.Path, train_set: I
 
 def seeds_mode(config: ml_collections.ConfigDict) -> str | None:
   """How `config.seeds_in_one_program` batches a row's seeds here: 'map', 'vmap' or None (one
-  run after another). 'auto': `vmap` on accelerators, `map` on a CPU (bitwise the runs alone)."""
+  run after another). 'auto': `vmap` on accelerators; one run after another on a CPU, where a
+  program of N seeds costs what N runs cost (docs/performance.md)."""
   value = config.get("seeds_in_one_program", "off")
   value = {True: "auto", False: "off", None: "off", "": "off"}.get(value, value)
   if value == "off":
     return None
   if value == "auto":
-    return "map" if jax.default_backend() == "cpu" else "vmap"
+    return None if jax.default_backend() == "cpu" else "vmap"
   if value in fit.SEED_MODES:
     return value
   raise ConfigError(f"config.seeds_in_one_program: {value!r} is not one of 'auto', 'map', "
