@@ -106,6 +106,12 @@ class _Buffer(logging.Handler):
       self.records.append(record)
 
 
+def verbose() -> bool:
+  """Whether `--log_level` asked for everything on the console (info or debug): then every
+  progress report is a console line too, not one a minute."""
+  return _state["level"] != "default"
+
+
 def setup(level: str = "default") -> None:
   """Replaces absl's stderr handler by the quiet console; call once, after flag parsing."""
   if level not in LEVELS:

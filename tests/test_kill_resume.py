@@ -38,14 +38,16 @@ from conftest import REPO_ROOT
 PROCESS_TIMEOUT_S = 300  # one smoke run takes well under a minute; CI must never hang
 POLL_S = 0.002
 TMP = ".orbax-checkpoint-tmp"
-PROGRESS = re.compile(r"\] (?:pix2pix|classifier) step (\d+)/(\d+) ")
+PROGRESS = re.compile(r"\b(?:pix2pix|classifier) step (\d+)/(\d+) ")
 RESUMED = re.compile(r"Resumed from (\S+) at step (\d+)")
 
 # Overrides of the smoke configs that leave the compiled steps as they are (cached by any earlier
 # session): pix2pix logs between its checkpoints (the mid-chunk trigger) and draws samples only at
 # the end (resume-safe keys); the classifier's final report skips Grad-CAM (a third of a run).
-PIX2PIX = ("pix2pix.py:smoke", ("--config.log_every=2", "--config.sample_every=12"))
-CLASSIFIER = ("classifier.py:smoke", ("--config.num_gradcam=0",))
+# `--log_level=info`: every progress report is a console line (the triggers read them).
+PIX2PIX = ("pix2pix.py:smoke", ("--config.log_every=2", "--config.sample_every=12",
+                                "--log_level=info"))
+CLASSIFIER = ("classifier.py:smoke", ("--config.num_gradcam=0", "--log_level=info"))
 
 
 # --------------------------------------------------------------------------------- processes

@@ -28,22 +28,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
   splits = dataset.load_splits(config.data, workdir)
   train = classifier.training_set(config, splits)
   trained = classifier.train(config, workdir, train, splits["val"], mesh)
-  result = report_classifier.evaluate_on_test(
-      trained, splits["test"], workdir, title=config.name, num_gradcam=config.num_gradcam,
-      n_bootstrap=config.n_bootstrap, train_hashes=train.hashes)
-  writer = SummaryWriter(workdir / "tensorboard")
-  try:
-    writer.scalars(trained.meta["final_step"],
-                   {f"test/{k}": v for k, v in result["summary"].items()})
-  finally:
-    writer.close()
-  plots.write_training_curves(workdir)
-  return result
+  return _evaluate(config, workdir, trained, splits["test"], train_hashes=train.hashes)
 
 
 def _evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, trained, test, *,
               train_hashes) -> dict:
-  """The test report of `trained` in `workdir`, and its test scalars in TensorBoard."""
+  """The test report of `trained` in `workdir`, its test scalars in TensorBoard and the run's
+  training-curves picture."""
   result = report_classifier.evaluate_on_test(
       trained, test, workdir, title=config.name, num_gradcam=config.num_gradcam,
       n_bootstrap=config.n_bootstrap, train_hashes=train_hashes)
@@ -53,6 +44,7 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, trained,
                    {f"test/{k}": v for k, v in result["summary"].items()})
   finally:
     writer.close()
+  plots.write_training_curves(workdir)
   return result
 
 

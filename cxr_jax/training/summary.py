@@ -96,8 +96,8 @@ class Progress:
 
   On a terminal (process 0) a tqdm bar; otherwise (CI, a pipe, a file) a plain line through the
   logger at the first report `FIRST_LINE_S` after the start, then at most every `LINE_EVERY_S`,
-  and at the end: a stage shorter than that prints one line. Every report also goes to the log
-  file with all its metrics. The ETA counts from the first report, so it leaves out compilation once
+  and at the end: a stage shorter than that prints one line (`--log_level=info|debug`: every
+  report). Every report also goes to the log file with all its metrics. The ETA counts from the first report, so it leaves out compilation once
   a second report exists. A run whose ETA passes a day warns once, naming the variant that fits.
 
   The loop calls `report` at its log points and may call `due(step)` after each chunk: it turns
@@ -174,7 +174,7 @@ class Progress:
                                 refresh=True)  # tqdm puts ", " before the postfix
       logging.info("%s", line, extra=console.FILE_ONLY)
     elif self._visible:
-      if at_end or now >= self._next_line_t:
+      if at_end or now >= self._next_line_t or console.verbose():
         self._next_line_t = now + self.LINE_EVERY_S
         logging.info("%s", line)
       else:
