@@ -185,6 +185,15 @@ def _find(comps: list[dict], a: str, b: str, init: str) -> dict | None:
   return next((c for c in comps if (c["a"], c["b"], c["init"]) == (a, b, init)), None)
 
 
+def pooled_p(pooled: dict) -> tuple[float, str]:
+  """The pooled test's p-value: the conditional exact test below 25 discordant images (where the
+  chi-square approximation is poor, as for McNemar), else the continuity-corrected CMH
+  chi-square."""
+  if pooled["b"] + pooled["c"] < 25:
+    return pooled["exact_p_value"], "exact conditional"
+  return pooled["p_value"], "chi-square"
+
+
 def _difference_ci(comp: dict) -> tuple[list[float] | None, str]:
   """The pooled comparison's CI of the accuracy difference: the t-interval over seeds, or with
   one seed that seed's paired bootstrap."""
@@ -225,14 +234,16 @@ def headline(table: dict[str, dict], comps: list[dict], rows: Sequence[str]) -> 
     return out
   pooled = primary["pooled"]
   ci, ci_method = _difference_ci(primary)
-  verdict = _verdict(pooled["difference"], pooled["p_value"])
+  p, p_method = pooled_p(pooled)
+  verdict = _verdict(pooled["difference"], p)
   out.update(verdict=verdict, difference=pooled["difference"], difference_ci=ci,
-             difference_ci_method=ci_method, p_value=pooled["p_value"], n_seeds=pooled["n_seeds"])
+             difference_ci_method=ci_method, p_value=p, p_method=p_method,
+             n_seeds=pooled["n_seeds"])
   ci_text = "" if ci is None else f" [95 % CI {_pts(ci[0])}, {_pts(ci[1])}; {ci_method}]"
   line1 = (f"**Did enhancement help?** {verdict.capitalize()}: {best} {100 * acc(best):.1f} % "
            f"against original {100 * acc('original'):.1f} % ({init}), a difference of "
            f"{_pts(pooled['difference'])} points{ci_text}; pooled Cochran-Mantel-Haenszel "
-           f"p = {_p(pooled['p_value'])} over {pooled['n_seeds']} seed(s) ({pooled['b']} test "
+           f"p = {_p(p)} ({p_method}) over {pooled['n_seeds']} seed(s) ({pooled['b']} test "
            f"images right only with original, {pooled['c']} only with {best}).")
   others = [f"{r} {100 * acc(r):.1f} %" for r in candidates if r != best]
   line2 = (f"**Which translator:** {out['translator']}, the best enhanced row by mean test "
@@ -244,9 +255,10 @@ def headline(table: dict[str, dict], comps: list[dict], rows: Sequence[str]) -> 
     if comp is None:
       continue
     cp = comp["pooled"]
+    cp_p = pooled_p(cp)[0]
     parts.append(f"{control} {100 * acc(control):.1f} % ({best} minus {control}: "
-                 f"{_pts(cp['difference'])} points, p = {_p(cp['p_value'])})")
-    beats.append(cp["p_value"] < ALPHA and cp["difference"] > 0)
+                 f"{_pts(cp['difference'])} points, p = {_p(cp_p)})")
+    beats.append(cp_p < ALPHA and cp["difference"] > 0)
   if parts:
     summary = ("the synthetic images beat every control" if all(beats) else
                "the synthetic images do not beat " + " and ".join(
@@ -452,7 +464,9 @@ def markdown(r: dict, workdir: pathlib.Path, *, synthetic_dirs: Mapping[str, Any
     lines += [
         f"Difference = accuracy of B minus A in points. Per seed: McNemar p (exact binomial below "
         f"25 discordant images). Pooled: Cochran-Mantel-Haenszel over seeds (the stratified "
-        f"McNemar), with the mean per-seed difference and its t-interval over seeds.", "",
+        f"McNemar; its conditional exact p below 25 discordant images, else the continuity-"
+        f"corrected chi-square), with the mean per-seed difference and its t-interval over "
+        f"seeds.", "",
         "| A | B | init | per seed: difference (McNemar p) | pooled: only A / only B right | "
         "pooled p | mean difference [95 % CI] |", "|---|---|---|---|---|---|---|"]
     for c in comps:
@@ -464,13 +478,15 @@ def markdown(r: dict, workdir: pathlib.Path, *, synthetic_dirs: Mapping[str, Any
       mark = " **(primary)**" if primary else ""
       lines.append(f"| {c['a']} | {c['b']}{mark} | {c['init']} | "
                    + "; ".join(_seed_cell(s) for s in c["per_seed"])
-                   + f" | {p['b']} / {p['c']} | {_p(p['p_value'])} | {_pts(p['difference'])}"
+                   + f" | {p['b']} / {p['c']} | {_p(pooled_p(p)[0])} | {_pts(p['difference'])}"
                    f"{ci_text} |")
+    n_translators = len({k.split("/")[0] for k in r["table"] if k.startswith("enhanced-")})
+    picked = (f"The translator is picked by test accuracy among {n_translators}, which favours "
+              f"it (Bonferroni for the pick: p < {ALPHA / n_translators:.2g}); "
+              if n_translators > 1 else "")
     lines += ["", f"**Multiplicity.** The primary comparison is the best translator's enhanced "
               f"row against original at the answer's initialisation (marked); it alone is read "
-              f"at p < {ALPHA}. The translator is picked by test accuracy among "
-              f"{sum(1 for k in r['table'] if k.startswith('enhanced-')) // 2} translator(s), "
-              f"which favours it; the other {n_tests - 1} comparisons are secondary, uncorrected "
+              f"at p < {ALPHA}. {picked}The other {n_tests - 1} comparisons are secondary, uncorrected "
               f"(Bonferroni over all {n_tests} would ask p < {ALPHA / n_tests:.2g}), and the "
               f"per-seed p-values are descriptive: the pooled test is the test."]
   else:
@@ -495,19 +511,19 @@ def markdown(r: dict, workdir: pathlib.Path, *, synthetic_dirs: Mapping[str, Any
   lines += ["", "## Translation quality", ""]
   quality = r["translation_quality"]
   if quality:
-    lines += ["KID (kernel inception distance, unbiased, x 1000) of the synthetic images against "
+    lines += ["KID (kernel inception distance, unbiased; ± its std over subsets) of the synthetic images against "
               "real target-class images, on pooled features of a classifier trained on the "
               "original data; input dependence = mean SSIM to the own source minus to another "
               "source (~0: the output ignores its input); relative diversity = diversity of the "
               "synthetic images over that of real ones; share called target = fraction a "
               "classifier of the original data calls the target class. FID is not shown: at "
               "these sample sizes its bias exceeds the differences it would measure.", "",
-              "| translator | synthetic (sources) | KID x 1000 | real images (seen by the "
+              "| translator | synthetic (sources) | KID | real images (seen by the "
               "translator) | input dependence | relative diversity | share called "
               f"{target} |", "|---|---|---|---|---|---|---|"]
     for tag, q in quality.items():
       kid = "n/a" if q["kid"] is None else (
-          f"{1000 * q['kid']:.2f}" + ("" if q["kid_std"] is None else f" ± {1000 * q['kid_std']:.2f}"))
+          f"{q['kid']:.4g}" + ("" if q["kid_std"] is None else f" ± {q['kid_std']:.2g}"))
       seen = "yes" if q["real_seen_by_translator"] else "no"
       num = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
       share = "n/a" if q["target_share"] is None else f"{100 * q['target_share']:.1f} %"
