@@ -68,21 +68,25 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   if variant == "paper":
     config.data.drop_near_duplicates = True   # near copies across train / test inflate accuracy
   elif variant == "demo":
+    # Every row on 2 CPU cores in <= 15 minutes (README): 64 px data (the U-Net needs a power of
+    # two), 48 px classifier input, small networks, few epochs.
     config.data.image_size = 64
     config.data.synthetic_scale = 0.25
     config.seeds = (0, 1, 2)
     p = config.pix2pix
     p.model.ngf, p.model.ndf = 16, 16
-    p.batch_size, p.num_epochs, p.decay_epochs = 4, 12, 6
-    p.steps_per_call, p.log_every, p.sample_every, p.checkpoint_every = 25, 100, 250, 250
+    p.batch_size, p.num_epochs, p.decay_epochs = 4, 8, 4
+    p.steps_per_call, p.log_every, p.sample_every, p.checkpoint_every = 25, 100, 200, 200
+    g = config.cyclegan
+    g.num_epochs, g.decay_epochs = 3, 1
     c = config.classifier
     c.model.stage_sizes, c.model.width = (1, 1, 1, 1), 16
     c.compute_dtype = "float32"
-    c.image_size, c.batch_size, c.eval_batch_size = 56, 32, 128
-    c.num_epochs, c.warmup_epochs, c.learning_rate = 8, 1, 0.05
+    c.image_size, c.batch_size, c.eval_batch_size = 48, 32, 128
+    c.num_epochs, c.warmup_epochs, c.learning_rate = 6, 1, 0.05
     c.steps_per_call, c.log_every = 10, 50
-    c.n_bootstrap = 500
-    config.transfer.num_epochs = 5
+    c.n_bootstrap, c.num_gradcam = 300, 2
+    config.transfer.num_epochs = 4
   elif variant == "smoke":
     config.data.image_size = 32
     config.data.synthetic_scale = 0.02

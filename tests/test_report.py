@@ -196,7 +196,8 @@ def test_quality_near_duplicates_counts_and_figures(tree):
   assert "| oversampled | 40 | 40 | 40 | 120 | 33.3 % |" in md
   assert "| original | 10 | 40 | 40 | 90 | 11.1 % |" in md
   figures = md.split("## Figures")[1]
-  assert '| original | <img src="classifiers/original-scratch-seed0/confusion_matrix.png"' in figures
+  assert ('| original | <img src="classifiers/original-scratch-seed0/confusion_matrix.png"'
+          in figures)
   assert '| pix2pix | <img src="synthesize/pix2pix/synthetic/grid.png"' in figures
   assert "![" not in md          # no column of bare thumbnails
   assert "transfer: confusion" not in figures    # the skipped initialisation has no column

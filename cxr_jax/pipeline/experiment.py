@@ -78,7 +78,8 @@ class Stages:
     return {p.stem: json.loads(p.read_text())["seconds"] for p in paths}
 
 
-def sub_config(config: ml_collections.ConfigDict, key: str, **overrides) -> ml_collections.ConfigDict:
+def sub_config(config: ml_collections.ConfigDict, key: str,
+               **overrides) -> ml_collections.ConfigDict:
   """A stage's own config: the experiment's `config.<key>` block with the shared data block."""
   sub = ml_collections.ConfigDict(config[key].to_dict())
   sub.data = ml_collections.ConfigDict(config.data.to_dict())
@@ -210,7 +211,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
       generator_dir = stages.record(f"translator-{tag}")["result"]["generator"]
       syn_seed = config.synthesize.seed if seed is None else seed
       syn_cfg = sub_config(config, "synthesize", generator_dir=generator_dir, seed=syn_seed)
-      syn_dir = workdir_lib.prepare(workdir / "synthesize" / tag, syn_cfg) / synthesize.SYNTHETIC_DIR
+      syn_dir = (workdir_lib.prepare(workdir / "synthesize" / tag, syn_cfg)
+                 / synthesize.SYNTHETIC_DIR)
       stages.run(f"synthesize-{tag}", lambda c=syn_cfg, d=syn_dir: synthesize.synthesize(
           c.generator_dir, splits, d, num_synthetic=c.num_synthetic, seed=c.seed,
           batch_size=c.batch_size, source_class=c.source_class, target_class=c.target_class))

@@ -261,7 +261,7 @@ def headline(table: dict[str, dict], comps: list[dict], rows: Sequence[str]) -> 
     beats.append(cp_p < ALPHA and cp["difference"] > 0)
   if parts:
     summary = ("the synthetic images beat every control" if all(beats) else
-               "the synthetic images do not beat " + " and ".join(
+               "the synthetic images do not beat " + " or ".join(
                    c for c, b in zip(("balanced-loss", "oversampled"), beats) if not b)
                + ", so the gain (if any) is not shown to come from the translation")
     line3 = f"**Against the controls:** {'; '.join(parts)}: {summary}."
@@ -482,11 +482,12 @@ def markdown(r: dict, workdir: pathlib.Path, *, synthetic_dirs: Mapping[str, Any
                    f"{ci_text} |")
     n_translators = len({k.split("/")[0] for k in r["table"] if k.startswith("enhanced-")})
     picked = (f"The translator is picked by test accuracy among {n_translators}, which favours "
-              f"it (Bonferroni for the pick: p < {ALPHA / n_translators:.2g}); "
+              f"it (Bonferroni for the pick: p < {ALPHA / n_translators:.2g}). "
               if n_translators > 1 else "")
     lines += ["", f"**Multiplicity.** The primary comparison is the best translator's enhanced "
               f"row against original at the answer's initialisation (marked); it alone is read "
-              f"at p < {ALPHA}. {picked}The other {n_tests - 1} comparisons are secondary, uncorrected "
+              f"at p < {ALPHA}. {picked}The other {n_tests - 1} comparisons are secondary, "
+              f"uncorrected "
               f"(Bonferroni over all {n_tests} would ask p < {ALPHA / n_tests:.2g}), and the "
               f"per-seed p-values are descriptive: the pooled test is the test."]
   else:
@@ -511,7 +512,8 @@ def markdown(r: dict, workdir: pathlib.Path, *, synthetic_dirs: Mapping[str, Any
   lines += ["", "## Translation quality", ""]
   quality = r["translation_quality"]
   if quality:
-    lines += ["KID (kernel inception distance, unbiased; ± its std over subsets) of the synthetic images against "
+    lines += ["KID (kernel inception distance, unbiased; ± its std over subsets) of the "
+              "synthetic images against "
               "real target-class images, on pooled features of a classifier trained on the "
               "original data; input dependence = mean SSIM to the own source minus to another "
               "source (~0: the output ignores its input); relative diversity = diversity of the "
@@ -556,7 +558,8 @@ def markdown(r: dict, workdir: pathlib.Path, *, synthetic_dirs: Mapping[str, Any
       cells = []
       for init in ran_inits:
         figs = r["table"][f"{row}/{init}"].get("figures", {})
-        cells += [_img(figs.get("confusion_matrix.png"), 220), _img(figs.get("roc_curves.png"), 220)]
+        cells += [_img(figs.get("confusion_matrix.png"), 220),
+                  _img(figs.get("roc_curves.png"), 220)]
       lines.append(f"| {row} | " + " | ".join(cells) + " |")
   if r["skipped"]:
     lines += ["", "## Skipped", ""] + [f"- {k}: {v}" for k, v in r["skipped"].items()]
