@@ -62,7 +62,8 @@ class Stages:
     if done is not None:
       logging.info("Stage %s: already done (%.0f s), skipped", name, done["seconds"])
       return done
-    logging.info("Stage %s: starting", name)
+    # Each stage's own work logs its first line; the console keeps one line per stage (done).
+    logging.debug("Stage %s: starting", name)
     t0 = time.perf_counter()
     result = fn()
     record = {"stage": name, "seconds": time.perf_counter() - t0, "result": result}
