@@ -3,6 +3,9 @@
   python -m benchmarks.bench                   # every step workload at the sizes of the paper
   python -m benchmarks.bench --only=pix2pix_b1 --pix2pix_dtype=bfloat16 --out=b1-bf16.json
   python -m benchmarks.bench --only=experiment # wall time of experiment:paper (one seed), by stage
+  python -m benchmarks.bench --only=resnet50_seeds1,resnet50_seeds3,resnet50_seeds5
+                                               # N classifier seeds in one program, summed img/s
+  python -m benchmarks.bench --experiment_workdir=RUN   # the stage times a finished run recorded
   python -m benchmarks.bench --compare=DIR     # one table of every result file in DIR, with the
                                                # PyTorch reference's and the ratios of the goals
 
@@ -45,6 +48,7 @@ from absl import flags
 
 from cxr_jax import configlib
 from cxr_jax import runtime
+from cxr_jax.models import layers
 from cxr_jax.training import classifier
 from cxr_jax.training import export
 from cxr_jax.training import fit
@@ -52,10 +56,13 @@ from cxr_jax.training import mesh as mesh_lib
 from cxr_jax.training import pix2pix
 
 STEP_WORKLOADS = ("pix2pix_b1", "pix2pix_b16", "resnet50_rgb", "resnet50_gray",
-                  "generator_inference")
+                  "generator_inference", "resnet50_seeds1", "resnet50_seeds3", "resnet50_seeds5")
+DEFAULT_WORKLOADS = STEP_WORKLOADS[:5]   # the multi-seed ones are asked for by name
+SEED_COUNTS = {"resnet50_seeds1": 1, "resnet50_seeds3": 3, "resnet50_seeds5": 5}
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("only", [], f"Workloads to run (default: the step workloads {STEP_WORKLOADS}); "
+flags.DEFINE_list("only", [], f"Workloads to run (default: {DEFAULT_WORKLOADS}; also "
+                  f"{STEP_WORKLOADS[5:]}); "
                   "'experiment' times experiment:paper with one seed.")
 flags.DEFINE_integer("blocks", 5, "Timed chunks per workload (the median is reported).")
 flags.DEFINE_integer("steps", 0, "Steps per chunk (default: 50 on accelerators, 2 on a CPU).")
@@ -67,6 +74,15 @@ flags.DEFINE_list("override", [], "Config overrides for the step workloads' conf
 flags.DEFINE_integer("profile", 0, "After timing, trace one chunk and print the this many most "
                      "expensive device kernels (needs a GPU or TPU).")
 flags.DEFINE_string("tag", "", "Label added to this run's variant name (e.g. the XLA flags tried).")
+flags.DEFINE_bool("channel_padding", True, "Pad 1- and 2-channel first convolutions to 8 "
+                  "channels on GPUs (models/layers.py); --nochannel_padding times the step "
+                  "without it (variant '+nopad').")
+flags.DEFINE_string("seeds_mode", "", "How resnet50_seeds<N> batches its seeds: 'vmap' or 'map' "
+                    "(default: what config.seeds_in_one_program='auto' picks on this backend).")
+flags.DEFINE_integer("seeds_batch", 0, "Per-seed batch of resnet50_seeds<N> (default: the "
+                     "experiment's classifier batch, 64; 8 on a CPU).")
+flags.DEFINE_string("experiment_workdir", "", "Report the per-stage wall times recorded in this "
+                    "experiment workdir's stages/*.json (a finished or running run) and exit.")
 flags.DEFINE_string("experiment_variant", "paper", "Variant of configs/experiment.py to time.")
 flags.DEFINE_list("experiment_args", [], "Extra main.py flags for the experiment workload, e.g. "
                   "--config.pix2pix.num_epochs=10 (the variant is then not the paper's).")
@@ -127,6 +143,8 @@ def _variant(dtype: str) -> str:
   if os.environ.get("XLA_FLAGS"):
     parts.append("xla_flags")
   parts += FLAGS.override
+  if not FLAGS.channel_padding:
+    parts.append("nopad")
   if FLAGS.tag:
     parts.append(FLAGS.tag)
   return "+".join(parts)
@@ -240,6 +258,31 @@ def bench_resnet(channels: int, batch: int, steps: int) -> Result:
   return _time_trainer(name, _variant(FLAGS.dtype), batch, steps, model, (images, labels))
 
 
+def bench_resnet_seeds(num_seeds: int, batch: int, steps: int) -> Result:
+  """N seeds of the experiment's classifier (configs/experiment.py's paper block: 224 px, batch
+  64, bf16) as one program (`fit.SeedStack`, what `classifier.train_seeds` runs); the batch
+  reported is summed over seeds, so images/s is the program's total."""
+  config = configlib.load_config_file(CONFIGS / "experiment.py", "paper").classifier
+  config.batch_size = batch
+  _apply_overrides(config)
+  mode = FLAGS.seeds_mode or classifier.seeds_mode(config) or "map"
+  mesh = mesh_lib.make_mesh()
+  rng = np.random.default_rng(0)
+  size = config.image_size
+  images = rng.integers(0, 256, (max(2048, batch * 2), size, size, 1), dtype=np.uint8)
+  labels = rng.integers(0, 3, len(images)).astype(np.int32)
+  spe = len(images) // batch
+  trainers = [classifier.Classifier(classifier.seed_config(config, seed),
+                                    class_names=("COVID", "NORMAL", "VIRAL_PNEUMONIA"),
+                                    steps_per_epoch=spe, total_steps=spe * 100, mesh=mesh)
+              for seed in range(num_seeds)]
+  stack = fit.SeedStack(trainers, mode=mode, best_metric="macro_f1", export_dirs=[""] * num_seeds,
+                        writer_dirs=[""] * num_seeds)
+  return _time_trainer(f"resnet50_seeds{num_seeds}",
+                       _variant(f"{config.compute_dtype}+{mode}"), batch * num_seeds, steps,
+                       stack, (images, labels))
+
+
 def bench_generator_inference(batch: int, steps: int) -> Result:
   """Synthesis throughput: `steps` batches translated per timed call (a scan over batches), with
   the translation function every exported generator runs."""
@@ -282,11 +325,29 @@ def bench_experiment() -> dict:
     proc.wait()
     rc = None
   total = time.perf_counter() - t0
-  stages = {p.stem: json.loads(p.read_text())["seconds"]
-            for p in sorted((workdir / "stages").glob("*.json"), key=os.path.getmtime)}
   return {"variant": FLAGS.experiment_variant, "args": list(FLAGS.experiment_args),
-          "returncode": rc, "complete": rc == 0, "stages_s": stages, "total_s": total,
-          "workdir": str(workdir)}
+          "returncode": rc, "complete": rc == 0, "stages_s": experiment_stages(workdir),
+          "total_s": total, "workdir": str(workdir)}
+
+
+def experiment_stages(workdir: str | os.PathLike) -> dict[str, float]:
+  """{stage: seconds} from an experiment workdir's completion records (`stages/*.json`, written
+  by pipeline/experiment.py), in the order the stages finished."""
+  records = [json.loads(p.read_text()) for p in pathlib.Path(workdir, "stages").glob("*.json")]
+  return {r["stage"]: float(r["seconds"]) for r in records}
+
+
+def recorded_experiment(workdir: str | os.PathLike) -> dict:
+  """The `experiment` entry of a run made elsewhere: its config's name and its stage times."""
+  workdir = pathlib.Path(workdir)
+  stages = experiment_stages(workdir)
+  if not stages:
+    raise app.UsageError(f"{workdir}/stages: no stage records (is it an experiment workdir?)")
+  config = workdir / "config.json"
+  name = json.loads(config.read_text()).get("name", "?") if config.exists() else "?"
+  return {"variant": name.removeprefix("experiment-"), "args": [f"(recorded in {workdir})"],
+          "complete": (workdir / "report.md").exists(), "stages_s": stages,
+          "total_s": sum(stages.values()), "workdir": str(workdir)}
 
 
 # ------------------------------------------------------------------------------- comparison
@@ -376,13 +437,20 @@ def format_table(results: dict) -> str:
 
 def main(argv):
   del argv
+  if FLAGS.experiment_workdir:
+    recorded = recorded_experiment(FLAGS.experiment_workdir)
+    if FLAGS.out:
+      pathlib.Path(FLAGS.out).write_text(json.dumps({"results": [], "experiment": recorded},
+                                                    indent=2))
+    print(format_table({"ours": [], "torch": [], "devices": [], "experiments": [recorded]}))
+    return
   if FLAGS.compare:
     results = load_results(FLAGS.compare)
     print(format_table(results))
     if FLAGS.out:
       pathlib.Path(FLAGS.out).write_text(json.dumps(dict(results, goals=goals(results)), indent=2))
     return
-  chosen = FLAGS.only or list(STEP_WORKLOADS)
+  chosen = FLAGS.only or list(DEFAULT_WORKLOADS)
   unknown = sorted(set(chosen) - set(STEP_WORKLOADS) - {"experiment"})
   if unknown:
     raise app.UsageError(f"unknown workloads {unknown}; choose from "
@@ -391,6 +459,8 @@ def main(argv):
                          "results": []}
   steps_chosen = [name for name in chosen if name != "experiment"]
   if steps_chosen:  # (initialising the backend here would hold the GPU the experiment needs)
+    if not FLAGS.channel_padding:   # read when the convolutions are traced
+      layers.ALIGNED_BACKENDS = frozenset()
     runtime.enable_compilation_cache()
     on_cpu = jax.default_backend() == "cpu"
     steps = FLAGS.steps or (2 if on_cpu else 50)
@@ -403,6 +473,9 @@ def main(argv):
         "generator_inference": lambda: bench_generator_inference(4 if on_cpu else 64,
                                                                  1 if on_cpu else 10),
     }
+    seeds_batch = FLAGS.seeds_batch or (8 if on_cpu else 64)
+    for name, n in SEED_COUNTS.items():
+      workloads[name] = lambda n=n: bench_resnet_seeds(n, seeds_batch, steps)
     out["device_kind"] = (f"{jax.device_count()} x {jax.devices()[0].device_kind} "
                           f"({jax.default_backend()})")
     out["steps_per_chunk"] = steps

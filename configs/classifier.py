@@ -49,6 +49,10 @@ def get_config(variant: str = "scratch") -> ml_collections.ConfigDict:
       crop_scale=(0.75, 1.0), max_rotate_deg=10.0, max_translate=0.05, brightness=0.1,
       contrast=0.1, hflip=False))
 
+  # A row's seeds (the experiment) trained as one compiled program: 'auto' (vmap over the seed axis
+  # on GPUs / TPUs, lax.map on a CPU: bitwise the runs alone), 'map', 'vmap', or 'off' (one run
+  # after another). docs/performance.md has the measurement behind the default.
+  config.seeds_in_one_program = "auto"
   config.num_devices = 0
   config.multihost = False
   config.steps_per_call = 10

@@ -3,7 +3,8 @@
   python main.py --config=configs/predict.py --config.classifier_dir=runs/classifier/classifier \
       --config.input=/path/to/images --workdir=runs/predict
 
-Writes <workdir>/predictions.csv (file, predicted class, one probability per class) and prints it.
+Writes <workdir>/predictions-<slug of input>.csv (file, predicted class, one probability per
+class) and prints it. Another --config.input in the same workdir adds its own file beside it.
 """
 
 import ml_collections

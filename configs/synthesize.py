@@ -1,8 +1,10 @@
 """Translate normal training images into synthetic COVID-19 images with a trained generator.
 
   python main.py --config=configs/synthesize.py --config.generator_dir=runs/pix2pix/generator
-  # optional quality figures (FID / KID, share called COVID) with a classifier trained on the
-  # original data:  --config.quality_classifier_dir=runs/classifier/classifier
+  # (or runs/cyclegan/generator: any translator's export). Always writes synthetic/quality.json
+  # and grid.png (input dependence, diversity); KID against real COVID images and the share
+  # called COVID need a classifier trained on the original data:
+  #   --config.quality_classifier_dir=runs/classifier/classifier
 
 The data config must be the one the generator was trained with (same split): the enhanced set is
 refused otherwise.
@@ -25,12 +27,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.source_class = "NORMAL"
   config.target_class = "COVID"
   config.quality_classifier_dir = ""
+  config.quality_images = 500          # training normals translated (once each) for quality.json
   if variant == "smoke":
     config.name = "synthesize-smoke"
     config.data.image_size = 32
     config.data.synthetic_scale = 0.02
     config.num_synthetic = "balance"
     config.batch_size = 8
+    config.quality_images = 50
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of configs/synthesize.py; use '' or 'smoke'")
   return config

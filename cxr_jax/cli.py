@@ -47,7 +47,8 @@ _OUR_FLAGS = ("config", "workdir", "overwrite", "log_level")
 
 # Files and folders a task leaves at the top of its workdir, named in the closing summary.
 _OUTPUTS = ("report.md", "metrics.md", "predictions.csv", "generator", "synthetic",
-            "training_curves.png", "tensorboard")
+            "training_curves.png", "tensorboard", "translated", "manifest.csv",
+            "generator.safetensors", "classifier.safetensors")
 
 
 def packaged_configs_dir() -> pathlib.Path | None:

@@ -11,11 +11,14 @@ from cxr_jax.errors import ConfigError
 # task name -> "module:function"; each function takes (config, workdir: pathlib.Path).
 TASKS = {
     "prepare_data": "cxr_jax.data.dataset:prepare_task",
-    "pix2pix": "cxr_jax.training.pix2pix:train_and_evaluate",
+    "pix2pix": "cxr_jax.pipeline.translators:pix2pix_task",
+    "cyclegan": "cxr_jax.pipeline.translators:cyclegan_task",
     "classifier": "cxr_jax.pipeline.classify:train_and_evaluate",
     "synthesize": "cxr_jax.pipeline.synthesize:synthesize_task",
     "predict": "cxr_jax.evaluation.predict:predict_task",
     "experiment": "cxr_jax.pipeline.experiment:run_experiment",
+    "translate": "cxr_jax.pipeline.translate:translate_task",
+    "export": "cxr_jax.pipeline.export_task:export_task",
 }
 
 

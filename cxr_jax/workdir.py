@@ -24,6 +24,9 @@ CONFIG_FILE = "config.json"
 # Keys that may change between a run and its resumption without changing what it computes.
 RESUME_SAFE_KEYS = ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
                     "eval_every", "multihost", "progress")
+# Keys that may change between runs of one task in the same workdir, because the task keeps each
+# value's outputs apart (predict writes predictions-<slug of input>.csv per input).
+TASK_RESUME_SAFE_KEYS: dict[str, tuple[str, ...]] = {"predict": ("input",)}
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -72,8 +75,11 @@ def _prepare(path: pathlib.Path, config: ml_collections.ConfigDict, *, overwrite
       raise UserError(f"{saved}: cannot read the saved config ({e}); pass --overwrite to start "
                       "a new run here (the old contents are kept aside)") from None
     new = json.loads(config_to_json(config))
+    task_safe = TASK_RESUME_SAFE_KEYS.get(str(new.get("task", "")), ())
+    if old.get("task") != new.get("task"):
+      task_safe = ()
     differing = [k for k in configlib.diff(old, new)
-                 if k.rsplit(".", 1)[-1] not in RESUME_SAFE_KEYS]
+                 if k.rsplit(".", 1)[-1] not in RESUME_SAFE_KEYS and k not in task_safe]
     if differing and not overwrite:
       shown = ", ".join(f"{k} ({_fmt(configlib.flatten(old).get(k))} -> "
                         f"{_fmt(configlib.flatten(new).get(k))})" for k in differing[:12])

@@ -11,6 +11,12 @@
 #   3. pix2pix with bf16 compute;
 #   4. pix2pix b1 with XLA's CUDA-graph command buffers extended to the scan's while loop;
 #   5. experiment:paper with one seed (pix2pix shortened to 4 epochs), for the time that is left.
+# MODE `seeds` (issue 15; about 420 s): ResNet-50 at the experiment's size and batch (224 px, 64)
+# with 1, 3, 5 seeds in one program (vmap; 3 seeds with lax.map too), images/s summed over seeds;
+# the pix2pix batch-1 step with and without the channel padding of the first convolutions; and
+# CycleGAN's step where benchmarks.bench has that workload (its part fails, logged, until then).
+# MODE `experiment`: experiment:paper end to end with one seed, unshortened, for TOTAL_SECONDS
+# (its stage times are reported when it is stopped early).
 # MODE `profile` prints where the device time of each step goes (the kernels per step and the
 # costliest kernels, `benchmarks.bench --profile`) and times the variants under trial against the
 # defaults on the same card.
@@ -64,6 +70,25 @@ if [ "$mode" = profile ]; then
   part "ResNet-50 profile" 80 "${bench[@]}" --steps=20 --only=resnet50_rgb --profile=20 \
     --out="$raw/jax-resnet50.json"
   grep -E '^profile |^ +[0-9.]+ us/step' "$log"
+elif [ "$mode" = seeds ]; then
+  part "ResNet-50 1/3/5 seeds in one program (vmap)" 220 "${bench[@]}" --steps=20 \
+    --only=resnet50_seeds1,resnet50_seeds3,resnet50_seeds5 --seeds_mode=vmap \
+    --out="$raw/jax-seeds-vmap.json"
+  part "ResNet-50 3 seeds in one program (lax.map)" 80 "${bench[@]}" --steps=20 \
+    --only=resnet50_seeds3 --seeds_mode=map --out="$raw/jax-seeds-map.json"
+  part "pix2pix b1 with channel padding" 50 "${bench[@]}" --steps=20 --only=pix2pix_b1 \
+    --out="$raw/jax-pix2pix-b1-pad.json"
+  part "pix2pix b1 without channel padding" 50 "${bench[@]}" --steps=20 --only=pix2pix_b1 \
+    --nochannel_padding --out="$raw/jax-pix2pix-b1-nopad.json"
+  part "CycleGAN step" 60 "${bench[@]}" --steps=20 --only=cyclegan --out="$raw/jax-cyclegan.json"
+elif [ "$mode" = experiment ]; then
+  weights="$raw/resnet50-random-init.safetensors"   # stands in for ImageNet weights (see below)
+  python3 -c "import torchvision, safetensors.torch as st; \
+  st.save_file(torchvision.models.resnet50().state_dict(), '$weights')" >>"$log" 2>&1 || weights=""
+  exp_limit=$((total - SECONDS - 40))
+  part "experiment:paper end to end, one seed" $((exp_limit + 10)) "${bench[@]}" \
+    --only=experiment --experiment_timeout="$exp_limit" \
+    --experiment_args="--config.pretrained=$weights" --out="$raw/jax-experiment-full.json"
 elif [ "$mode" = bench ]; then
   part "cxr-jax step workloads" 300 "${bench[@]}" --steps=20 --out="$raw/jax-default.json"
   if [ -n "$ref" ]; then
@@ -86,7 +111,7 @@ elif [ "$mode" = bench ]; then
     --experiment_args="--config.pix2pix.num_epochs=4,--config.pix2pix.decay_epochs=2,--config.pretrained=$weights" \
     --out="$raw/jax-experiment.json"
 else
-  echo "unknown MODE '$mode': use bench or profile" >&2
+  echo "unknown MODE '$mode': use bench, seeds, experiment or profile" >&2
   exit 2
 fi
 cat "$out/summary.txt"

@@ -73,3 +73,31 @@ def test_table_lists_every_row_and_the_experiment(results_dir):
   assert "torch.compile, bf16 autocast + channels_last" in table
   assert "GOAL pix2pix batch 1" in table and "NOT met" in table
   assert "experiment:paper one seed  (stopped early, 300 s in all): data 20 s, pix2pix 250 s" in table
+
+
+def test_stage_times_of_a_recorded_experiment(tmp_path):
+  """The experiment mode reads the stage records pipeline/experiment.py writes."""
+  (tmp_path / "stages").mkdir()
+  for name, seconds in (("split", 0.5), ("pix2pix", 230.0), ("classifier-original-scratch", 95.5)):
+    (tmp_path / "stages" / f"{name}.json").write_text(json.dumps(
+        {"stage": name, "seconds": seconds, "result": {}}))
+  (tmp_path / "config.json").write_text(json.dumps({"name": "experiment-demo"}))
+  recorded = bench.recorded_experiment(tmp_path)
+  assert recorded["stages_s"] == {"split": 0.5, "pix2pix": 230.0,
+                                  "classifier-original-scratch": 95.5}
+  assert recorded["total_s"] == pytest.approx(326.0) and not recorded["complete"]
+  table = bench.format_table({"ours": [], "torch": [], "devices": [], "experiments": [recorded]})
+  assert "experiment:demo" in table and "classifier-original-scratch 96 s" in table
+  with pytest.raises(Exception, match="no stage records"):
+    bench.recorded_experiment(tmp_path / "nothing")
+
+
+def test_multi_seed_rows_report_images_summed_over_seeds(results_dir):
+  data = json.loads((results_dir / "jax-a.json").read_text())
+  data["results"].append(_ours("resnet50_seeds3", 3 * 64, 3 * 64 / 9000, "bfloat16+vmap"))
+  (results_dir / "jax-a.json").write_text(json.dumps(data))
+  table = bench.format_table(bench.load_results(results_dir))
+  (row,) = [line for line in table.splitlines() if line.startswith("resnet50_seeds3 ")]
+  assert "bfloat16+vmap" in row and "192" in row and "9000.0" in row
+  assert set(bench.SEED_COUNTS) <= set(bench.STEP_WORKLOADS)
+  assert not set(bench.SEED_COUNTS) & set(bench.DEFAULT_WORKLOADS)

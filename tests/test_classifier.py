@@ -203,9 +203,9 @@ def test_scratch_smoke_end_to_end_and_predict(tmp_path):
   pcfg.classifier_dir = str(run / "classifier")
   pcfg.input = str(images)
   out = predict.predict_task(pcfg, tmp_path / "pred")
-  assert out == {"predictions": str(tmp_path / "pred" / "predictions.csv"), "count": 2,
-                 "skipped": 1}
-  rows = (tmp_path / "pred" / "predictions.csv").read_text(encoding="utf-8").splitlines()
+  written = tmp_path / "pred" / predict.predictions_file(images)
+  assert out == {"predictions": str(written), "count": 2, "skipped": 1}
+  rows = written.read_text(encoding="utf-8").splitlines()
   assert rows[0].startswith("file,label,predicted,p_COVID") and rows[1].startswith("a.png")
   assert rows[2].startswith("caf\\xe9.png,")
 

@@ -17,7 +17,8 @@ from conftest import REPO_ROOT
 
 VARIANTS = {"pix2pix": ["", "cpu", "smoke"], "classifier": ["scratch", "transfer", "smoke"],
             "synthesize": ["", "smoke"], "experiment": ["paper", "demo", "smoke"],
-            "predict": ["", "smoke"], "prepare_data": ["", "smoke"]}
+            "predict": ["", "smoke"], "prepare_data": ["", "smoke"],
+            "translate": ["", "smoke"], "export": [""]}
 
 
 def _load(name):

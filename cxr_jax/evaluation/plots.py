@@ -1,4 +1,5 @@
-"""Figures for the report: confusion matrix, one-vs-rest ROC curves, training curves.
+"""Figures for the report: confusion matrix, one-vs-rest ROC and precision-recall curves, training
+curves.
 
 A training run's curves come from the `scalars.csv` its `SummaryWriter` writes beside the
 TensorBoard event files (`write_training_curves`), so no TensorBoard install is needed to draw them.
@@ -101,6 +102,52 @@ def roc_curves_png(path: str | os.PathLike, labels, probs, class_names: Sequence
   if title:
     ax.set_title(title)
   save_figure(fig, path)
+
+
+def average_precision(positive, scores) -> float:
+  """Area under the step-wise precision-recall curve, sum_n (R_n - R_{n-1}) P_n (no
+  interpolation, so not the trapezoid's optimism): the AP the legend shows."""
+  precision, recall, _ = skm.precision_recall_curve(positive, scores)
+  # precision_recall_curve runs from high thresholds to low: recall decreases along the arrays.
+  return float(-np.sum(np.diff(recall) * precision[:-1]))
+
+
+def pr_curves_png(path: str | os.PathLike, labels, probs, class_names: Sequence[str], *,
+                  title: str = "") -> dict[str, float | None]:
+  """One-vs-rest precision-recall curve of each class with its average precision (AP) in the
+  legend, and each class's prevalence (a no-skill classifier's AP) as a dotted line: with
+  imbalanced classes (COVID is the minority) PR curves show what ROC curves hide. Returns the APs
+  (None for a class absent from the labels or the only one present)."""
+  labels = np.asarray(labels)
+  probs = np.asarray(probs, np.float64)
+  k = len(class_names)
+  if probs.ndim != 2 or probs.shape[1] != k or labels.shape != (probs.shape[0],):
+    raise ValueError(f"need labels [N] and probs [N, {k}], got {labels.shape} and {probs.shape}")
+  fig = new_figure((5.5, 5.0))
+  ax = fig.add_subplot()
+  aps: dict[str, float | None] = {}
+  for c, name in enumerate(class_names):
+    positive = labels == c
+    if positive.all() or not positive.any():
+      ax.plot([], [], label=f"{name} (AP n/a: one class only)")
+      aps[name] = None
+      continue
+    precision, recall, _ = skm.precision_recall_curve(positive, probs[:, c])
+    aps[name] = average_precision(positive, probs[:, c])
+    line, = ax.step(recall, precision, where="post", linewidth=1.5,
+                    label=f"{name} (AP = {aps[name]:.3f})")
+    ax.axhline(positive.mean(), color=line.get_color(), linestyle=":", linewidth=1)
+  ax.set_xlim(-0.01, 1.01)
+  ax.set_ylim(-0.01, 1.01)
+  ax.set_aspect("equal")
+  ax.set_xlabel("recall (sensitivity)")
+  ax.set_ylabel("precision (positive predictive value)")
+  ax.legend(loc="lower left", fontsize=8, title="dotted: prevalence", title_fontsize=7)
+  ax.grid(alpha=0.3)
+  if title:
+    ax.set_title(title)
+  save_figure(fig, path)
+  return aps
 
 
 def training_curves_png(path: str | os.PathLike,

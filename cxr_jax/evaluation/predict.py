@@ -1,8 +1,15 @@
-"""Classify a folder of radiographs, or one image, with a trained classifier."""
+"""Classify a folder of radiographs, or one image, with a trained classifier.
+
+One workdir serves many inputs (`input` may change between runs, see
+`workdir.TASK_RESUME_SAFE_KEYS`): each input's predictions go to their own
+`predictions-<slug of input>.csv`, so a new input never overwrites another's file.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
+import re
 
 import ml_collections
 import numpy as np
@@ -27,8 +34,17 @@ def list_inputs(path: pathlib.Path) -> list[pathlib.Path]:
   raise DataError(f"{path}: no such file or folder")
 
 
+def predictions_file(input_path: str | pathlib.Path) -> str:
+  """`predictions-<name>-<8 hex>.csv` for an input: the name for the reader, the hash of the
+  absolute path so that two inputs of the same name (`a/images`, `b/images`) never share a file."""
+  path = pathlib.Path(input_path).expanduser().absolute()
+  name = re.sub(r"[^A-Za-z0-9._-]+", "_", files_lib.printable(path.name)).strip("._") or "input"
+  digest = hashlib.sha256(files_lib.printable(str(path)).encode("utf-8")).hexdigest()[:8]
+  return f"predictions-{name[:40]}-{digest}.csv"
+
+
 def predict_task(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-  """The `predict` task: per-image class probabilities, printed and written to CSV."""
+  """The `predict` task: per-image class probabilities, printed and written to this input's CSV."""
   configlib.require(bool(config.classifier_dir), "classifier_dir",
                     "set it to an exported classifier (<classifier workdir>/classifier)")
   configlib.require(bool(config.input), "input", "set it to an image file or a folder of images")
@@ -48,7 +64,7 @@ def predict_task(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     raise DataError(f"{root}: none of the images could be read")
   probs = trained.predict(np.stack(decoded)[..., None])
   class_names = list(trained.meta["class_names"])
-  out = pathlib.Path(workdir) / "predictions.csv"
+  out = pathlib.Path(workdir) / predictions_file(root)
   write_predictions(out, names, None, probs, class_names)
   for name, p in zip(names, probs):
     print(f"{name}: {class_names[int(p.argmax())]}  " +

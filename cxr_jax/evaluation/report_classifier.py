@@ -72,8 +72,8 @@ def gradcam_figure(trained, images_u8: np.ndarray, labels: np.ndarray, probs: np
 
 def evaluate_on_test(trained, test, workdir: pathlib.Path, *, title: str, num_gradcam: int = 4,
                      n_bootstrap: int = 1000, train_hashes: Iterable[str] = ()) -> dict:
-  """Writes metrics.json / metrics.md, confusion_matrix.png, roc_curves.png, gradcam.png and
-  test_predictions.csv into `workdir`; returns the report with a flat `summary`."""
+  """Writes metrics.json / metrics.md, confusion_matrix.png, roc_curves.png, pr_curves.png,
+  gradcam.png and test_predictions.csv into `workdir`; returns the report with a flat `summary`."""
   refuse_leaks(test, train_hashes)
   class_names = list(trained.meta["class_names"])
   probs = trained.predict(test.images)
@@ -85,6 +85,7 @@ def evaluate_on_test(trained, test, workdir: pathlib.Path, *, title: str, num_gr
     plots.confusion_matrix_png(workdir / "confusion_matrix.png",
                                np.asarray(report["confusion_matrix"]), class_names, title=title)
     plots.roc_curves_png(workdir / "roc_curves.png", test.labels, probs, class_names, title=title)
+    plots.pr_curves_png(workdir / "pr_curves.png", test.labels, probs, class_names, title=title)
     write_predictions(workdir / "test_predictions.csv", test.files, test.labels, probs,
                       class_names)
   if num_gradcam > 0:

@@ -19,6 +19,7 @@ from cxr_jax.errors import UserError
 from cxr_jax.models import pretrained as pretrained_lib
 from cxr_jax.models.patchgan import PatchGAN
 from cxr_jax.models.resnet import ResNet
+from cxr_jax.models.resnet_generator import ResnetGenerator
 from cxr_jax.models.unet import UNet
 
 # Scratch classifiers see [0, 1] intensities standardised with these (a radiograph's statistics).
@@ -46,8 +47,17 @@ def _unet(arch: dict, *, image_size: int, channels: int, dtype: Any,
               dtype=dtype)
 
 
+def _resnet(arch: dict, *, image_size: int, channels: int, dtype: Any,
+            rngs: nnx.Rngs) -> nnx.Module:
+  """CycleGAN's ResNet generator (fully convolutional: `image_size` is not part of it)."""
+  del image_size
+  return ResnetGenerator(in_channels=channels, out_channels=channels, ngf=arch["ngf"],
+                         n_blocks=arch["n_blocks"], norm=arch["norm"],
+                         use_dropout=arch["use_dropout"], rngs=rngs, dtype=dtype)
+
+
 # arch["name"] -> constructor(arch, *, image_size, channels, dtype, rngs).
-GENERATORS: dict[str, Callable[..., nnx.Module]] = {"unet": _unet}
+GENERATORS: dict[str, Callable[..., nnx.Module]] = {"unet": _unet, "resnet": _resnet}
 
 
 def build_generator(arch: dict, *, image_size: int, channels: int, compute_dtype: str,

@@ -142,10 +142,3 @@ def _torch_linear_bias_init(fan_in: int):
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
   return init
-
-
-def resnet50(*, num_classes: int, in_channels: int = 3, variant: str = "v1.5", rngs: nnx.Rngs,
-             **kwargs) -> ResNet:
-  """The paper's classifier: ResNet-50 with a fresh `num_classes` head."""
-  return ResNet(num_classes=num_classes, in_channels=in_channels, variant=variant, rngs=rngs,
-                **kwargs)

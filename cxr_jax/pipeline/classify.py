@@ -9,8 +9,10 @@ from __future__ import annotations
 import pathlib
 
 import ml_collections
+from absl import logging
 
 from cxr_jax.data import dataset
+from cxr_jax.evaluation import plots
 from cxr_jax.evaluation import report_classifier
 from cxr_jax.training import classifier
 from cxr_jax.training import fit
@@ -35,4 +37,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
                    {f"test/{k}": v for k, v in result["summary"].items()})
   finally:
     writer.close()
+  plots.write_training_curves(workdir)
   return result
+
+
+def _evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, trained, test, *,
+              train_hashes) -> dict:
+  """The test report of `trained` in `workdir`, and its test scalars in TensorBoard."""
+  result = report_classifier.evaluate_on_test(
+      trained, test, workdir, title=config.name, num_gradcam=config.num_gradcam,
+      n_bootstrap=config.n_bootstrap, train_hashes=train_hashes)
+  writer = SummaryWriter(workdir / "tensorboard")
+  try:
+    writer.scalars(trained.meta["final_step"],
+                   {f"test/{k}": v for k, v in result["summary"].items()})
+  finally:
+    writer.close()
+  return result
+
+
+def train_and_evaluate_seeds(config: ml_collections.ConfigDict, seeds, workdirs, *,
+                             splits: dict[str, dataset.ImageSet],
+                             train_set: dataset.ImageSet) -> list[dict]:
+  """One row of the experiment: `config` trained once per seed (seed k in `workdirs[k]`, named
+  `<config.name>-seed<k>`), in one compiled program when `config.seeds_in_one_program` says so
+  (`classifier.train_seeds`), else one run after another; then each seed's best export is
+  evaluated on `splits['test']` as `train_and_evaluate` does (the same files in each workdir).
+  Returns the test reports, in the order of `seeds`."""
+  classifier.validate(config)
+  seeds, workdirs = list(seeds), [pathlib.Path(w) for w in workdirs]
+  mesh = fit.make_mesh(config, "batch_size", "eval_batch_size")
+  configs = [classifier.seed_config(config, s) for s in seeds]
+  for cfg, seed in zip(configs, seeds):
+    cfg.name = f"{config.name}-seed{seed}"
+  trained = classifier.train_seeds(config, seeds, workdirs, train_set, splits["val"], mesh)
+  results = []
+  for cfg, workdir, model in zip(configs, workdirs, trained):
+    logging.info("Evaluating %s on the test split", cfg.name)
+    results.append(_evaluate(cfg, workdir, model, splits["test"], train_hashes=train_set.hashes))
+  return results

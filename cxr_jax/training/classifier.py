@@ -226,6 +226,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f"must not exceed the prepared data's size (data.image_size="
                     f"{config.data.image_size})")
   configlib.compute_dtype(config.compute_dtype)
+  seeds_mode(config)
 
 
 def training_set(config: ml_collections.ConfigDict, splits: dict[str, ImageSet]) -> ImageSet:
@@ -240,10 +241,8 @@ def training_set(config: ml_collections.ConfigDict, splits: dict[str, ImageSet])
   return train
 
 
-def train(config: ml_collections.ConfigDict, workdir: pathlib.Path, train_set: ImageSet,
-          val_set: ImageSet, mesh: jax.sharding.Mesh) -> export.Exported:
-  """Trains on `train_set`, validates every epoch, exports the best checkpoint; returns it."""
-  workdir = pathlib.Path(workdir)
+def _run_setup(config: ml_collections.ConfigDict, train_set: ImageSet):
+  """(steps per epoch, total steps, class weights or None) of a run on `train_set`."""
   if len(train_set) < config.batch_size:
     raise UserError(f"config.batch_size: {config.batch_size} is larger than the training set "
                     f"({len(train_set)} images)")
@@ -254,18 +253,107 @@ def train(config: ml_collections.ConfigDict, workdir: pathlib.Path, train_set: I
                train_set.counts(), steps_per_epoch, total_steps)
   names = train_set.class_names
   weights = class_weights(train_set.labels, len(names)) if config.class_weighted_loss else None
-  trainer = Classifier(
-      config, class_names=names, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-      mesh=mesh, weights=weights, val=val_set,
+  return steps_per_epoch, total_steps, weights
+
+
+def _trainer(config: ml_collections.ConfigDict, workdir: pathlib.Path, train_set: ImageSet,
+             val_set: ImageSet, mesh: jax.sharding.Mesh, setup) -> Classifier:
+  steps_per_epoch, total_steps, weights = setup
+  return Classifier(
+      config, class_names=train_set.class_names, steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps, mesh=mesh, weights=weights, val=val_set,
       run_info={"train_data": config.train_data, "pretrained": config.pretrained,
                 "train_counts": train_set.counts(), "workdir": str(workdir),
                 "data_image_size": config.data.image_size})
+
+
+def _fit(config: ml_collections.ConfigDict, trainer, workdir: pathlib.Path, train_set: ImageSet,
+         setup, *, seeds: int = 1, best_metric: str | None = "macro_f1") -> None:
+  steps_per_epoch, total_steps, _ = setup
   fit.fit(trainer, workdir, data=(train_set.images, train_set.labels.astype(np.int32)),
           schedule=loop.Schedule(total_steps=total_steps, steps_per_call=config.steps_per_call,
                                  log_every=config.log_every, checkpoint_every=steps_per_epoch,
                                  eval_every=steps_per_epoch),
-          keep_checkpoints=config.keep_checkpoints, images_per_step=config.batch_size,
-          best_metric="macro_f1",
+          keep_checkpoints=config.keep_checkpoints, images_per_step=config.batch_size * seeds,
+          best_metric=best_metric,
           memory_hint=f"lower config.batch_size (now {config.batch_size}) or config.image_size "
                       f"(now {config.image_size}), or use config.compute_dtype='bfloat16'")
+
+
+def train(config: ml_collections.ConfigDict, workdir: pathlib.Path, train_set: ImageSet,
+          val_set: ImageSet, mesh: jax.sharding.Mesh) -> export.Exported:
+  """Trains on `train_set`, validates every epoch, exports the best checkpoint; returns it."""
+  workdir = pathlib.Path(workdir)
+  setup = _run_setup(config, train_set)
+  _fit(config, _trainer(config, workdir, train_set, val_set, mesh, setup), workdir, train_set,
+       setup)
   return export.load_classifier(workdir / CLASSIFIER_DIR, mesh)
+
+
+# ------------------------------------------------------------------ seeds in one program
+
+
+def seeds_mode(config: ml_collections.ConfigDict) -> str | None:
+  """How `config.seeds_in_one_program` batches a row's seeds here: 'map', 'vmap' or None (one
+  run after another). 'auto': `vmap` on accelerators, `map` on a CPU (bitwise the runs alone)."""
+  value = config.get("seeds_in_one_program", "off")
+  value = {True: "auto", False: "off", None: "off", "": "off"}.get(value, value)
+  if value == "off":
+    return None
+  if value == "auto":
+    return "map" if jax.default_backend() == "cpu" else "vmap"
+  if value in fit.SEED_MODES:
+    return value
+  raise ConfigError(f"config.seeds_in_one_program: {value!r} is not one of 'auto', 'map', "
+                    "'vmap', 'off'")
+
+
+def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+  """`config` with `seed` (a copy)."""
+  cfg = config.copy_and_resolve_references()
+  cfg.seed = int(seed)
+  return cfg
+
+
+def seeds_checkpoint_dir(workdirs: list[pathlib.Path], seeds: list[int]) -> pathlib.Path:
+  """Where the checkpoints of a row's seeds trained together live: `<first seed's
+  workdir>/seeds-<s0>-<s1>-.../checkpoints` (one checkpoint holds every seed)."""
+  return pathlib.Path(workdirs[0]) / ("seeds-" + "-".join(str(int(s)) for s in seeds))
+
+
+def train_seeds(config: ml_collections.ConfigDict, seeds: list[int],
+                workdirs: list[pathlib.Path], train_set: ImageSet, val_set: ImageSet,
+                mesh: jax.sharding.Mesh, *, mode: str | None = "config") -> list[export.Exported]:
+  """Trains `config` once per seed (seed k exports to `workdirs[k]/classifier`, with its
+  TensorBoard scalars in `workdirs[k]/tensorboard`), all seeds in one compiled program
+  (`fit.SeedStack`) when `mode` (default: `config.seeds_in_one_program`) is 'map' or 'vmap',
+  else one run after another. A seed axis that does not fit in device memory falls back to one
+  run after another (logged). Returns each seed's best export, in the order of `seeds`."""
+  seeds, workdirs = [int(s) for s in seeds], [pathlib.Path(w) for w in workdirs]
+  if len(seeds) != len(workdirs) or not seeds:
+    raise ValueError(f"{len(seeds)} seeds for {len(workdirs)} workdirs")
+  if len(set(seeds)) != len(seeds):
+    raise ConfigError(f"seeds: {seeds} repeats a seed")
+  mode = seeds_mode(config) if mode == "config" else mode
+
+  def one_after_another() -> list[export.Exported]:
+    return [train(seed_config(config, s), w, train_set, val_set, mesh)
+            for s, w in zip(seeds, workdirs)]
+
+  if mode is None or len(seeds) == 1:
+    return one_after_another()
+  setup = _run_setup(config, train_set)
+  trainers = [_trainer(seed_config(config, s), w, train_set, val_set, mesh, setup)
+              for s, w in zip(seeds, workdirs)]
+  stack = fit.SeedStack(trainers, mode=mode, best_metric="macro_f1", export_dirs=workdirs,
+                        writer_dirs=workdirs)
+  stack_dir = seeds_checkpoint_dir(workdirs, seeds)
+  logging.info("classifier: seeds %s in one program (%s over the seed axis); checkpoints in %s",
+               seeds, mode, stack_dir / "checkpoints")
+  try:
+    _fit(config, stack, stack_dir, train_set, setup, seeds=len(seeds), best_metric=None)
+  except loop.OutOfDeviceMemory as e:
+    logging.warning("classifier: the %d seeds do not fit in device memory as one program (%s); "
+                    "training them one after another instead.", len(seeds), e)
+    return one_after_another()
+  return [export.load_classifier(w / CLASSIFIER_DIR, mesh) for w in workdirs]

@@ -7,27 +7,57 @@ domains spelled out: A = `config.source_class` (NORMAL), B = `config.target_clas
     G = g_ab: A -> B (reference netG_A)      D_b judges B images (reference netD_A)
     F = g_ba: B -> A (reference netG_B)      D_a judges A images (reference netD_B)
 
-This module holds the CycleGAN-specific pieces as pure functions of arrays: the losses, the
-history pool of generated images (kept in the train state on the device, so a resumed run is
-exact), and building the selected generator. The adversarial loss is `gan_loss` of the pix2pix
-trainer (LSGAN by default here, as the reference's CycleGAN), and the discriminators' loss is its
-halved `discriminator_loss`: one implementation of each.
+This module holds only what is CycleGAN's own, on the shared skeleton (`fit`, `NetState`, the
+generator export): the losses as pure functions of arrays, the history pool of generated images
+(kept in the train state on the device, so a resumed run is exact), the four networks, the step,
+the unpaired batch sampling, the sample hook and the export of G. The adversarial loss is
+`gan.gan_loss` (LSGAN by default here, as the reference's CycleGAN), and the discriminators' loss
+is pix2pix's halved `discriminator_loss`: one implementation of each.
+
+Batches: an epoch is one pass over the source (A) training images in a seeded random order
+(`sampling.epoch_batch`, as pix2pix); each step draws its target (B) images uniformly at random,
+independently of the A images (the reference's unaligned dataset with `serial_batches` off). Both
+come from (`state.rng`, `state.step`) on the device. Only the training split is read.
+
+The exported G is a plain generator export (`arch` 'resnet' or 'unet', see `models/build.py`), so
+synthesis and the experiment load it as they load pix2pix's. With instance norm and no dropout
+(the default) it runs with `train=False` ('eval'); otherwise in pix2pix's test mode ('instance':
+each image's own batch statistics, dropout on), as the reference's test script does with batch 1.
 """
 
 from __future__ import annotations
 
+import pathlib
 from typing import NamedTuple
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+import optax
+from absl import logging
 from flax import nnx
 
-from cxr_jax.errors import ConfigError
+from cxr_jax import configlib
+from cxr_jax.data import classes as classes_lib
+from cxr_jax.data import dataset
+from cxr_jax.errors import ConfigError, UserError
+from cxr_jax.models import build
 from cxr_jax.models.patchgan import PatchGAN
-from cxr_jax.models.resnet_generator import ResnetGenerator, check_image_size
-from cxr_jax.models.unet import UNet
-from cxr_jax.training.pix2pix import discriminator_loss, gan_loss
+from cxr_jax.models.resnet_generator import check_image_size
+from cxr_jax.training import augment as augment_lib
+from cxr_jax.training import export
+from cxr_jax.training import fit
+from cxr_jax.training import gan
+from cxr_jax.training import loop
+from cxr_jax.training import mesh as mesh_lib
+from cxr_jax.training import sampling
+from cxr_jax.training.fit import NetState
+from cxr_jax.training.functional import Functional
+from cxr_jax.training.gan import gan_loss
+from cxr_jax.training.pix2pix import discriminator_loss
+from cxr_jax.training.summary import SummaryWriter
 
 GENERATORS = ("resnet", "unet")
 
@@ -135,22 +165,43 @@ def pool_query(pool: Pool, images: jax.Array, key: jax.Array) -> tuple[jax.Array
 
 # -------------------------------------------------------------------------------- networks
 
+GENERATOR_DIR = "generator"
+
+
+def generator_arch(model_cfg: ml_collections.ConfigDict) -> dict:
+  """The export's `arch` of `config.model.generator` (built by `models/build.py`)."""
+  kind = model_cfg.generator
+  if kind == "resnet":
+    return {"name": "resnet", "ngf": model_cfg.ngf, "n_blocks": model_cfg.n_blocks,
+            "norm": model_cfg.norm, "use_dropout": model_cfg.use_dropout}
+  if kind == "unet":
+    return {"name": "unet", "ngf": model_cfg.ngf, "norm": model_cfg.norm,
+            "use_dropout": model_cfg.use_dropout}
+  raise ConfigError(f"config.model.generator: unknown {kind!r}; use one of {GENERATORS}")
+
+
+def check_generator_size(model_cfg: ml_collections.ConfigDict, image_size: int) -> None:
+  if model_cfg.generator == "resnet":
+    check_image_size(image_size)
+  elif not (isinstance(image_size, int) and image_size >= 32 and image_size & (image_size - 1) == 0):
+    raise ConfigError(f"config.data.image_size: the U-Net halves the image down to 1x1, so it "
+                      f"must be a power of two >= 32 (e.g. 64, 128, 256), got {image_size!r}")
+
+
+def inference_mode(model_cfg: ml_collections.ConfigDict) -> str:
+  """'eval' when train and test modes agree (instance norm, no dropout); else pix2pix's test mode."""
+  return "eval" if model_cfg.norm == "instance" and not model_cfg.use_dropout else "instance"
+
 
 def build_generator(model_cfg: ml_collections.ConfigDict, *, image_size: int, channels: int,
                     rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Module:
   """`config.model.generator`: 'resnet' (the reference's resnet_{n_blocks}blocks, its CycleGAN
-  default) or 'unet' (unet_256 at 256 px; one level fewer per halving of the size)."""
-  kind = model_cfg.generator
-  if kind == "resnet":
-    check_image_size(image_size)
-    return ResnetGenerator(in_channels=channels, out_channels=channels, ngf=model_cfg.ngf,
-                           n_blocks=model_cfg.n_blocks, norm=model_cfg.norm,
-                           use_dropout=model_cfg.use_dropout, rngs=rngs, dtype=dtype)
-  if kind == "unet":
-    return UNet(image_size=image_size, in_channels=channels, out_channels=channels,
-                ngf=model_cfg.ngf, norm=model_cfg.norm, use_dropout=model_cfg.use_dropout,
-                rngs=rngs, dtype=dtype)
-  raise ConfigError(f"config.model.generator: unknown {kind!r}; use one of {GENERATORS}")
+  default) or 'unet' (unet_256 at 256 px; one level fewer per halving of the size), by the
+  builders that load exports (`build.GENERATORS`)."""
+  arch = generator_arch(model_cfg)
+  check_generator_size(model_cfg, image_size)
+  return build.GENERATORS[arch["name"]](arch, image_size=image_size, channels=channels,
+                                        dtype=dtype, rngs=rngs)
 
 
 def build_discriminator(model_cfg: ml_collections.ConfigDict, *, channels: int, rngs: nnx.Rngs,
@@ -158,3 +209,243 @@ def build_discriminator(model_cfg: ml_collections.ConfigDict, *, channels: int, 
   """Unconditional PatchGAN: it sees one image (not a pair as in pix2pix)."""
   return PatchGAN(in_channels=channels, ndf=model_cfg.ndf, n_layers=model_cfg.n_layers_d,
                   norm=model_cfg.norm, rngs=rngs, dtype=dtype)
+
+
+def build_networks(config: ml_collections.ConfigDict, image_size: int, channels: int):
+  """(G: A -> B, F: B -> A, D_a, D_b), each from its own seed."""
+  check_generator_size(config.model, image_size)
+  arch = generator_arch(config.model)
+  g_ab, g_ba = (build.build_generator(arch, image_size=image_size, channels=channels,
+                                      compute_dtype=config.compute_dtype, seed=config.seed + i)
+                for i in (0, 1))
+  d_a, d_b = (build.build_patchgan(in_channels=channels, ndf=config.model.ndf,
+                                   n_layers=config.model.n_layers_d, norm=config.model.norm,
+                                   compute_dtype=config.compute_dtype, seed=config.seed + i)
+              for i in (2, 3))
+  return g_ab, g_ba, d_a, d_b
+
+
+# ----------------------------------------------------------------------------------- trainer
+
+
+@flax.struct.dataclass
+class State:
+  step: jax.Array
+  rng: jax.Array
+  g_ab: NetState   # G: A -> B (the exported generator)
+  g_ba: NetState   # F: B -> A
+  d_a: NetState    # judges A images
+  d_b: NetState    # judges B images
+  pool_a: Pool     # generated A images D_a draws from
+  pool_b: Pool     # generated B images D_b draws from
+
+
+class CycleGAN:
+  """The networks, optimisers, step and hooks of one CycleGAN config on one mesh (a fit.Trainer).
+
+  Each network has its own Adam; the reference's two Adams over the chained parameters of both
+  generators (and of both discriminators) are the same update, Adam being elementwise."""
+  name = "cyclegan"
+
+  def __init__(self, config: ml_collections.ConfigDict, *, image_size: int, steps_per_epoch: int,
+               mesh: jax.sharding.Mesh, channels: int = 1,
+               samples: tuple[np.ndarray, np.ndarray] | None = None,
+               sample_dir: pathlib.Path | None = None):
+    self.config, self.mesh, self.channels = config, mesh, channels
+    self.image_size, self.steps_per_epoch = image_size, steps_per_epoch
+    self.batch_size = config.batch_size
+    g_ab, g_ba, d_a, d_b = build_networks(config, image_size, channels)
+    self.gen, *g_ab_init = Functional.split(g_ab)   # G and F share one architecture
+    _, *g_ba_init = Functional.split(g_ba)
+    self.disc, *d_a_init = Functional.split(d_a)
+    _, *d_b_init = Functional.split(d_b)
+    self._init = (g_ab_init, g_ba_init, d_a_init, d_b_init)
+    self.schedule = gan.constant_then_linear_decay(
+        config.learning_rate, config.num_epochs * steps_per_epoch,
+        config.decay_epochs * steps_per_epoch)
+    self.tx = optax.adam(self.schedule, b1=config.beta1, b2=config.beta2)
+    self.augment = (augment_lib.AugmentSpec.from_config(config.augment, image_size)
+                    if config.augment.enabled else None)
+    self._batch = mesh_lib.batch_sharding(mesh)
+    self.generator = export.Exported(self.export_meta(), self.gen, None, None, mesh)
+    self.sampler = None if samples is None else gan.SampleGrid(
+        self.generator, lambda st: (st.g_ab.params, st.g_ab.stats), samples[0], samples[1:],
+        sample_dir, "samples/source_translated_target")
+
+  def init_state(self) -> State:
+    shape = (self.image_size, self.image_size, self.channels)
+    nets = [NetState.create(params, stats, self.tx) for params, stats in self._init]
+    return State(step=jnp.zeros((), jnp.int32), rng=jax.random.key(self.config.seed),
+                 g_ab=nets[0], g_ba=nets[1], d_a=nets[2], d_b=nets[3],
+                 pool_a=pool_init(self.config.pool_size, shape),
+                 pool_b=pool_init(self.config.pool_size, shape))
+
+  def update(self, state: State, real_a: jax.Array, real_b: jax.Array,
+             key: jax.Array) -> tuple[State, dict[str, jax.Array]]:
+    """One update of both generators (discriminators fixed), then of both discriminators on
+    pooled fakes, as the reference's `optimize_parameters`; images are floats in [-1, 1]."""
+    cfg = self.config
+    k_gen, k_pool_a, k_pool_b = jax.random.split(key, 3)
+    drop = iter(jax.random.split(k_gen, 6))
+    use_idt = cfg.lambda_identity > 0
+
+    def g_loss_fn(g_params):
+      p_ab, p_ba = g_params
+      s_ab, s_ba = state.g_ab.stats, state.g_ba.stats
+
+      def run(params, stats, x):
+        return self.gen.apply(params, stats, x, train=True, rngs=nnx.Rngs(dropout=next(drop)))
+
+      fake_b, s_ab = run(p_ab, s_ab, real_a)
+      rec_a, s_ba = run(p_ba, s_ba, fake_b)
+      fake_a, s_ba = run(p_ba, s_ba, real_b)
+      rec_b, s_ab = run(p_ab, s_ab, fake_a)
+      same_b = same_a = None
+      if use_idt:
+        same_b, s_ab = run(p_ab, s_ab, real_b)
+        same_a, s_ba = run(p_ba, s_ba, real_a)
+      d_b_logits, _ = self.disc.apply(state.d_b.params, state.d_b.stats, fake_b, train=True)
+      d_a_logits, _ = self.disc.apply(state.d_a.params, state.d_a.stats, fake_a, train=True)
+      total, parts = generator_loss(
+          real_a=real_a, real_b=real_b, rec_a=rec_a, rec_b=rec_b, same_a=same_a, same_b=same_b,
+          d_b_fake_b_logits=d_b_logits, d_a_fake_a_logits=d_a_logits, kind=cfg.gan_loss,
+          lambda_a=cfg.lambda_a, lambda_b=cfg.lambda_b, lambda_identity=cfg.lambda_identity)
+      return total, (parts, fake_a, fake_b, s_ab, s_ba)
+
+    (g_loss, (parts, fake_a, fake_b, s_ab, s_ba)), (grad_ab, grad_ba) = jax.value_and_grad(
+        g_loss_fn, has_aux=True)((state.g_ab.params, state.g_ba.params))
+    g_ab = state.g_ab.apply_gradients(grad_ab, s_ab)
+    g_ba = state.g_ba.apply_gradients(grad_ba, s_ba)
+
+    pooled_a, pool_a = pool_query(state.pool_a, fake_a, k_pool_a)
+    pooled_b, pool_b = pool_query(state.pool_b, fake_b, k_pool_b)
+
+    def d_loss_fn(params, net: NetState, real, fake):
+      real_logits, stats = self.disc.apply(params, net.stats, real, train=True)
+      fake_logits, stats = self.disc.apply(params, stats, fake.astype(real.dtype), train=True)
+      loss = discriminator_loss(real_logits, fake_logits, cfg.gan_loss)
+      return loss, (stats, real_logits, fake_logits)
+
+    metrics = {"g_loss": g_loss, **{"g_" + k: v for k, v in parts.items()}}
+    nets = {}
+    for name, net, real, fake in (("a", state.d_a, real_a, pooled_a),
+                                  ("b", state.d_b, real_b, pooled_b)):
+      (loss, (stats, real_logits, fake_logits)), grads = jax.value_and_grad(
+          d_loss_fn, has_aux=True)(net.params, net, real, fake)
+      nets[name] = net.apply_gradients(grads, stats)
+      acc_real, acc_fake = gan.discriminator_accuracy(real_logits, fake_logits, cfg.gan_loss)
+      metrics.update({f"d_{name}_loss": loss, f"d_{name}_acc_real": acc_real,
+                      f"d_{name}_acc_fake": acc_fake})
+    metrics["g_grad_norm"] = optax.tree.norm((grad_ab, grad_ba))
+    metrics["learning_rate"] = jnp.asarray(self.schedule(state.step), jnp.float32)
+    return state.replace(step=state.step + 1, g_ab=g_ab, g_ba=g_ba, d_a=nets["a"],
+                         d_b=nets["b"], pool_a=pool_a, pool_b=pool_b), metrics
+
+  def sample_batch(self, step: jax.Array, rng: jax.Array, source: jax.Array, target: jax.Array):
+    """The unpaired (A, B) batch of `step` and its key for dropout and the pools, on the device:
+    A by the epoch order over the source images, B drawn uniformly."""
+    b = self.batch_size
+    a_idx = sampling.epoch_batch(rng, step, source.shape[0], b, self.steps_per_epoch)
+    key = jax.random.fold_in(rng, step)
+    k_b, k_aug_a, k_aug_b, k_step = jax.random.split(key, 4)
+    b_idx = jax.random.randint(k_b, (b,), 0, target.shape[0])
+    a, t = source[a_idx], target[b_idx]
+    if self.augment is not None:
+      a = augment_lib.augment(a, k_aug_a, self.augment) * 2.0 - 1.0
+      t = augment_lib.augment(t, k_aug_b, self.augment) * 2.0 - 1.0
+    else:
+      a, t = gan.to_signed(a), gan.to_signed(t)
+    a = jax.lax.with_sharding_constraint(a, self._batch)
+    t = jax.lax.with_sharding_constraint(t, self._batch)
+    return a, t, k_step
+
+  def train_step(self, state: State, data: tuple[jax.Array, jax.Array]):
+    a, b, key = self.sample_batch(state.step, state.rng, *data)
+    return self.update(state, a, b, key)
+
+  def hook(self, step: int, state: State, writer: SummaryWriter) -> None:
+    """Every `sample_every` steps: a PNG grid of source | G(source) | a real target image."""
+    if self.sampler is not None:
+      self.sampler(step, state, writer)
+
+  def export_meta(self) -> dict:
+    cfg = self.config
+    return {"kind": export.GENERATOR, "translator": "cyclegan",
+            "arch": generator_arch(cfg.model), "image_size": self.image_size,
+            "channels": self.channels, "compute_dtype": cfg.compute_dtype,
+            "inference": inference_mode(cfg.model),
+            "source_class": cfg.source_class, "target_class": cfg.target_class,
+            "model": cfg.model.to_dict()}
+
+  def export(self, workdir: pathlib.Path, state: State, step: int) -> None:
+    """G (A -> B) alone, through the shared generator export: what synthesis loads."""
+    meta = dict(self.export_meta(), step=int(step), workdir=str(workdir),
+                split_manifest=str(workdir / "split_manifest.csv"))
+    export.save(workdir / GENERATOR_DIR, state.g_ab.params, state.g_ab.stats, meta)
+    logging.info("Exported the generator G to %s", workdir / GENERATOR_DIR)
+
+
+# ----------------------------------------------------------------------------------- task
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks `config`; returns a copy whose source / target classes are canonically spelt."""
+  for key in ("batch_size", "num_epochs", "steps_per_call", "log_every", "checkpoint_every",
+              "sample_every", "keep_checkpoints", "model.ngf", "model.ndf", "model.n_layers_d"):
+    configlib.require_positive_int(config, key)
+  configlib.require(0 <= config.decay_epochs <= config.num_epochs, "decay_epochs",
+                    f"must be between 0 and num_epochs ({config.num_epochs}), "
+                    f"got {config.decay_epochs}")
+  configlib.require(config.learning_rate > 0, "learning_rate", "must be > 0")
+  configlib.require(config.gan_loss in gan.GAN_LOSSES, "gan_loss",
+                    f"{config.gan_loss!r} is not 'bce' or 'lsgan'")
+  for key in ("lambda_a", "lambda_b", "lambda_identity"):
+    configlib.require(config[key] >= 0, key, f"must be >= 0, got {config[key]}")
+  configlib.require(isinstance(config.pool_size, int) and config.pool_size >= 0, "pool_size",
+                    f"must be an integer >= 0, got {config.pool_size!r}")
+  configlib.require(isinstance(config.model.n_blocks, int) and config.model.n_blocks >= 0,
+                    "model.n_blocks", f"must be an integer >= 0, got {config.model.n_blocks!r}")
+  configlib.compute_dtype(config.compute_dtype)
+  generator_arch(config.model)
+  check_generator_size(config.model, config.data.image_size)
+  config = config.copy_and_resolve_references()
+  for key in ("source_class", "target_class"):
+    config[key] = classes_lib.member(config[key], config.data.classes, key)
+  configlib.require(config.source_class != config.target_class, "target_class",
+                    f"must differ from source_class ({config.source_class})")
+  return config
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: pathlib.Path) -> export.Exported:
+  """The `cyclegan` task: trains, checkpoints, writes samples, exports G."""
+  config = validate(config)
+  workdir = pathlib.Path(workdir)
+  mesh = fit.make_mesh(config, "batch_size")
+  train = dataset.load_splits(config.data, workdir)["train"]
+  source = train.of_class(config.source_class).images
+  target = train.of_class(config.target_class).images
+  if len(source) < config.batch_size or len(target) == 0:
+    raise UserError(f"CycleGAN needs at least batch_size={config.batch_size} "
+                    f"{config.source_class} and one {config.target_class} training image; the "
+                    f"training split has {len(source)} and {len(target)}")
+  steps_per_epoch = len(source) // config.batch_size
+  total_steps = config.num_epochs * steps_per_epoch
+  logging.info("CycleGAN: %d %s <-> %d %s training images, %d steps/epoch, %d steps",
+               len(source), config.source_class, len(target), config.target_class,
+               steps_per_epoch, total_steps)
+  trainer = CycleGAN(config, image_size=config.data.image_size, steps_per_epoch=steps_per_epoch,
+                     mesh=mesh, channels=source.shape[-1],
+                     samples=gan.sample_rows(config.seed, config.num_samples, source, target),
+                     sample_dir=workdir / "samples")
+  fit.fit(trainer, workdir, data=(source, target),
+          schedule=loop.Schedule(total_steps=total_steps, steps_per_call=config.steps_per_call,
+                                 log_every=config.log_every,
+                                 checkpoint_every=config.checkpoint_every,
+                                 hook_every=config.sample_every),
+          keep_checkpoints=config.keep_checkpoints, images_per_step=config.batch_size,
+          memory_hint=f"lower config.batch_size (now {config.batch_size}), "
+                      f"config.data.image_size (now {config.data.image_size}), "
+                      f"config.model.ngf (now {config.model.ngf}) or "
+                      f"config.model.n_blocks (now {config.model.n_blocks})")
+  return export.load_generator(workdir / GENERATOR_DIR, mesh)

@@ -12,13 +12,18 @@ program, so a run compiles exactly one training program whatever its schedule or
 
 A trainer (see `Trainer`) builds its networks on `trainer.mesh` and keeps them in `NetState`s, one
 per network, which apply their optimiser's update as Flax's `TrainState` does.
+
+`SeedStack` trains several seeds of one trainer as one program: their states stacked on a leading
+seed axis are just another state, so `fit`, `compile_chunk`, `loop.run` and the `Checkpointer` run
+it unchanged. Each seed's best state by validation is kept inside the stacked state (updated on
+the device by `jnp.where`), so one checkpoint holds everything and a resumed run is exact.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import flax
 import jax
@@ -60,7 +65,9 @@ class Trainer(Protocol):
   and the device-resident `data` (what `fit` was given, in that order), updates and returns
   `(state, metrics)` with `step` incremented; `export(directory, state, step)` writes the export.
   Optional: `validate(step, state) -> metrics` (every `eval_every` steps, weighed for the best
-  checkpoint) and `hook(step, state, writer)` (every `hook_every` steps, e.g. sample grids).
+  checkpoint), `hook(step, state, writer)` (every `hook_every` steps, e.g. sample grids),
+  `keep_best(state, metrics) -> state` (after each validation: a state that keeps its own best,
+  `SeedStack`) and `make_writer(workdir)` (a writer other than `<workdir>/tensorboard`).
   """
   name: str
   mesh: jax.sharding.Mesh
@@ -135,14 +142,15 @@ def fit(trainer: Trainer, workdir: pathlib.Path, *, data: tuple[np.ndarray, ...]
   chunk = compile_chunk(trainer, steps_per_call)
   validate = getattr(trainer, "validate", None)
   hook = getattr(trainer, "hook", None)
-  writer = SummaryWriter(workdir / "tensorboard")
+  make_writer = getattr(trainer, "make_writer", None)
+  writer = make_writer(workdir) if make_writer else SummaryWriter(workdir / "tensorboard")
   try:  # closed also when training stops on an error (its event file is flushed)
     state = loop.run(
         state, chunk_fn=lambda st, k: chunk(st, data_dev, np.int32(k)), schedule=schedule,
         start_step=start or 0, checkpointer=ckpt, writer=writer, name=trainer.name,
         images_per_step=images_per_step, eval_fn=validate,
         hook_fn=None if hook is None else lambda step, st: hook(step, st, writer),
-        memory_hint=memory_hint)
+        select_fn=getattr(trainer, "keep_best", None), memory_hint=memory_hint)
     best, step = (ckpt.restore_best(state) if best_metric else (None, None))
     if best is None:
       best, step = state, schedule.total_steps
@@ -152,3 +160,157 @@ def fit(trainer: Trainer, workdir: pathlib.Path, *, data: tuple[np.ndarray, ...]
     writer.close()
   return FitResult(state=best, step=step, final_step=schedule.total_steps)
 
+
+
+# ----------------------------------------------------------------------- seeds in one program
+
+SEED_MODES = ("map", "vmap")
+
+
+def seed_key(name: str, index: int) -> str:
+  """The metric `name` of the `index`-th seed of a `SeedStack` (e.g. `loss@1`)."""
+  return f"{name}@{index}"
+
+
+def split_seed_key(key: str) -> tuple[str, int | None]:
+  """`loss@1` -> ('loss', 1); a key of no seed -> (key, None)."""
+  name, at, index = key.rpartition("@")
+  return (name, int(index)) if at and index.isdigit() else (key, None)
+
+
+@flax.struct.dataclass
+class SeedsState:
+  """N seeds' states stacked on a leading axis, and each seed's best state by validation."""
+  step: jax.Array          # the common step (scalar int32)
+  seeds: Any               # the trainer's state, each leaf [N, ...]
+  best: Any                # each seed's state at its best validation so far, [N, ...]
+  best_metric: jax.Array   # [N] float32, -inf before the first validation
+  best_step: jax.Array     # [N] int32
+
+
+class SeedStack:
+  """The `Trainer` of N seeds of one trainer in one program (see the module docstring).
+
+  `trainers[i]` differ only in their seed (initial state) and where they export; `trainers[0]`'s
+  step, validation and batch sampling serve all of them. `mode` batches the seeds:
+  - `map`: `jax.lax.map` over the seed axis inside the step, the same per-seed computation as a
+    run alone (bitwise equal on the CPU), one dispatch, one compilation, one data placement;
+  - `vmap`: `jax.vmap` over the step, one batched step for all seeds (faster on accelerators; on
+    a CPU a vmapped convolution with per-seed kernels is a grouped convolution whose float
+    results differ slightly from the unbatched one).
+  Metrics are reported per seed as `name@i` (`seed_key`); `SeedWriters` sends them to each seed's
+  own TensorBoard folder. `best_metric` (a key of `validate`'s metrics) picks each seed's best
+  state, the later step on ties (as the Orbax manager's `BestN` does for a run alone).
+  """
+
+  def __init__(self, trainers: Sequence[Trainer], *, mode: str, best_metric: str,
+               export_dirs: Sequence[pathlib.Path], writer_dirs: Sequence[pathlib.Path]):
+    if mode not in SEED_MODES:
+      raise ValueError(f"mode {mode!r} is not one of {SEED_MODES}")
+    self.trainers, self.mode, self.best_metric = list(trainers), mode, best_metric
+    self.export_dirs, self.writer_dirs = list(export_dirs), list(writer_dirs)
+    self.n = len(self.trainers)
+    first = self.trainers[0]
+    self.name, self.mesh = f"{first.name} x{self.n} seeds", first.mesh
+    rep = mesh_lib.replicated(self.mesh)
+    self._take = jax.jit(lambda tree, i: jax.tree.map(lambda x: x[i], tree), out_shardings=rep)
+    self._keep_best = jax.jit(self._update_best, donate_argnums=0, out_shardings=rep)
+
+  def init_state(self) -> SeedsState:
+    states = [t.init_state() for t in self.trainers]
+    # One structure: the trainers' static fields (e.g. each `NetState.tx`, equal optimisers
+    # built per trainer) are the first trainer's, whose step runs every seed.
+    treedef = jax.tree.structure(states[0])
+    states = [jax.tree.unflatten(treedef, jax.tree.leaves(st)) for st in states]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    return SeedsState(step=jnp.zeros((), jnp.int32), seeds=stacked,
+                      best=jax.tree.map(jnp.copy, stacked),
+                      best_metric=jnp.full((self.n,), -jnp.inf, jnp.float32),
+                      best_step=jnp.zeros((self.n,), jnp.int32))
+
+  def train_step(self, state: SeedsState, data: tuple[jax.Array, ...]):
+    def one(st):
+      # The barriers keep XLA from fusing the step with the slicing of the seed axis around it
+      # (which changes how it contracts multiply-adds): each seed's step compiles as a run alone.
+      st = jax.lax.optimization_barrier(st)
+      return jax.lax.optimization_barrier(self.trainers[0].train_step(st, data))
+
+    seeds, metrics = (jax.lax.map(one, state.seeds) if self.mode == "map"
+                      else jax.vmap(one)(state.seeds))
+    flat = {seed_key(k, i): v[i] for k, v in metrics.items() for i in range(self.n)}
+    return state.replace(step=state.step + 1, seeds=seeds), flat
+
+  def seed_state(self, tree: Any, index: int) -> Any:
+    """Seed `index`'s slice of a stacked pytree, replicated on the mesh (one compiled gather)."""
+    return self._take(tree, jnp.int32(index))
+
+  def validate(self, step: int, state: SeedsState) -> dict[str, float]:
+    out = {}
+    for i in range(self.n):
+      metrics = self.trainers[0].validate(step, self.seed_state(state.seeds, i))
+      out.update({seed_key(k, i): v for k, v in metrics.items()})
+    return out
+
+  def _update_best(self, state: SeedsState, values: jax.Array) -> SeedsState:
+    better = values >= state.best_metric      # ties: the later step, as Orbax's BestN
+
+    def pick(new, old):
+      return jnp.where(better.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+    best = jax.tree.map(
+        lambda new, old: (jax.random.wrap_key_data(
+            pick(jax.random.key_data(new), jax.random.key_data(old)),
+            impl=jax.random.key_impl(new))
+            if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key) else pick(new, old)),
+        state.seeds, state.best)
+    return state.replace(best=best, best_metric=jnp.where(better, values, state.best_metric),
+                         best_step=jnp.where(better, state.step, state.best_step))
+
+  def keep_best(self, state: SeedsState, metrics: Mapping[str, float]) -> SeedsState:
+    values = np.asarray([metrics[seed_key(self.best_metric, i)] for i in range(self.n)],
+                        np.float32)
+    return self._keep_best(state, mesh_lib.put_replicated(values, self.mesh))
+
+  def make_writer(self, workdir: pathlib.Path) -> "SeedWriters":
+    del workdir
+    return SeedWriters([SummaryWriter(pathlib.Path(d) / "tensorboard") for d in self.writer_dirs])
+
+  def export(self, directory: pathlib.Path, state: SeedsState, step: int) -> None:
+    """Each seed's best state to its own export directory (`directory`, the stack's, is not
+    used)."""
+    del directory, step
+    best_steps = np.asarray(jax.device_get(state.best_step))
+    for i, (trainer, out) in enumerate(zip(self.trainers, self.export_dirs)):
+      trainer.export(pathlib.Path(out), self.seed_state(state.best, i), int(best_steps[i]))
+
+
+class SeedWriters:
+  """One `SummaryWriter` per seed: `train/loss@1` goes to seed 1's as `train/loss`; a scalar of
+  no seed (the program's speed) goes to every seed's."""
+
+  def __init__(self, writers: Sequence[SummaryWriter]):
+    self.writers = list(writers)
+
+  def scalars(self, step: int, values: Mapping[str, float]) -> None:
+    routed: list[dict[str, float]] = [{} for _ in self.writers]
+    for key, value in values.items():
+      name, index = split_seed_key(key)
+      for i in (range(len(self.writers)) if index is None else (index,)):
+        routed[i][name] = value
+    for writer, vals in zip(self.writers, routed):
+      if vals:
+        writer.scalars(step, vals)
+
+  def image(self, step: int, tag: str, image: np.ndarray) -> None:
+    name, index = split_seed_key(tag)
+    for i, writer in enumerate(self.writers):
+      if index is None or index == i:
+        writer.image(step, name, image)
+
+  def flush(self) -> None:
+    for writer in self.writers:
+      writer.flush()
+
+  def close(self) -> None:
+    for writer in self.writers:
+      writer.close()

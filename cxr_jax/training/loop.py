@@ -27,6 +27,14 @@ from cxr_jax.training.checkpoint import Checkpointer
 from cxr_jax.training.summary import Progress, SummaryWriter
 
 
+class OutOfDeviceMemory(UserError):
+  """The device ran out of memory in a chunk (a caller may fall back to a smaller program)."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
+
+
 class TrainingDiverged(UserError):
   """A loss or gradient became NaN or infinite; the message names the step and the quantity."""
 
@@ -51,8 +59,12 @@ def run(state: Any, *, chunk_fn: Callable[[Any, int], tuple[Any, Mapping[str, ja
         writer: SummaryWriter, name: str, images_per_step: int,
         eval_fn: Callable[[int, Any], Mapping[str, float]] | None = None,
         hook_fn: Callable[[int, Any], None] | None = None,
+        select_fn: Callable[[Any, Mapping[str, float]], Any] | None = None,
         memory_hint: str = "lower config.batch_size or config.data.image_size") -> Any:
-  """Trains from `start_step` to `schedule.total_steps`; returns the final state."""
+  """Trains from `start_step` to `schedule.total_steps`; returns the final state.
+
+  `select_fn(state, validation metrics) -> state`, when given, runs after each validation and
+  before that step's checkpoint (a state that keeps its own best weights)."""
   s = schedule
   step = start_step
   pending: list[tuple[int, Mapping[str, jax.Array], int]] = []  # (first step, metrics, steps)
@@ -91,8 +103,9 @@ def run(state: Any, *, chunk_fn: Callable[[Any, int], tuple[Any, Mapping[str, ja
         state, metrics = chunk_fn(state, k)
       except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-          raise UserError(f"out of device memory at step {step} "
-                          f"({jax.devices()[0].device_kind}): {memory_hint}") from None
+          raise OutOfDeviceMemory(f"out of device memory at step {step} "
+                                  f"({jax.devices()[0].device_kind}): {memory_hint}",
+                                  step) from None
         raise
       pending.append((step, metrics, k))
       step += k
@@ -112,6 +125,8 @@ def run(state: Any, *, chunk_fn: Callable[[Any, int], tuple[Any, Mapping[str, ja
         flush_metrics()
         eval_metrics = dict(eval_fn(step, state))
         writer.scalars(step, {f"val/{k}": v for k, v in eval_metrics.items()})
+        if select_fn is not None:
+          state = select_fn(state, eval_metrics)
       if hook_fn is not None and ((s.hook_every and step % s.hook_every == 0) or at_end):
         hook_fn(step, state)
       if checkpointer is not None and (step % s.checkpoint_every == 0 or at_end):

@@ -5,6 +5,15 @@ image drawn at random, afresh at every step. An epoch is one pass over the norma
 in a seeded random order (`floor(N_normal / batch)` steps, see `sampling.py`). Only the training
 split is ever read. `fit` runs the training; this file holds the losses, the step, the pairing,
 the sample grids and the generator's export metadata.
+
+What the random pairing does (kept as the paper's method, the faithful reproduction): with no
+normal/COVID pairs, the L1 term at weight 100 asks the output of every normal image to be close
+to a COVID image unrelated to it, drawn afresh each step; the output minimising that is the
+(pixel-wise) median COVID picture, whatever the input. The conditional discriminator sees real
+pairs whose two halves are unrelated, so it cannot teach the generator to keep the patient's
+anatomy either. The outputs hardly depend on their inputs and are far less varied than real COVID
+images (`evaluation/quality.py` measures both; docs/translation.md has the figures). CycleGAN
+(`cyclegan.py`) is the unpaired translator beside it.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from absl import logging
 from flax import nnx
 
 from cxr_jax import configlib
+from cxr_jax.data import classes as classes_lib
 from cxr_jax.data import dataset
 from cxr_jax.errors import UserError
 from cxr_jax.models import build
@@ -203,7 +213,8 @@ class Pix2Pix:
 # ----------------------------------------------------------------------------------- task
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks `config`; returns a copy whose source / target classes are canonically spelt."""
   for key in ("batch_size", "num_epochs", "steps_per_call", "log_every", "checkpoint_every",
               "sample_every", "keep_checkpoints", "model.ngf", "model.ndf"):
     configlib.require_positive_int(config, key)
@@ -221,15 +232,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   configlib.require(isinstance(size, int) and size >= 32 and size & (size - 1) == 0,
                     "data.image_size", f"the U-Net halves the image down to 1x1, so it must be a "
                     f"power of two >= 32 (e.g. 64, 128, 256), got {size!r}")
-  for key in ("source_class", "target_class"):
-    configlib.require(config[key] in config.data.classes, key,
-                      f"{config[key]!r} is not among config.data.classes {config.data.classes}")
+  config = config.copy_and_resolve_references()
+  for key in ("source_class", "target_class"):  # canonical spelling: 'Healthy' -> 'HEALTHY'
+    config[key] = classes_lib.member(config[key], config.data.classes, key)
+  return config
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: pathlib.Path) -> export.Exported:
   """The `pix2pix` task: trains, checkpoints, writes samples, exports the generator."""
-  validate(config)
+  config = validate(config)
   workdir = pathlib.Path(workdir)
   mesh = fit.make_mesh(config, "batch_size")
   train = dataset.load_splits(config.data, workdir)["train"]
