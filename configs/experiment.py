@@ -48,9 +48,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   config.data = configlib.data_config()
   config.seeds = (0, 1, 2)
   config.pretrained = ""               # ImageNet ResNet-50 weights: enables the transfer rows
-  # Translators whose enhanced rows run. ("pix2pix", "cyclegan") once the CycleGAN trainer is
-  # wired (cxr_jax/pipeline/translators.py).
-  config.translators = ("pix2pix",)
+  config.translators = ("pix2pix", "cyclegan")   # one enhanced row each (pipeline/translators.py)
   config.translator_per_seed = False   # True: re-train each translator and re-synthesise per seed
   config.pix2pix = _sibling("pix2pix", base[variant])
   config.cyclegan = _sibling("cyclegan", {"paper": "", "demo": "cpu", "smoke": "smoke"}[variant])

@@ -77,7 +77,7 @@ def test_oversampled_row_refuses_leaked_sources(splits):
 def test_rows_and_seed_groups():
   config = smoke_config(seeds=(0, 1, 2))
   assert experiment.rows(config) == ["original", "balanced-loss", "oversampled",
-                                     "enhanced-pix2pix"]
+                                     "enhanced-pix2pix", "enhanced-cyclegan"]
   assert experiment.seed_groups(config, "enhanced-pix2pix") == [(0, 1, 2)]
   config.translator_per_seed = True
   assert experiment.seed_groups(config, "enhanced-pix2pix") == [(0,), (1,), (2,)]
@@ -109,6 +109,7 @@ def test_paper_and_demo_variants():
     config = configlib.load_config_file(REPO_ROOT / "configs/experiment.py", variant)
     assert config.synthesize.num_synthetic == "balance"
     assert config.translator_per_seed is False and "data" not in config.cyclegan
+    assert tuple(config.translators) == ("pix2pix", "cyclegan")
 
 
 def _stage_times(workdir):
@@ -143,7 +144,7 @@ def test_smoke_experiment(tmp_path, monkeypatch):
   assert "classifier-enhanced-pix2pix-scratch.json" in after
 
   report = json.loads((workdir / "report.json").read_text())
-  rows = ["original", "balanced-loss", "oversampled", "enhanced-pix2pix"]
+  rows = ["original", "balanced-loss", "oversampled", "enhanced-pix2pix", "enhanced-cyclegan"]
   assert set(report["table"]) == {f"{r}/{i}" for r in rows for i in ("scratch", "transfer")}
   for key, row in report["table"].items():
     if key.endswith("/transfer"):
@@ -155,9 +156,12 @@ def test_smoke_experiment(tmp_path, monkeypatch):
   n_syn = report["translation_quality"]["pix2pix"]["num_synthetic"]
   assert n_syn > 0 and counts["original"] == report["split_counts"]["train"]
   assert counts["oversampled"]["COVID"] == counts["original"]["COVID"] + n_syn
-  assert counts["enhanced-pix2pix"] == counts["oversampled"]
+  assert counts["enhanced-pix2pix"] == counts["enhanced-cyclegan"] == counts["oversampled"]
   assert counts["oversampled"]["COVID"] == max(counts["original"].values())   # "balance"
-  assert report["headline"]["answered"] and report["headline"]["translator"] == "pix2pix"
+  head = report["headline"]
+  assert head["answered"] and head["translator"] in ("pix2pix", "cyclegan")
+  for tag in ("pix2pix", "cyclegan"):     # KID measured with the original row's classifier
+    assert report["translation_quality"][tag]["kid"]["train"]["mean"] is not None
   md = (workdir / "report.md").read_text()
   for needle in ("## The answer", "97.8*", "96.1", "95.6", "## Skipped", "Cochran-Mantel-Haenszel",
                  "procedural images", "Class counts", "KID", "jax"):
@@ -169,9 +173,10 @@ def test_smoke_experiment(tmp_path, monkeypatch):
   with open(workdir / "split_manifest.csv", newline="") as f:
     split_rows = list(csv.DictReader(f))
   train = {(r["file"], r["sha256"]) for r in split_rows if r["split"] == "train"}
-  with open(workdir / "synthesize/pix2pix/synthetic/manifest.csv", newline="") as f:
-    synthetic = list(csv.DictReader(f))
-  assert synthetic and all((r["source_file"], r["source_sha256"]) in train for r in synthetic)
+  for tag in ("pix2pix", "cyclegan"):
+    with open(workdir / f"synthesize/{tag}/synthetic/manifest.csv", newline="") as f:
+      synthetic = list(csv.DictReader(f))
+    assert synthetic and all((r["source_file"], r["source_sha256"]) in train for r in synthetic)
 
   # A third run has nothing left to do.
   experiment.run_experiment(config, workdir)

@@ -83,9 +83,12 @@ def tree(tmp_path_factory):
     d = workdir / "synthesize" / t / "synthetic"
     d.mkdir(parents=True)
     (d / "synthesis.json").write_text(json.dumps({"num_synthetic": 17, "num_sources": 17}))
+    # as synthesize.translation_figures writes it
     (d / "quality.json").write_text(json.dumps(
-        {"fid": 55.5, "kid": kid, "kid_std": 0.001, "num_real": 40, "share_called_COVID": 0.9,
-         "input_dependence": 0.25, "relative_diversity": 0.8}))
+        {"fid": 55.5, "kid": kid, "kid_std": 0.001, "n_real_target": 40, "target_share": 0.9,
+         "share_called_COVID": 0.9, "input_dependence": 0.25, "relative_diversity": 0.8,
+         "kid_train": {"mean": kid, "std": 0.001, "n_real": 40, "seen_by_generator": True},
+         "kid_val": {"mean": 2 * kid, "std": 0.002, "n_real": 12, "seen_by_generator": False}}))
     (d / "grid.png").write_bytes(b"png")
     syn[t] = d
   return workdir, syn
@@ -189,7 +192,8 @@ def test_quality_near_duplicates_counts_and_figures(tree):
   quality = md.split("## Translation quality")[1].split("## Figures")[0]
   header = next(l for l in quality.splitlines() if l.startswith("| translator"))
   assert header.index("KID") < header.index("input dependence")
-  assert "| pix2pix | 17 (17) | 0.0123 ± 0.001 | 40 (yes) | 0.250 | 0.800 | 90.0 % |" in quality
+  assert ("| pix2pix | 17 (17) | 0.0123 ± 0.001 (40; seen) | 0.0246 ± 0.002 (12; not seen) | "
+          "0.250 | 0.800 | 90.0 % |") in quality
   assert "55.5" not in md and "| FID" not in md
   assert "Near-duplicate train/test pairs (perceptual hash, see the split manifest): 3; their " \
          "test images are dropped (2 dropped)." in md

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import pathlib
 import time
-from collections.abc import Sequence
 from typing import Any, Callable
 
 import ml_collections
@@ -31,19 +30,21 @@ from cxr_jax.data import dataset
 from cxr_jax.data import enhanced
 from cxr_jax.data.dataset import ImageSet
 from cxr_jax.errors import ConfigError
-from cxr_jax.evaluation import report_classifier
 from cxr_jax.pipeline import controls
 from cxr_jax.pipeline import report
+from cxr_jax.pipeline import classify
 from cxr_jax.pipeline import synthesize
+from cxr_jax.pipeline import translators
 from cxr_jax.training import classifier
-from cxr_jax.training import fit
+from cxr_jax.training import cyclegan
 from cxr_jax.training import pix2pix
 from cxr_jax.utils import files
 
 CONTROL_ROWS = ("original", "balanced-loss", "oversampled")
 INITS = ("scratch", "transfer")
-KNOWN_TRANSLATORS = ("pix2pix", "cyclegan")
-AVAILABLE_TRANSLATORS = ("pix2pix",)   # until translators.TRANSLATORS lands (branch cyclegan2)
+# How each translator's config is checked before any stage starts.
+VALIDATE = {"pix2pix": pix2pix.validate, "cyclegan": cyclegan.validate}
+GENERATOR_DIR = "generator"   # where every translator exports its generator in its workdir
 
 
 class Stages:
@@ -133,35 +134,11 @@ def row_training_set(row: str, splits: dict[str, ImageSet], *, count: int, targe
   raise ValueError(f"unknown row {row!r}")
 
 
-# ------------------------------------------------- the two calls that change when branches land
-
-
 def train_translator(name: str, config: ml_collections.ConfigDict,
-                     workdir: pathlib.Path) -> pathlib.Path:
-  """Trains (or resumes) translator `name`; returns its exported generator's folder.
-  (Becomes translators.train_translator once branch cyclegan2 lands.)"""
-  if name not in AVAILABLE_TRANSLATORS:
-    raise ConfigError(f"config.translators: {name!r} is not available in this build (have "
-                      f"{AVAILABLE_TRANSLATORS})")
-  pix2pix.train_and_evaluate(config, workdir)
-  return pathlib.Path(workdir) / pix2pix.GENERATOR_DIR
-
-
-def train_and_evaluate_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int],
-                             workdirs: Sequence[pathlib.Path], *, splits: dict[str, ImageSet],
-                             train_set: ImageSet) -> list[dict]:
-  """One row's classifiers, one per seed, on `train_set`, each evaluated on the test split.
-  (Becomes classify.train_and_evaluate_seeds once branch multiseed lands.)"""
-  out = []
-  for seed, workdir in zip(seeds, workdirs):
-    cfg = ml_collections.ConfigDict(config.to_dict())
-    cfg.seed = int(seed)
-    mesh = fit.make_mesh(cfg, "batch_size", "eval_batch_size")
-    trained = classifier.train(cfg, workdir, train_set, splits["val"], mesh)
-    out.append(report_classifier.evaluate_on_test(
-        trained, splits["test"], workdir, title=f"{cfg.name}-seed{seed}",
-        num_gradcam=cfg.num_gradcam, n_bootstrap=cfg.n_bootstrap, train_hashes=train_set.hashes))
-  return out
+                     workdir: pathlib.Path) -> dict:
+  """Trains (or resumes) translator `name`; its stage record names the exported generator."""
+  translators.train_translator(name, config, workdir)
+  return {"generator": str(pathlib.Path(workdir) / GENERATOR_DIR)}
 
 
 # --------------------------------------------------------------------------------- the task
@@ -174,14 +151,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   names = tuple(config.translators)
   configlib.require(len(set(names)) == len(names), "translators", f"{names} repeats a name")
   for name in names:
-    configlib.require(name in KNOWN_TRANSLATORS, "translators",
-                      f"{name!r} is not one of {KNOWN_TRANSLATORS}")
+    configlib.require(name in translators.TRANSLATORS and name in VALIDATE, "translators",
+                      f"{name!r} is not one of {tuple(translators.TRANSLATORS)}")
     configlib.require(name in config, name, f"translator {name!r} needs its config block")
-    if name not in AVAILABLE_TRANSLATORS:
-      raise ConfigError(f"config.translators: {name!r} is not available in this build (have "
-                        f"{AVAILABLE_TRANSLATORS}); use --config.translators='(\"pix2pix\",)'")
-    if name == "pix2pix":
-      pix2pix.validate(sub_config(config, name))
+    VALIDATE[name](sub_config(config, name))
   synthesize.number_to_make(config.synthesize.num_synthetic, {"a": 1}, "a")
   for train_data in ("original", "enhanced"):
     classifier.validate(sub_config(config, "classifier", train_data=train_data,
@@ -207,8 +180,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
       tag = translator_tag(name, seed)
       t_cfg = sub_config(config, name) if seed is None else sub_config(config, name, seed=seed)
       t_dir = workdir_lib.prepare(workdir / "translators" / tag, t_cfg)
-      stages.run(f"translator-{tag}", lambda n=name, c=t_cfg, d=t_dir: {
-          "generator": str(train_translator(n, c, d))})
+      stages.run(f"translator-{tag}", lambda n=name, c=t_cfg, d=t_dir: train_translator(n, c, d))
       generator_dir = stages.record(f"translator-{tag}")["result"]["generator"]
       syn_seed = config.synthesize.seed if seed is None else seed
       syn_cfg = sub_config(config, "synthesize", generator_dir=generator_dir, seed=syn_seed)
@@ -216,7 +188,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
                  / synthesize.SYNTHETIC_DIR)
       stages.run(f"synthesize-{tag}", lambda c=syn_cfg, d=syn_dir: synthesize.synthesize(
           c.generator_dir, splits, d, num_synthetic=c.num_synthetic, seed=c.seed,
-          batch_size=c.batch_size, source_class=c.source_class, target_class=c.target_class))
+          batch_size=c.batch_size, source_class=c.source_class, target_class=c.target_class,
+          quality_images=c.quality_images))
       synthetic_dirs[tag] = syn_dir
 
   count = num_target_images(config, splits["train"])
@@ -255,7 +228,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
           run_dirs.append(workdir_lib.prepare(report.run_dir(workdir, row, init, seed), seed_cfg))
         record = stages.run(stage, lambda c=cfg, g=group, d=run_dirs, t=train_set: {
             "train_counts": t.counts(),
-            "seeds": {str(s): r["summary"] for s, r in zip(g, train_and_evaluate_seeds(
+            "seeds": {str(s): r["summary"] for s, r in zip(g, classify.train_and_evaluate_seeds(
                 c, g, d, splits=splits, train_set=t))}})
         train_counts[counts_key] = record["result"]["train_counts"]
 

@@ -280,18 +280,30 @@ def _near_duplicates(workdir: pathlib.Path) -> dict[str, Any]:
           "drop_near_duplicates": summary.get("drop_near_duplicates")}
 
 
+def _kid_entries(q: dict) -> dict[str, dict]:
+  """KID against the real target-class training images (which the translator saw) and, when
+  synthesis measured it, against the validation ones (which it did not)."""
+  out = {}
+  for split in ("train", "val"):
+    k = q.get(f"kid_{split}")
+    if isinstance(k, dict):
+      out[split] = {"mean": k.get("mean"), "std": k.get("std"), "n_real": k.get("n_real"),
+                    "seen_by_translator": bool(k.get("seen_by_generator", split == "train")),
+                    "note": k.get("note")}
+  if "train" not in out and q.get("kid") is not None:
+    out["train"] = {"mean": q["kid"], "std": q.get("kid_std"),
+                    "n_real": q.get("n_real_target", q.get("num_real")),
+                    "seen_by_translator": True, "note": None}
+  return out
+
+
 def _quality(synthetic_dir: pathlib.Path, target: str) -> dict[str, Any]:
   """One translator's synthesis summary and translation-quality figures, KID first, FID left
   out (at these sample sizes its bias dominates: see docs/experiment.md)."""
   syn = _read_json(synthetic_dir / "synthesis.json")
   q = _read_json(synthetic_dir / "quality.json")
   return {"num_synthetic": syn.get("num_synthetic"), "num_sources": syn.get("num_sources"),
-          "kid": q.get("kid"), "kid_std": q.get("kid_std"),
-          "n_real": q.get("n_real_target", q.get("num_real")),
-          # synthesis_quality compares with the real training images of the target class: the
-          # ones the translator was trained on
-          "real_seen_by_translator": q.get("real_seen_by_translator",
-                                           q.get("real_split", "train") == "train"),
+          "kid": _kid_entries(q),
           "input_dependence": q.get("input_dependence"),
           "relative_diversity": q.get("relative_diversity"),
           "target_share": q.get("target_share", q.get(f"share_called_{target}")),
@@ -513,25 +525,33 @@ def markdown(r: dict, workdir: pathlib.Path, *, synthetic_dirs: Mapping[str, Any
   quality = r["translation_quality"]
   if quality:
     lines += ["KID (kernel inception distance, unbiased; ± its std over subsets) of the "
-              "synthetic images against "
-              "real target-class images, on pooled features of a classifier trained on the "
-              "original data; input dependence = mean SSIM to the own source minus to another "
+              "synthetic images against real target-class images (training images, which the "
+              "translator saw, and validation images, which it did not), on pooled features of "
+              "a classifier trained on the original data, with the number of real images; "
+              "input dependence = mean SSIM to the own source minus to another "
               "source (~0: the output ignores its input); relative diversity = diversity of the "
               "synthetic images over that of real ones; share called target = fraction a "
               "classifier of the original data calls the target class. FID is not shown: at "
               "these sample sizes its bias exceeds the differences it would measure.", "",
-              "| translator | synthetic (sources) | KID | real images (seen by the "
-              "translator) | input dependence | relative diversity | share called "
-              f"{target} |", "|---|---|---|---|---|---|---|"]
+              f"| translator | synthetic (sources) | KID vs training {target} (n; seen) | KID vs "
+              f"validation {target} (n; seen) | input dependence | relative diversity | share "
+              f"called {target} |", "|---|---|---|---|---|---|---|"]
     for tag, q in quality.items():
-      kid = "n/a" if q["kid"] is None else (
-          f"{q['kid']:.4g}" + ("" if q["kid_std"] is None else f" ± {q['kid_std']:.2g}"))
-      seen = "yes" if q["real_seen_by_translator"] else "no"
+      kids = []
+      for split in ("train", "val"):
+        k = q["kid"].get(split)
+        if k is None:
+          kids.append("n/a")
+          continue
+        seen = "seen" if k["seen_by_translator"] else "not seen"
+        value = "n/a" if k["mean"] is None else (
+            f"{k['mean']:.4g}" + ("" if k["std"] is None else f" ± {k['std']:.2g}"))
+        kids.append(f"{value} ({k['n_real'] if k['n_real'] is not None else '?'}; {seen})")
       num = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
       share = "n/a" if q["target_share"] is None else f"{100 * q['target_share']:.1f} %"
-      lines.append(f"| {tag} | {q['num_synthetic']} ({q['num_sources']}) | {kid} | "
-                   f"{q['n_real'] if q['n_real'] is not None else 'n/a'} ({seen}) | "
-                   f"{num(q['input_dependence'])} | {num(q['relative_diversity'])} | {share} |")
+      lines.append(f"| {tag} | {q['num_synthetic']} ({q['num_sources']}) | {kids[0]} | "
+                   f"{kids[1]} | {num(q['input_dependence'])} | {num(q['relative_diversity'])} "
+                   f"| {share} |")
   else:
     lines.append("No translator ran.")
 
@@ -540,12 +560,15 @@ def markdown(r: dict, workdir: pathlib.Path, *, synthetic_dirs: Mapping[str, Any
   for tag, d in synthetic_dirs.items():
     grid_png = pathlib.Path(d) / "grid.png"
     samples = sorted((workdir / "translators" / tag / "samples").glob("*.png"))
+    curves = workdir / "translators" / tag / "training_curves.png"
     grid_cells.append((tag, os.path.relpath(grid_png, workdir) if grid_png.is_file() else None,
-                       os.path.relpath(samples[-1], workdir) if samples else None))
+                       os.path.relpath(samples[-1], workdir) if samples else None,
+                       os.path.relpath(curves, workdir) if curves.is_file() else None))
   if grid_cells:
-    lines += ["| translator | training normal -> synthetic | last training samples |",
-              "|---|---|---|"]
-    lines += [f"| {t} | {_img(g, 320)} | {_img(s, 320)} |" for t, g, s in grid_cells]
+    lines += ["| translator | training normal -> synthetic | last training samples | training "
+              "curves |", "|---|---|---|---|"]
+    lines += [f"| {t} | {_img(g, 320)} | {_img(s, 320)} | {_img(c, 320)} |"
+              for t, g, s, c in grid_cells]
     lines.append("")
   ran_inits = [i for i in INITS if any(k.endswith("/" + i) and "skipped" not in e
                                        for k, e in r["table"].items())]
