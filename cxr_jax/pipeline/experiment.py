@@ -221,11 +221,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
         if init == "transfer":
           for key, value in config.transfer.items():
             cfg[key] = value
-        run_dirs = []
-        for seed in group:
-          seed_cfg = ml_collections.ConfigDict(cfg.to_dict())
-          seed_cfg.seed = seed
-          run_dirs.append(workdir_lib.prepare(report.run_dir(workdir, row, init, seed), seed_cfg))
+        run_dirs = [workdir_lib.prepare(report.run_dir(workdir, row, init, seed),
+                                        classifier.seed_config(cfg, seed)) for seed in group]
         record = stages.run(stage, lambda c=cfg, g=group, d=run_dirs, t=train_set: {
             "train_counts": t.counts(),
             "seeds": {str(s): r["summary"] for s, r in zip(g, classify.train_and_evaluate_seeds(
