@@ -83,6 +83,13 @@ def _pts(x: float | None) -> str:
   return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:+.1f}"
 
 
+def _diff_ci(ci) -> str:
+  """A difference of two accuracies lies in [-1, 1]: its t-interval over few seeds is shown
+  clipped to that range (report.json keeps it as computed)."""
+  lo, hi = (min(max(v, -1.0), 1.0) for v in ci)
+  return f"{_pts(lo)}, {_pts(hi)}"
+
+
 def _p(p: float | None) -> str:
   return "n/a" if p is None else f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
 
@@ -239,7 +246,7 @@ def headline(table: dict[str, dict], comps: list[dict], rows: Sequence[str]) -> 
   out.update(verdict=verdict, difference=pooled["difference"], difference_ci=ci,
              difference_ci_method=ci_method, p_value=p, p_method=p_method,
              n_seeds=pooled["n_seeds"])
-  ci_text = "" if ci is None else f" [95 % CI {_pts(ci[0])}, {_pts(ci[1])}; {ci_method}]"
+  ci_text = "" if ci is None else f" [95 % CI {_diff_ci(ci)}; {ci_method}]"
   line1 = (f"**Did enhancement help?** {verdict.capitalize()}: {best} {100 * acc(best):.1f} % "
            f"against original {100 * acc('original'):.1f} % ({init}), a difference of "
            f"{_pts(pooled['difference'])} points{ci_text}; pooled Cochran-Mantel-Haenszel "
@@ -484,7 +491,7 @@ def markdown(r: dict, workdir: pathlib.Path, *, synthetic_dirs: Mapping[str, Any
     for c in comps:
       p = c["pooled"]
       ci = p.get("difference_ci")
-      ci_text = "" if ci is None else f" [{_pts(ci[0])}, {_pts(ci[1])}]"
+      ci_text = "" if ci is None else f" [{_diff_ci(ci)}]"
       primary = head.get("answered") and (c["a"], c["b"], c["init"]) == (
           "original", head.get("best_row"), head.get("init"))
       mark = " **(primary)**" if primary else ""
