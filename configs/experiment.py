@@ -6,7 +6,23 @@
   python main.py --config=configs/experiment.py:smoke    # seconds; used by the tests
 
 Re-running the same command skips finished stages and resumes an interrupted one.
-The report is <workdir>/report.md (and report.json, report.csv).
+The report is <workdir>/report.md (and report.json, report.csv); docs/experiment.md explains the
+rows, the controls and the statistics.
+
+Keys of its own (the stage blocks pix2pix / cyclegan / synthesize / classifier are those of their
+config files, without their data block: every stage uses config.data):
+  seeds                classifier seeds of every row (what else varies: translator_per_seed)
+  translators          translators whose enhanced rows are run, each trained in
+                       translators/<name> and synthesising into synthesize/<name>
+  translator_per_seed  False: one translator, one synthesis and one set of augmented copies for
+                       all seeds; True: re-trained and re-synthesised per seed (translators/
+                       <name>-seed<s>), so the GAN's own variance counts in the spread
+  pretrained           ImageNet ResNet-50 weights file: enables the transfer rows (else skipped)
+  transfer             what the transfer rows change relative to the scratch rows
+  synthesize.num_synthetic  "balance" (default in every variant: the target class topped up to
+                       the largest class, the paper's stated aim) or a count, e.g. the paper's
+                       literal --config.synthesize.num_synthetic=1100; the oversampled control
+                       adds as many augmented copies
 """
 
 import pathlib
@@ -32,40 +48,46 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   config.data = configlib.data_config()
   config.seeds = (0, 1, 2)
   config.pretrained = ""               # ImageNet ResNet-50 weights: enables the transfer rows
+  config.translators = ("pix2pix", "cyclegan")   # one enhanced row each (pipeline/translators.py)
+  config.translator_per_seed = False   # True: re-train each translator and re-synthesise per seed
   config.pix2pix = _sibling("pix2pix", base[variant])
+  config.cyclegan = _sibling("cyclegan", {"paper": "", "demo": "cpu", "smoke": "smoke"}[variant])
   config.synthesize = _sibling("synthesize", base[variant])
+  config.synthesize.num_synthetic = "balance"   # the paper's aim; its literal count: "1100"
   config.classifier = _sibling("classifier", "smoke" if variant == "smoke" else "scratch")
   transfer = _sibling("classifier", "transfer")
   # What the transfer rows change relative to the scratch rows.
   config.transfer = ml_collections.ConfigDict(dict(
       learning_rate=transfer.learning_rate, num_epochs=transfer.num_epochs,
       freeze_backbone_epochs=transfer.freeze_backbone_epochs))
-  for block in (config.pix2pix, config.synthesize, config.classifier):
+  for block in (config.pix2pix, config.cyclegan, config.synthesize, config.classifier):
     del block["data"]                  # every stage uses config.data
 
   if variant == "paper":
-    config.synthesize.num_synthetic = "1100"
+    config.data.drop_near_duplicates = True   # near copies across train / test inflate accuracy
   elif variant == "demo":
+    # Every row on 2 CPU cores in <= 15 minutes (README): 64 px data (the U-Net needs a power of
+    # two), 48 px classifier input, small networks, few epochs.
     config.data.image_size = 64
     config.data.synthetic_scale = 0.25
     config.seeds = (0, 1, 2)
     p = config.pix2pix
     p.model.ngf, p.model.ndf = 16, 16
-    p.batch_size, p.num_epochs, p.decay_epochs = 4, 12, 6
-    p.steps_per_call, p.log_every, p.sample_every, p.checkpoint_every = 25, 100, 250, 250
-    config.synthesize.num_synthetic = "balance"
+    p.batch_size, p.num_epochs, p.decay_epochs = 4, 8, 4
+    p.steps_per_call, p.log_every, p.sample_every, p.checkpoint_every = 25, 100, 200, 200
+    g = config.cyclegan
+    g.num_epochs, g.decay_epochs = 3, 1
     c = config.classifier
     c.model.stage_sizes, c.model.width = (1, 1, 1, 1), 16
     c.compute_dtype = "float32"
-    c.image_size, c.batch_size, c.eval_batch_size = 56, 32, 128
-    c.num_epochs, c.warmup_epochs, c.learning_rate = 8, 1, 0.05
+    c.image_size, c.batch_size, c.eval_batch_size = 48, 32, 128
+    c.num_epochs, c.warmup_epochs, c.learning_rate = 6, 1, 0.05
     c.steps_per_call, c.log_every = 10, 50
-    c.n_bootstrap = 500
-    config.transfer.num_epochs = 5
+    c.n_bootstrap, c.num_gradcam = 300, 2
+    config.transfer.num_epochs = 4
   elif variant == "smoke":
     config.data.image_size = 32
     config.data.synthetic_scale = 0.02
     config.seeds = (0,)
-    config.synthesize.num_synthetic = "balance"
     config.transfer.num_epochs = 2
   return config

@@ -218,7 +218,8 @@ def test_experiment_smoke_console_is_short_and_ends_with_the_report(tmp_path):
                  f"--workdir={tmp_path / 'run'}", cwd=tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = (result.stdout + result.stderr).splitlines()
-  assert len(lines) <= 60, "\n".join(lines)
+  # 80: five rows and two translators (issue 13) log ~70 lines at smoke size
+  assert len(lines) <= 80, "\n".join(lines)
   assert not [line for line in lines if "orbax" in line.lower() or "Warning:" in line]
   assert f"Report: {tmp_path / 'run' / 'report.md'}" in lines
   assert lines[-1].startswith(f"Full log: {tmp_path / 'run' / 'logs' / 'experiment-'}")

@@ -1,18 +1,26 @@
-"""The whole pipeline at smoke size: all four rows (transfer from a small weights file), provenance
-of every synthetic image, an interrupted run that resumes, and a re-run that skips everything."""
+"""The experiment's rows: the control rows' training sets (counts, provenance, no leakage), the
+rows and seed groups a config asks for, its checks, and the whole pipeline at smoke size (every
+row from scratch, the transfer rows listed as skipped without weights, an interrupted run that
+resumes, a re-run that skips everything). Transfer training itself is tested in
+test_classifier.py / test_pretrained.py; here it would double the time of the end-to-end test."""
+
+from __future__ import annotations
 
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from cxr_jax import configlib
 from cxr_jax import workdir as workdir_lib
+from cxr_jax.errors import ConfigError, DataError
+from cxr_jax.pipeline import controls
 from cxr_jax.pipeline import experiment
 from cxr_jax.training import checkpoint
 
 from conftest import REPO_ROOT
-from test_pretrained import write_torchvision_safetensors
+from test_controls import _set
 
 
 class _Preempted(Exception):
@@ -25,14 +33,91 @@ def smoke_config(**overrides):
   return config
 
 
+@pytest.fixture(scope="module")
+def splits():
+  # COVID = 0, NORMAL = 1: 5 COVID and 12 NORMAL training images
+  return {"train": _set("train", [0] * 5 + [1] * 12, 0), "val": _set("val", [0, 0, 1, 1], 1),
+          "test": _set("test", [0, 0, 1, 1], 2)}
+
+
+def test_control_rows_training_sets(splits):
+  train = splits["train"]
+  config = smoke_config()
+  count = experiment.num_target_images(config, train)
+  assert count == 12 - 5                       # "balance": COVID up to the largest class
+  for row in ("original", "balanced-loss"):
+    assert experiment.row_training_set(row, splits, count=count, target_class="COVID",
+                                       seed=0) is train
+  over = experiment.row_training_set("oversampled", splits, count=count, target_class="COVID",
+                                     seed=0)
+  assert over.counts() == {"COVID": 12, "NORMAL": 12}
+  assert over.files[:len(train)] == train.files
+  copies = over.files[len(train):]
+  covid_train = {f for f, y in zip(train.files, train.labels) if y == 0}
+  assert all(controls.source_file(f) in covid_train for f in copies)
+  held = {h for s in (splits["val"], splits["test"]) for h in s.hashes}
+  assert not set(over.hashes) & held
+  np.testing.assert_array_equal(over.labels[len(train):], 0)
+  # the paper's literal count also sizes the control
+  config.synthesize.num_synthetic = "20"
+  assert experiment.num_target_images(config, train) == 20
+  assert len(experiment.row_training_set("oversampled", splits, count=20, target_class="COVID",
+                                         seed=0)) == len(train) + 20
+
+
+def test_oversampled_row_refuses_leaked_sources(splits):
+  leaky = dict(splits, test=splits["train"].subset([0]))    # a training COVID image in test
+  with pytest.raises(DataError, match="held-out"):
+    experiment.row_training_set("oversampled", leaky, count=3, target_class="COVID", seed=0)
+  with pytest.raises(ValueError, match="synthetic_dir"):
+    experiment.row_training_set("enhanced-pix2pix", splits, count=3, target_class="COVID",
+                                seed=0)
+
+
+def test_rows_and_seed_groups():
+  config = smoke_config(seeds=(0, 1, 2))
+  assert experiment.rows(config) == ["original", "balanced-loss", "oversampled",
+                                     "enhanced-pix2pix", "enhanced-cyclegan"]
+  assert experiment.seed_groups(config, "enhanced-pix2pix") == [(0, 1, 2)]
+  config.translator_per_seed = True
+  assert experiment.seed_groups(config, "enhanced-pix2pix") == [(0,), (1,), (2,)]
+  assert experiment.seed_groups(config, "oversampled") == [(0,), (1,), (2,)]
+  assert experiment.seed_groups(config, "balanced-loss") == [(0, 1, 2)]
+  assert experiment.translator_tag("pix2pix", 2) == "pix2pix-seed2"
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (dict(translators=("pix2pix", "pix2pix")), "translators"),
+    (dict(translators=("stylegan",)), "translators"),
+    (dict(seeds=()), "seeds"),
+    (dict(seeds=(1, 1)), "seeds"),
+    (dict(pretrained="/nonexistent/weights.safetensors"), "pretrained"),
+])
+def test_bad_configs_are_refused_naming_the_key(overrides, key):
+  with pytest.raises(ConfigError, match=f"config.{key}"):
+    experiment.validate(smoke_config(**overrides))
+  config = smoke_config()
+  config.synthesize.num_synthetic = "lots"
+  with pytest.raises(ConfigError, match="num_synthetic"):
+    experiment.validate(config)
+
+
+def test_paper_and_demo_variants():
+  paper = configlib.load_config_file(REPO_ROOT / "configs/experiment.py", "paper")
+  assert paper.data.drop_near_duplicates is True
+  for variant in ("paper", "demo", "smoke"):
+    config = configlib.load_config_file(REPO_ROOT / "configs/experiment.py", variant)
+    assert config.synthesize.num_synthetic == "balance"
+    assert config.translator_per_seed is False and "data" not in config.cyclegan
+    assert tuple(config.translators) == ("pix2pix", "cyclegan")
+
+
 def _stage_times(workdir):
   return {p.name: p.stat().st_mtime_ns for p in (workdir / "stages").glob("*.json")}
 
 
 def test_smoke_experiment(tmp_path, monkeypatch):
-  weights = tmp_path / "resnet-tiny.safetensors"
-  write_torchvision_safetensors(weights, stage_sizes=(1, 1, 1, 1), width=4)
-  config = smoke_config(pretrained=str(weights))
+  config = smoke_config()
   workdir = workdir_lib.prepare(tmp_path / "exp", config)
 
   # Preempt the last classifier right after its first checkpoint.
@@ -40,7 +125,7 @@ def test_smoke_experiment(tmp_path, monkeypatch):
 
   def preempting_save(self, step, state, **kw):
     original_save(self, step, state, **kw)
-    if "enhanced-transfer" in str(self.directory):
+    if "enhanced-pix2pix-scratch" in str(self.directory):
       self.wait()
       raise _Preempted()
 
@@ -49,33 +134,49 @@ def test_smoke_experiment(tmp_path, monkeypatch):
     experiment.run_experiment(config, workdir)
   monkeypatch.setattr(checkpoint.Checkpointer, "save", original_save)
   before = _stage_times(workdir)
-  assert "classifier-enhanced-transfer-seed0.json" not in before
-  assert (workdir / "classifiers/enhanced-transfer-seed0/checkpoints").exists()
+  assert "classifier-enhanced-pix2pix-scratch.json" not in before
+  assert "classifier-oversampled-scratch.json" in before
+  assert (workdir / "classifiers/enhanced-pix2pix-scratch-seed0/checkpoints").exists()
 
   experiment.run_experiment(config, workdir)
   after = _stage_times(workdir)
   assert {k: after[k] for k in before} == before, "finished stages must not run again"
-  assert "classifier-enhanced-transfer-seed0.json" in after
+  assert "classifier-enhanced-pix2pix-scratch.json" in after
 
   report = json.loads((workdir / "report.json").read_text())
-  assert set(report["table"]) == {"original/scratch", "original/transfer", "enhanced/scratch",
-                                  "enhanced/transfer"}
-  for row in report["table"].values():
-    assert "skipped" not in row and 0.0 <= row["accuracy"]["mean"] <= 1.0
-  assert len(report["paired_tests"]) == 2
+  rows = ["original", "balanced-loss", "oversampled", "enhanced-pix2pix", "enhanced-cyclegan"]
+  assert set(report["table"]) == {f"{r}/{i}" for r in rows for i in ("scratch", "transfer")}
+  for key, row in report["table"].items():
+    if key.endswith("/transfer"):
+      assert "ImageNet weights" in row["skipped"]
+    else:
+      assert "skipped" not in row and 0.0 <= row["accuracy"]["mean"] <= 1.0
+  # training class counts: the synthetic images and the augmented copies are equally many
+  counts = report["train_counts"]
+  n_syn = report["translation_quality"]["pix2pix"]["num_synthetic"]
+  assert n_syn > 0 and counts["original"] == report["split_counts"]["train"]
+  assert counts["oversampled"]["COVID"] == counts["original"]["COVID"] + n_syn
+  assert counts["enhanced-pix2pix"] == counts["enhanced-cyclegan"] == counts["oversampled"]
+  assert counts["oversampled"]["COVID"] == max(counts["original"].values())   # "balance"
+  head = report["headline"]
+  assert head["answered"] and head["translator"] in ("pix2pix", "cyclegan")
+  for tag in ("pix2pix", "cyclegan"):     # KID measured with the original row's classifier
+    assert report["translation_quality"][tag]["kid"]["train"]["mean"] is not None
   md = (workdir / "report.md").read_text()
-  for needle in ("97.8", "96.1", "95.6", "pediatric", "McNemar", "Class counts", "jax"):
+  for needle in ("## The answer", "97.8*", "96.1", "95.6", "## Skipped", "Cochran-Mantel-Haenszel",
+                 "procedural images", "Class counts", "KID", "jax"):
     assert needle in md, needle
-  assert (workdir / "report.csv").read_text().startswith("training_data,init,class,metric")
+  assert "pediatric" not in md and "real test images" not in md
+  assert (workdir / "report.csv").read_text().startswith("training_data,init,seed,class,metric")
 
   # Every synthetic image traces to a training-split image of the run's manifest.
   with open(workdir / "split_manifest.csv", newline="") as f:
     split_rows = list(csv.DictReader(f))
   train = {(r["file"], r["sha256"]) for r in split_rows if r["split"] == "train"}
-  with open(workdir / "synthesize/synthetic/manifest.csv", newline="") as f:
-    synthetic = list(csv.DictReader(f))
-  assert synthetic and all((r["source_file"], r["source_sha256"]) in train for r in synthetic)
-  assert all((workdir / "synthesize/synthetic" / r["file"]).exists() for r in synthetic)
+  for tag in ("pix2pix", "cyclegan"):
+    with open(workdir / f"synthesize/{tag}/synthetic/manifest.csv", newline="") as f:
+      synthetic = list(csv.DictReader(f))
+    assert synthetic and all((r["source_file"], r["source_sha256"]) in train for r in synthetic)
 
   # A third run has nothing left to do.
   experiment.run_experiment(config, workdir)

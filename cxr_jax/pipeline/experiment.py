@@ -1,7 +1,13 @@
-"""The paper's experiment in one command.
+"""The paper's experiment in one command, with the controls that say what a gain is due to.
 
-split -> pix2pix -> synthesis -> ResNet-50 classifiers for {original, enhanced} x {scratch,
-transfer} over several seeds, each evaluated on the same real test split -> report.
+split -> each translator (pix2pix, CycleGAN) -> synthesis -> ResNet-50 classifiers for every row x
+{scratch, transfer} x seeds, each evaluated on the same test split -> report. Rows (issue 13):
+
+- `original`: the training split as it is;
+- `balanced-loss`: the same data, class-weighted loss: changes only the class prior;
+- `oversampled`: the target class topped up with classical augmented copies of its own training
+  images, as many as the synthetic images: the prior and the count, without a GAN;
+- `enhanced-<translator>`: the training split plus that translator's synthetic images.
 
 Each stage runs in its own sub-workdir and records its completion in `<workdir>/stages/`; running
 the same command again skips finished stages and resumes an interrupted one from its last
@@ -21,16 +27,24 @@ from absl import logging
 from cxr_jax import configlib
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.data import dataset
+from cxr_jax.data import enhanced
+from cxr_jax.data.dataset import ImageSet
 from cxr_jax.errors import ConfigError
-from cxr_jax.pipeline import classify
+from cxr_jax.pipeline import controls
 from cxr_jax.pipeline import report
+from cxr_jax.pipeline import classify
 from cxr_jax.pipeline import synthesize
+from cxr_jax.pipeline import translators
 from cxr_jax.training import classifier
+from cxr_jax.training import cyclegan
 from cxr_jax.training import pix2pix
 from cxr_jax.utils import files
 
-ROWS = (("original", "scratch"), ("original", "transfer"), ("enhanced", "scratch"),
-        ("enhanced", "transfer"))
+CONTROL_ROWS = ("original", "balanced-loss", "oversampled")
+INITS = ("scratch", "transfer")
+# How each translator's config is checked before any stage starts.
+VALIDATE = {"pix2pix": pix2pix.validate, "cyclegan": cyclegan.validate}
+GENERATOR_DIR = "generator"   # where every translator exports its generator in its workdir
 
 
 class Stages:
@@ -49,7 +63,8 @@ class Stages:
     if done is not None:
       logging.info("Stage %s: already done (%.0f s), skipped", name, done["seconds"])
       return done
-    logging.info("Stage %s: starting", name)
+    # Each stage's own work logs its first line; the console keeps one line per stage (done).
+    logging.debug("Stage %s: starting", name)
     t0 = time.perf_counter()
     result = fn()
     record = {"stage": name, "seconds": time.perf_counter() - t0, "result": result}
@@ -59,8 +74,14 @@ class Stages:
     logging.info("Stage %s: done in %.0f s", name, record["seconds"])
     return record
 
+  def seconds(self) -> dict[str, float]:
+    """Each finished stage's duration, in the order the stages finished."""
+    paths = sorted(self.dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    return {p.stem: json.loads(p.read_text())["seconds"] for p in paths}
 
-def sub_config(config: ml_collections.ConfigDict, key: str, **overrides) -> ml_collections.ConfigDict:
+
+def sub_config(config: ml_collections.ConfigDict, key: str,
+               **overrides) -> ml_collections.ConfigDict:
   """A stage's own config: the experiment's `config.<key>` block with the shared data block."""
   sub = ml_collections.ConfigDict(config[key].to_dict())
   sub.data = ml_collections.ConfigDict(config.data.to_dict())
@@ -69,68 +90,154 @@ def sub_config(config: ml_collections.ConfigDict, key: str, **overrides) -> ml_c
   return sub
 
 
-def classifier_runs(config: ml_collections.ConfigDict) -> list[dict]:
-  runs = []
-  for seed in config.seeds:
-    for train_data, init in ROWS:
-      runs.append({"name": f"{train_data}-{init}-seed{seed}", "train_data": train_data,
-                   "init": init, "seed": seed})
-  return runs
+def rows(config: ml_collections.ConfigDict) -> list[str]:
+  """The training-data rows of the results table, controls first."""
+  return [*CONTROL_ROWS, *(f"enhanced-{t}" for t in config.translators)]
 
 
-def run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-  """The `experiment` task."""
+def seed_groups(config: ml_collections.ConfigDict, row: str) -> list[tuple[int, ...]]:
+  """Seeds that share one training set: all of them, or each alone when the row's training set
+  is re-made per seed (`translator_per_seed`: the GAN rows and the oversampled row's copies)."""
+  if config.translator_per_seed and row not in ("original", "balanced-loss"):
+    return [(int(s),) for s in config.seeds]
+  return [tuple(int(s) for s in config.seeds)]
+
+
+def translator_tag(name: str, seed: int | None) -> str:
+  """Folder / stage name of one trained translator: `pix2pix`, or `pix2pix-seed1` per seed."""
+  return name if seed is None else f"{name}-seed{seed}"
+
+
+def num_target_images(config: ml_collections.ConfigDict, train: ImageSet) -> int:
+  """How many synthetic (and so augmented) target images a row adds."""
+  return synthesize.number_to_make(config.synthesize.num_synthetic, train.counts(),
+                                   config.synthesize.target_class)
+
+
+def row_training_set(row: str, splits: dict[str, ImageSet], *, count: int, target_class: str,
+                     seed: int, synthetic_dir: str | pathlib.Path | None = None) -> ImageSet:
+  """The training set of one row. `count` augmented copies for `oversampled` (seeded by `seed`,
+  copied only from training images of `target_class`, refused if one equals a held-out image);
+  the synthetic images of `synthetic_dir` for `enhanced-*` (leakage-checked on loading)."""
+  train = splits["train"]
+  if row in ("original", "balanced-loss"):
+    return train
+  if row == "oversampled":
+    return controls.oversampled_training_set(train, target_class, count, seed,
+                                             held_out=[splits["val"], splits["test"]])
+  if row.startswith("enhanced-"):
+    if synthetic_dir is None:
+      raise ValueError(f"row {row} needs its synthetic_dir")
+    synthetic = enhanced.load_synthetic_set(synthetic_dir, splits,
+                                            image_size=train.images.shape[1])
+    return enhanced.concatenate(train, synthetic)
+  raise ValueError(f"unknown row {row!r}")
+
+
+def train_translator(name: str, config: ml_collections.ConfigDict,
+                     workdir: pathlib.Path) -> dict:
+  """Trains (or resumes) translator `name`; its stage record names the exported generator."""
+  translators.train_translator(name, config, workdir)
+  return {"generator": str(pathlib.Path(workdir) / GENERATOR_DIR)}
+
+
+# --------------------------------------------------------------------------------- the task
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Every stage's config is checked now, not hours later when the stage starts."""
   configlib.require(len(config.seeds) > 0, "seeds", "list at least one seed")
-  # Every stage's config is checked now, not hours later when the stage starts.
-  pix2pix.validate(sub_config(config, "pix2pix"))
+  configlib.require(len(set(config.seeds)) == len(config.seeds), "seeds", "seeds repeat")
+  names = tuple(config.translators)
+  configlib.require(len(set(names)) == len(names), "translators", f"{names} repeats a name")
+  for name in names:
+    configlib.require(name in translators.TRANSLATORS and name in VALIDATE, "translators",
+                      f"{name!r} is not one of {tuple(translators.TRANSLATORS)}")
+    configlib.require(name in config, name, f"translator {name!r} needs its config block")
+    VALIDATE[name](sub_config(config, name))
+  synthesize.number_to_make(config.synthesize.num_synthetic, {"a": 1}, "a")
   for train_data in ("original", "enhanced"):
     classifier.validate(sub_config(config, "classifier", train_data=train_data,
                                    synthetic_dir="<synthesized>"))
   if config.pretrained and not pathlib.Path(config.pretrained).is_file():
     raise ConfigError(f"config.pretrained: {config.pretrained} is not a file")
+
+
+def run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+  """The `experiment` task."""
+  validate(config)
   workdir = pathlib.Path(workdir)
   stages = Stages(workdir)
   splits = dataset.load_splits(config.data, workdir)
   stages.run("split", lambda: {name: s.counts() for name, s in splits.items()})
+  target = config.synthesize.target_class
+  per_seed = bool(config.translator_per_seed)
+  translator_seeds = [int(s) for s in config.seeds] if per_seed else [None]
 
-  p2p_cfg = sub_config(config, "pix2pix")
-  p2p_dir = workdir_lib.prepare(workdir / "pix2pix", p2p_cfg)
+  synthetic_dirs: dict[str, pathlib.Path] = {}     # translator tag -> synthesis folder
+  for name in config.translators:
+    for seed in translator_seeds:
+      tag = translator_tag(name, seed)
+      t_cfg = sub_config(config, name) if seed is None else sub_config(config, name, seed=seed)
+      t_dir = workdir_lib.prepare(workdir / "translators" / tag, t_cfg)
+      stages.run(f"translator-{tag}", lambda n=name, c=t_cfg, d=t_dir: train_translator(n, c, d))
+      generator_dir = stages.record(f"translator-{tag}")["result"]["generator"]
+      syn_seed = config.synthesize.seed if seed is None else seed
+      syn_cfg = sub_config(config, "synthesize", generator_dir=generator_dir, seed=syn_seed)
+      syn_dir = (workdir_lib.prepare(workdir / "synthesize" / tag, syn_cfg)
+                 / synthesize.SYNTHETIC_DIR)
+      stages.run(f"synthesize-{tag}", lambda c=syn_cfg, d=syn_dir: synthesize.synthesize(
+          c.generator_dir, splits, d, num_synthetic=c.num_synthetic, seed=c.seed,
+          batch_size=c.batch_size, source_class=c.source_class, target_class=c.target_class,
+          quality_images=c.quality_images))
+      synthetic_dirs[tag] = syn_dir
 
-  def train_generator():
-    pix2pix.train_and_evaluate(p2p_cfg, p2p_dir)
-    return {"generator": str(p2p_dir / pix2pix.GENERATOR_DIR)}
+  count = num_target_images(config, splits["train"])
+  skipped: dict[str, str] = {}
+  train_counts: dict[str, dict[str, int]] = {}
+  for row in rows(config):
+    for group in seed_groups(config, row):
+      seed_key = group[0] if per_seed and row not in ("original", "balanced-loss") else None
+      counts_key = row if seed_key is None else f"{row}/seed{seed_key}"
+      syn_dir = None
+      if row.startswith("enhanced-"):
+        syn_dir = synthetic_dirs[translator_tag(row[len("enhanced-"):], seed_key)]
+      aug_seed = config.synthesize.seed if seed_key is None else seed_key
+      train_set = None
+      for init in INITS:
+        stage = f"classifier-{row}-{init}" + ("" if seed_key is None else f"-seed{seed_key}")
+        if init == "transfer" and not config.pretrained:
+          skipped[f"{row}/{init}"] = ("no ImageNet weights configured (set --config.pretrained "
+                                      "to a local ResNet-50 weights file)")
+          continue
+        if stages.record(stage) is None and train_set is None:
+          train_set = row_training_set(row, splits, count=count, target_class=target,
+                                       seed=aug_seed, synthetic_dir=syn_dir)
+        cfg = sub_config(config, "classifier", name=f"classifier-{row}-{init}",
+                         train_data="enhanced" if syn_dir else "original",
+                         synthetic_dir=str(syn_dir) if syn_dir else "",
+                         class_weighted_loss=row == "balanced-loss",
+                         pretrained=config.pretrained if init == "transfer" else "")
+        if init == "transfer":
+          for key, value in config.transfer.items():
+            cfg[key] = value
+        run_dirs = [workdir_lib.prepare(report.run_dir(workdir, row, init, seed),
+                                        classifier.seed_config(cfg, seed)) for seed in group]
+        record = stages.run(stage, lambda c=cfg, g=group, d=run_dirs, t=train_set: {
+            "train_counts": t.counts(),
+            "seeds": {str(s): r["summary"] for s, r in zip(g, classify.train_and_evaluate_seeds(
+                c, g, d, splits=splits, train_set=t))}})
+        train_counts[counts_key] = record["result"]["train_counts"]
 
-  stages.run("pix2pix", train_generator)
+  # Translation quality, with the features of a classifier trained on the original data.
+  for tag, syn_dir in synthetic_dirs.items():
+    seed = int(tag.rsplit("-seed", 1)[1]) if per_seed else int(config.seeds[0])
+    quality_classifier = report.run_dir(workdir, "original", "scratch", seed) / \
+        classifier.CLASSIFIER_DIR
+    stages.run(f"quality-{tag}", lambda d=syn_dir, q=quality_classifier:
+               synthesize.synthesis_quality(d, q, splits, target_class=target))
 
-  syn_cfg = sub_config(config, "synthesize",
-                       generator_dir=str(p2p_dir / pix2pix.GENERATOR_DIR))
-  syn_dir = workdir_lib.prepare(workdir / "synthesize", syn_cfg)
-  synthetic_dir = syn_dir / synthesize.SYNTHETIC_DIR
-  stages.run("synthesize", lambda: synthesize.synthesize(
-      syn_cfg.generator_dir, splits, synthetic_dir, num_synthetic=syn_cfg.num_synthetic,
-      seed=syn_cfg.seed, batch_size=syn_cfg.batch_size, source_class=syn_cfg.source_class,
-      target_class=syn_cfg.target_class))
-
-  skipped = {}
-  for run in classifier_runs(config):
-    if run["init"] == "transfer" and not config.pretrained:
-      skipped[run["name"]] = ("no ImageNet weights configured (set --config.pretrained to a "
-                              "local ResNet-50 weights file)")
-      continue
-    cfg = sub_config(config, "classifier", seed=run["seed"], train_data=run["train_data"],
-                     name=f"classifier-{run['name']}",
-                     pretrained=config.pretrained if run["init"] == "transfer" else "",
-                     synthetic_dir=str(synthetic_dir) if run["train_data"] == "enhanced" else "")
-    if run["init"] == "transfer":
-      for key, value in config.transfer.items():
-        cfg[key] = value
-    run_dir = workdir_lib.prepare(workdir / "classifiers" / run["name"], cfg)
-    stages.run(f"classifier-{run['name']}",
-               lambda cfg=cfg, run_dir=run_dir: classify.train_and_evaluate(cfg, run_dir)[
-                   "summary"])
-
-  first_original = workdir / "classifiers" / f"original-scratch-seed{config.seeds[0]}"
-  stages.run("quality", lambda: synthesize.synthesis_quality(
-      synthetic_dir, first_original / classifier.CLASSIFIER_DIR, splits))
-  return report.write_report(workdir, config, splits=splits, skipped=skipped,
-                             stages=stages, synthetic_dir=synthetic_dir)
+  return report.write_report(
+      workdir, config, rows=rows(config), class_names=list(splits["train"].class_names),
+      split_counts={name: s.counts() for name, s in splits.items()}, train_counts=train_counts,
+      skipped=skipped, synthetic_dirs=synthetic_dirs, stage_seconds=stages.seconds())
