@@ -170,18 +170,26 @@ def _headline(workdir: pathlib.Path) -> list[str]:
     return []
   try:
     report = json.loads(path.read_text())
+    # Imported here, not at the top: the report module pulls in JAX, which `--help` and flag
+    # errors should not wait for.
     from cxr_jax.pipeline.report import _fmt  # pylint: disable=import-outside-toplevel
-    rows = [f"  {'training data / init':<22} {'accuracy %':<28} macro-F1 %"]
+    width = max([len("training data / init")] + [len(k) for k in report["table"]])
+    rows = [f"  {'training data / init':<{width}} {'accuracy %':<28} macro-F1 %"]
     skipped: dict[str, list[str]] = {}  # reason -> rows: one line per reason
     for key, entry in report["table"].items():
       if "skipped" in entry:
         skipped.setdefault(str(entry["skipped"]), []).append(key)
       else:
-        rows.append(f"  {key:<22} {_fmt(entry['accuracy']):<28} {_fmt(entry['macro_f1'])}")
+        rows.append(f"  {key:<{width}} {_fmt(entry['accuracy']):<28} "
+                    f"{_fmt(entry['macro_f1'])}")
     rows += [f"  {', '.join(keys)}: skipped: {reason}" for reason, keys in skipped.items()]
+    answer = [f"  {line.replace('**', '')}"
+              for line in (report.get("headline") or {}).get("lines", [])]
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     return [f"  (cannot read {path}: {e})"]
   seeds = report.get("seeds", [])
+  if answer:
+    rows = rows + ["Answer:"] + answer
   return ([f"Test results in %, mean ± std [95 % CI] over {len(seeds)} seed(s):"]
           + rows + [f"Report: {workdir / 'report.md'}"])
 
