@@ -109,7 +109,7 @@ class _Buffer(logging.Handler):
 def verbose() -> bool:
   """Whether `--log_level` asked for everything on the console (info or debug): then every
   progress report is a console line too, not one a minute."""
-  return _state["level"] != "default"
+  return _state["console"] is not None and _state["level"] != "default"
 
 
 def setup(level: str = "default") -> None:
@@ -199,6 +199,7 @@ def teardown() -> None:
       handler.close()
       _state[key] = None
   _state["log_path"] = None
+  _state["level"] = "default"
 
 
 def is_tty() -> bool:
