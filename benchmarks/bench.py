@@ -260,19 +260,19 @@ def bench_resnet(channels: int, batch: int, steps: int) -> Result:
 
 def bench_resnet_seeds(num_seeds: int, batch: int, steps: int) -> Result:
   """N seeds of the experiment's classifier (configs/experiment.py's paper block: 224 px, batch
-  64, bf16) as one program (`fit.SeedStack`, what `classifier.train_seeds` runs); the batch
+  64, bf16) as one program (`fit.SeedStack`, what `training/seeds.py` runs); the batch
   reported is summed over seeds, so images/s is the program's total."""
   config = configlib.load_config_file(CONFIGS / "experiment.py", "paper").classifier
   config.batch_size = batch
   _apply_overrides(config)
-  mode = FLAGS.seeds_mode or classifier.seeds_mode(config) or "map"
+  mode = FLAGS.seeds_mode or fit.seeds_mode(config) or "map"
   mesh = mesh_lib.make_mesh()
   rng = np.random.default_rng(0)
   size = config.image_size
   images = rng.integers(0, 256, (max(2048, batch * 2), size, size, 1), dtype=np.uint8)
   labels = rng.integers(0, 3, len(images)).astype(np.int32)
   spe = len(images) // batch
-  trainers = [classifier.Classifier(classifier.seed_config(config, seed),
+  trainers = [classifier.Classifier(fit.seed_config(config, seed),
                                     class_names=("COVID", "NORMAL", "VIRAL_PNEUMONIA"),
                                     steps_per_epoch=spe, total_steps=spe * 100, mesh=mesh)
               for seed in range(num_seeds)]

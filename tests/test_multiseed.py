@@ -24,6 +24,7 @@ from cxr_jax.training import classifier
 from cxr_jax.training import export
 from cxr_jax.training import fit
 from cxr_jax.training import mesh as mesh_lib
+from cxr_jax.training import seeds as seeds_lib
 from cxr_jax.training.summary import SummaryWriter
 
 from conftest import REPO_ROOT
@@ -68,7 +69,7 @@ def tiny():
   """Two seeds of a tiny classifier (3 steps per epoch) on 4 devices, and their data."""
   mesh = mesh_lib.make_mesh()
   config = smoke_config()
-  trainers = [classifier.Classifier(classifier.seed_config(config, s), class_names=NAMES,
+  trainers = [classifier.Classifier(fit.seed_config(config, s), class_names=NAMES,
                                     steps_per_epoch=3, total_steps=6, mesh=mesh,
                                     val=_image_set(6, 9, "val"))
               for s in (0, 7)]
@@ -150,13 +151,13 @@ def test_seed_writers_send_each_seed_to_its_own_folder(tmp_path):
 def test_bad_options_are_refused(tiny):
   with pytest.raises(ConfigError, match="seeds_in_one_program"):
     classifier.validate(smoke_config(seeds_in_one_program="grouped"))
-  assert classifier.seeds_mode(smoke_config(seeds_in_one_program="off")) is None
-  assert classifier.seeds_mode(smoke_config(seeds_in_one_program="auto")) is None  # on a CPU
-  assert classifier.seeds_mode(smoke_config(seeds_in_one_program="vmap")) == "vmap"
+  assert fit.seeds_mode(smoke_config(seeds_in_one_program="off")) is None
+  assert fit.seeds_mode(smoke_config(seeds_in_one_program="auto")) is None  # on a CPU
+  assert fit.seeds_mode(smoke_config(seeds_in_one_program="vmap")) == "vmap"
   with pytest.raises(ConfigError, match="repeats"):
-    classifier.train_seeds(smoke_config(), [1, 1], ["a", "b"], None, None, tiny[0][0].mesh)
+    seeds_lib.train_seeds(smoke_config(), [1, 1], ["a", "b"], None, None, tiny[0][0].mesh)
   with pytest.raises(ValueError, match="2 seeds for 1 workdirs"):
-    classifier.train_seeds(smoke_config(), [1, 2], ["a"], None, None, tiny[0][0].mesh)
+    seeds_lib.train_seeds(smoke_config(), [1, 2], ["a"], None, None, tiny[0][0].mesh)
 
 
 def _export_tree(directory):
@@ -178,7 +179,7 @@ def test_row_in_one_program_equals_runs_alone_and_resumes_exactly(tmp_path, capl
     results[mode] = classify.train_and_evaluate_seeds(config, seeds, dirs, splits=splits,
                                                       train_set=splits["train"])
   assert [r["summary"] for r in results["off"]] == [r["summary"] for r in results["map"]]
-  stack_dir = classifier.seeds_checkpoint_dir([tmp_path / "map" / "row-seed0"], seeds)
+  stack_dir = seeds_lib.checkpoint_dir([tmp_path / "map" / "row-seed0"], seeds)
   assert sorted(p.name for p in (stack_dir / "checkpoints").iterdir()) == ["3", "6"]
   for s in seeds:
     alone, together = tmp_path / "off" / f"row-seed{s}", tmp_path / "map" / f"row-seed{s}"
@@ -201,7 +202,7 @@ def test_row_in_one_program_equals_runs_alone_and_resumes_exactly(tmp_path, capl
     shutil.rmtree(tmp_path / "map" / f"row-seed{s}" / "classifier")
   caplog.set_level(logging.INFO)
   mesh = mesh_lib.make_mesh()
-  classifier.train_seeds(smoke_config(seeds_in_one_program="map"), seeds,
+  seeds_lib.train_seeds(smoke_config(seeds_in_one_program="map"), seeds,
                          [tmp_path / "map" / f"row-seed{s}" for s in seeds], splits["train"],
                          splits["val"], mesh)
   assert any("Resumed from" in r.getMessage() and "at step 3" in r.getMessage()

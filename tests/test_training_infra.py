@@ -178,7 +178,9 @@ def test_progress_due_eta_lines_and_slow_warning(caplog):
   """`due` is time-based; the ETA counts from the first report (compilation left out); off a
   terminal only some reports reach the console; a run of more than a day warns once."""
   import time
+  from cxr_jax import console
   from cxr_jax.training.summary import Progress
+  console.teardown()  # the quiet default, whatever an earlier in-process run left installed
   caplog.set_level("INFO")
   total = 10**9
   p = Progress(total, 0, images_per_step=4, name="pix2pix")

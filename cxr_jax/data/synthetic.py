@@ -40,6 +40,7 @@ from absl import logging
 from PIL import Image
 from scipy import ndimage
 
+from cxr_jax import console
 from cxr_jax.errors import DataError
 
 # The first release of the COVID-19 Radiography Database (the paper's data).
@@ -554,7 +555,8 @@ def generate_database(out_dir: str | os.PathLike, *, image_size: int = 256, scal
   root = pathlib.Path(out_dir).expanduser().absolute()
   want = _params(image_size, scale, seed)
   if _is_complete(root, want):
-    logging.info("Synthetic database already at %s (%s)", root, want["counts"])
+    logging.info("Synthetic database already at %s (%s)", root, want["counts"],
+                 extra=console.FILE_ONLY)
     return root
   if root.exists() and (not root.is_dir()
                         or (_read_marker(root) is None and any(root.iterdir()))):

@@ -23,6 +23,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -35,6 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from cxr_jax import console
 from cxr_jax.data import classes as classes_lib
 from cxr_jax.data import images as images_lib
 from cxr_jax.data import layout as layout_lib
@@ -223,7 +225,7 @@ def _prepare_locked(layout: layout_lib.Layout, image_size: int, data_dir: pathli
     prepared = _from_meta(data_dir, meta)
     if prepared.builder().is_prepared():
       logging.info("Using the prepared dataset in %s (%d images of %s at %d px)", data_dir,
-                   prepared.num_examples, prepared.source, image_size)
+                   prepared.num_examples, prepared.source, image_size, extra=console.FILE_ONLY)
       return prepared
   if meta is not None and meta.get("fingerprint") != layout.fingerprint:
     logging.warning("Files in %s changed since it was prepared in %s: preparing it again",
@@ -237,9 +239,11 @@ def _prepare_locked(layout: layout_lib.Layout, image_size: int, data_dir: pathli
                            config=_config(image_size), file_format="array_record",
                            class_names=layout.classes)
   manual = layout.source if layout.source.is_dir() else layout.source.parent
+  printed = io.StringIO()  # TFDS prints two lines of its own: the log file gets them
   try:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    with contextlib.redirect_stdout(printed):
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
   except OSError as e:
     shutil.rmtree(data_dir, ignore_errors=True)
     raise DataError(f"{data_dir}: cannot write the prepared dataset ({e}); set "
@@ -251,6 +255,8 @@ def _prepare_locked(layout: layout_lib.Layout, image_size: int, data_dir: pathli
     shown = "; ".join(f"{s['file']} ({s['reason']})" for s in builder.skipped[:5])
     raise DataError(f"{layout.root_path}: none of the {len(layout.entries)} image file(s) can be "
                     f"read: {shown}{' ...' if len(builder.skipped) > 5 else ''}") from None
+  for line in printed.getvalue().splitlines():
+    logging.info("TFDS: %s", line, extra=console.FILE_ONLY)
   builder.notes.log()
   meta = {
       "source": layout.root_path,

@@ -11,12 +11,28 @@ import pathlib
 import ml_collections
 from absl import logging
 
+from cxr_jax import console
 from cxr_jax.data import dataset
+from cxr_jax.data import enhanced
 from cxr_jax.evaluation import plots
 from cxr_jax.evaluation import report_classifier
 from cxr_jax.training import classifier
 from cxr_jax.training import fit
+from cxr_jax.training import seeds as seeds_lib
 from cxr_jax.training.summary import SummaryWriter
+
+
+def training_set(config: ml_collections.ConfigDict,
+                 splits: dict[str, dataset.ImageSet]) -> dataset.ImageSet:
+  """The real training split, plus the synthetic images for `enhanced` (leakage-checked)."""
+  train = splits["train"]
+  if config.train_data == "enhanced":
+    synthetic = enhanced.load_synthetic_set(config.synthetic_dir, splits,
+                                            image_size=config.data.image_size)
+    logging.info("Enhanced training set: %d real + %d synthetic images (%s)", len(train),
+                 len(synthetic), config.synthetic_dir)
+    train = enhanced.concatenate(train, synthetic)
+  return train
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
@@ -26,7 +42,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
   workdir = pathlib.Path(workdir)
   mesh = fit.make_mesh(config, "batch_size", "eval_batch_size")
   splits = dataset.load_splits(config.data, workdir)
-  train = classifier.training_set(config, splits)
+  train = training_set(config, splits)
   trained = classifier.train(config, workdir, train, splits["val"], mesh)
   return _evaluate(config, workdir, trained, splits["test"], train_hashes=train.hashes)
 
@@ -53,18 +69,18 @@ def train_and_evaluate_seeds(config: ml_collections.ConfigDict, seeds, workdirs,
                              train_set: dataset.ImageSet) -> list[dict]:
   """One row of the experiment: `config` trained once per seed (seed k in `workdirs[k]`, named
   `<config.name>-seed<k>`), in one compiled program when `config.seeds_in_one_program` says so
-  (`classifier.train_seeds`), else one run after another; then each seed's best export is
+  (`training/seeds.py`), else one run after another; then each seed's best export is
   evaluated on `splits['test']` as `train_and_evaluate` does (the same files in each workdir).
   Returns the test reports, in the order of `seeds`."""
   classifier.validate(config)
   seeds, workdirs = list(seeds), [pathlib.Path(w) for w in workdirs]
   mesh = fit.make_mesh(config, "batch_size", "eval_batch_size")
-  configs = [classifier.seed_config(config, s) for s in seeds]
+  configs = [fit.seed_config(config, s) for s in seeds]
   for cfg, seed in zip(configs, seeds):
     cfg.name = f"{config.name}-seed{seed}"
-  trained = classifier.train_seeds(config, seeds, workdirs, train_set, splits["val"], mesh)
+  trained = seeds_lib.train_seeds(config, seeds, workdirs, train_set, splits["val"], mesh)
   results = []
   for cfg, workdir, model in zip(configs, workdirs, trained):
-    logging.info("Evaluating %s on the test split", cfg.name)
+    logging.info("Evaluating %s on the test split", cfg.name, extra=console.FILE_ONLY)
     results.append(_evaluate(cfg, workdir, model, splits["test"], train_hashes=train_set.hashes))
   return results

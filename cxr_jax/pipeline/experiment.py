@@ -37,6 +37,7 @@ from cxr_jax.pipeline import synthesize
 from cxr_jax.pipeline import translators
 from cxr_jax.training import classifier
 from cxr_jax.training import cyclegan
+from cxr_jax.training import fit
 from cxr_jax.training import pix2pix
 from cxr_jax.utils import files
 
@@ -222,7 +223,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
           for key, value in config.transfer.items():
             cfg[key] = value
         run_dirs = [workdir_lib.prepare(report.run_dir(workdir, row, init, seed),
-                                        classifier.seed_config(cfg, seed)) for seed in group]
+                                        fit.seed_config(cfg, seed)) for seed in group]
         record = stages.run(stage, lambda c=cfg, g=group, d=run_dirs, t=train_set: {
             "train_counts": t.counts(),
             "seeds": {str(s): r["summary"] for s, r in zip(g, classify.train_and_evaluate_seeds(

@@ -23,7 +23,7 @@ from absl import logging
 from sklearn.metrics import f1_score
 
 from cxr_jax import configlib
-from cxr_jax.data import enhanced
+from cxr_jax import console
 from cxr_jax.data.dataset import ImageSet
 from cxr_jax.errors import ConfigError, UserError
 from cxr_jax.models import build
@@ -199,7 +199,8 @@ class Classifier:
             "compute_dtype": cfg.compute_dtype, "model": cfg.model.to_dict()}
 
   def export(self, workdir: pathlib.Path, state: State, step: int) -> None:
-    logging.info("Exporting the classifier of step %s (best validation macro-F1)", step)
+    logging.info("Exporting the classifier of step %s (best validation macro-F1)", step,
+                 extra=console.FILE_ONLY)
     meta = dict(self.export_meta(), best_step=int(step), final_step=self.total_steps,
                 **self.run_info)
     export.save(workdir / CLASSIFIER_DIR, state.net.params, state.net.stats, meta)
@@ -226,22 +227,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f"must not exceed the prepared data's size (data.image_size="
                     f"{config.data.image_size})")
   configlib.compute_dtype(config.compute_dtype)
-  seeds_mode(config)
+  fit.seeds_mode(config)
 
 
-def training_set(config: ml_collections.ConfigDict, splits: dict[str, ImageSet]) -> ImageSet:
-  """The real training split, plus the synthetic images for `enhanced` (leakage-checked)."""
-  train = splits["train"]
-  if config.train_data == "enhanced":
-    synthetic = enhanced.load_synthetic_set(config.synthetic_dir, splits,
-                                            image_size=config.data.image_size)
-    logging.info("Enhanced training set: %d real + %d synthetic images (%s)", len(train),
-                 len(synthetic), config.synthetic_dir)
-    train = enhanced.concatenate(train, synthetic)
-  return train
-
-
-def _run_setup(config: ml_collections.ConfigDict, train_set: ImageSet):
+def run_setup(config: ml_collections.ConfigDict, train_set: ImageSet):
   """(steps per epoch, total steps, class weights or None) of a run on `train_set`."""
   if len(train_set) < config.batch_size:
     raise UserError(f"config.batch_size: {config.batch_size} is larger than the training set "
@@ -256,7 +245,7 @@ def _run_setup(config: ml_collections.ConfigDict, train_set: ImageSet):
   return steps_per_epoch, total_steps, weights
 
 
-def _trainer(config: ml_collections.ConfigDict, workdir: pathlib.Path, train_set: ImageSet,
+def make_trainer(config: ml_collections.ConfigDict, workdir: pathlib.Path, train_set: ImageSet,
              val_set: ImageSet, mesh: jax.sharding.Mesh, setup) -> Classifier:
   steps_per_epoch, total_steps, weights = setup
   return Classifier(
@@ -267,7 +256,8 @@ def _trainer(config: ml_collections.ConfigDict, workdir: pathlib.Path, train_set
                 "data_image_size": config.data.image_size})
 
 
-def _fit(config: ml_collections.ConfigDict, trainer, workdir: pathlib.Path, train_set: ImageSet,
+def fit_trainer(config: ml_collections.ConfigDict, trainer, workdir: pathlib.Path,
+                train_set: ImageSet,
          setup, *, seeds: int = 1, best_metric: str | None = "macro_f1") -> None:
   steps_per_epoch, total_steps, _ = setup
   fit.fit(trainer, workdir, data=(train_set.images, train_set.labels.astype(np.int32)),
@@ -284,77 +274,7 @@ def train(config: ml_collections.ConfigDict, workdir: pathlib.Path, train_set: I
           val_set: ImageSet, mesh: jax.sharding.Mesh) -> export.Exported:
   """Trains on `train_set`, validates every epoch, exports the best checkpoint; returns it."""
   workdir = pathlib.Path(workdir)
-  setup = _run_setup(config, train_set)
-  _fit(config, _trainer(config, workdir, train_set, val_set, mesh, setup), workdir, train_set,
+  setup = run_setup(config, train_set)
+  fit_trainer(config, make_trainer(config, workdir, train_set, val_set, mesh, setup), workdir, train_set,
        setup)
   return export.load_classifier(workdir / CLASSIFIER_DIR, mesh)
-
-
-# ------------------------------------------------------------------ seeds in one program
-
-
-def seeds_mode(config: ml_collections.ConfigDict) -> str | None:
-  """How `config.seeds_in_one_program` batches a row's seeds here: 'map', 'vmap' or None (one
-  run after another). 'auto': `vmap` on accelerators; one run after another on a CPU, where a
-  program of N seeds costs what N runs cost (docs/performance.md)."""
-  value = config.get("seeds_in_one_program", "off")
-  value = {True: "auto", False: "off", None: "off", "": "off"}.get(value, value)
-  if value == "off":
-    return None
-  if value == "auto":
-    return None if jax.default_backend() == "cpu" else "vmap"
-  if value in fit.SEED_MODES:
-    return value
-  raise ConfigError(f"config.seeds_in_one_program: {value!r} is not one of 'auto', 'map', "
-                    "'vmap', 'off'")
-
-
-def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
-  """`config` with `seed` (a copy)."""
-  cfg = config.copy_and_resolve_references()
-  cfg.seed = int(seed)
-  return cfg
-
-
-def seeds_checkpoint_dir(workdirs: list[pathlib.Path], seeds: list[int]) -> pathlib.Path:
-  """Where the checkpoints of a row's seeds trained together live: `<first seed's
-  workdir>/seeds-<s0>-<s1>-.../checkpoints` (one checkpoint holds every seed)."""
-  return pathlib.Path(workdirs[0]) / ("seeds-" + "-".join(str(int(s)) for s in seeds))
-
-
-def train_seeds(config: ml_collections.ConfigDict, seeds: list[int],
-                workdirs: list[pathlib.Path], train_set: ImageSet, val_set: ImageSet,
-                mesh: jax.sharding.Mesh, *, mode: str | None = "config") -> list[export.Exported]:
-  """Trains `config` once per seed (seed k exports to `workdirs[k]/classifier`, with its
-  TensorBoard scalars in `workdirs[k]/tensorboard`), all seeds in one compiled program
-  (`fit.SeedStack`) when `mode` (default: `config.seeds_in_one_program`) is 'map' or 'vmap',
-  else one run after another. A seed axis that does not fit in device memory falls back to one
-  run after another (logged). Returns each seed's best export, in the order of `seeds`."""
-  seeds, workdirs = [int(s) for s in seeds], [pathlib.Path(w) for w in workdirs]
-  if len(seeds) != len(workdirs) or not seeds:
-    raise ValueError(f"{len(seeds)} seeds for {len(workdirs)} workdirs")
-  if len(set(seeds)) != len(seeds):
-    raise ConfigError(f"seeds: {seeds} repeats a seed")
-  mode = seeds_mode(config) if mode == "config" else mode
-
-  def one_after_another() -> list[export.Exported]:
-    return [train(seed_config(config, s), w, train_set, val_set, mesh)
-            for s, w in zip(seeds, workdirs)]
-
-  if mode is None or len(seeds) == 1:
-    return one_after_another()
-  setup = _run_setup(config, train_set)
-  trainers = [_trainer(seed_config(config, s), w, train_set, val_set, mesh, setup)
-              for s, w in zip(seeds, workdirs)]
-  stack = fit.SeedStack(trainers, mode=mode, best_metric="macro_f1", export_dirs=workdirs,
-                        writer_dirs=workdirs)
-  stack_dir = seeds_checkpoint_dir(workdirs, seeds)
-  logging.info("classifier: seeds %s in one program (%s over the seed axis); checkpoints in %s",
-               seeds, mode, stack_dir / "checkpoints")
-  try:
-    _fit(config, stack, stack_dir, train_set, setup, seeds=len(seeds), best_metric=None)
-  except loop.OutOfDeviceMemory as e:
-    logging.warning("classifier: the %d seeds do not fit in device memory as one program (%s); "
-                    "training them one after another instead.", len(seeds), e)
-    return one_after_another()
-  return [export.load_classifier(w / CLASSIFIER_DIR, mesh) for w in workdirs]

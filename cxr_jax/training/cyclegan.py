@@ -40,7 +40,6 @@ from absl import logging
 from flax import nnx
 
 from cxr_jax import configlib
-from cxr_jax.data import classes as classes_lib
 from cxr_jax.data import dataset
 from cxr_jax.errors import ConfigError, UserError
 from cxr_jax.models import build
@@ -390,30 +389,15 @@ class CycleGAN:
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks `config`; returns a copy whose source / target classes are canonically spelt."""
-  for key in ("batch_size", "num_epochs", "steps_per_call", "log_every", "checkpoint_every",
-              "sample_every", "keep_checkpoints", "model.ngf", "model.ndf", "model.n_layers_d"):
-    configlib.require_positive_int(config, key)
-  configlib.require(0 <= config.decay_epochs <= config.num_epochs, "decay_epochs",
-                    f"must be between 0 and num_epochs ({config.num_epochs}), "
-                    f"got {config.decay_epochs}")
-  configlib.require(config.learning_rate > 0, "learning_rate", "must be > 0")
-  configlib.require(config.gan_loss in gan.GAN_LOSSES, "gan_loss",
-                    f"{config.gan_loss!r} is not 'bce' or 'lsgan'")
   for key in ("lambda_a", "lambda_b", "lambda_identity"):
     configlib.require(config[key] >= 0, key, f"must be >= 0, got {config[key]}")
   configlib.require(isinstance(config.pool_size, int) and config.pool_size >= 0, "pool_size",
                     f"must be an integer >= 0, got {config.pool_size!r}")
   configlib.require(isinstance(config.model.n_blocks, int) and config.model.n_blocks >= 0,
                     "model.n_blocks", f"must be an integer >= 0, got {config.model.n_blocks!r}")
-  configlib.compute_dtype(config.compute_dtype)
   generator_arch(config.model)
   check_generator_size(config.model, config.data.image_size)
-  config = config.copy_and_resolve_references()
-  for key in ("source_class", "target_class"):
-    config[key] = classes_lib.member(config[key], config.data.classes, key)
-  configlib.require(config.source_class != config.target_class, "target_class",
-                    f"must differ from source_class ({config.source_class})")
-  return config
+  return gan.validate_translator(config, extra_positive=("model.n_layers_d",))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,

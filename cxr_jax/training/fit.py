@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from cxr_jax.errors import ConfigError
 from cxr_jax.training import loop
 from cxr_jax.training import mesh as mesh_lib
 from cxr_jax.training.checkpoint import Checkpointer
@@ -314,3 +315,26 @@ class SeedWriters:
   def close(self) -> None:
     for writer in self.writers:
       writer.close()
+
+
+def seeds_mode(config: ml_collections.ConfigDict) -> str | None:
+  """How `config.seeds_in_one_program` batches a row's seeds here: 'map', 'vmap' or None (one
+  run after another). 'auto': `vmap` on accelerators; one run after another on a CPU, where a
+  program of N seeds costs what N runs cost (docs/performance.md)."""
+  value = config.get("seeds_in_one_program", "off")
+  value = {True: "auto", False: "off", None: "off", "": "off"}.get(value, value)
+  if value == "off":
+    return None
+  if value == "auto":
+    return None if jax.default_backend() == "cpu" else "vmap"
+  if value in SEED_MODES:
+    return value
+  raise ConfigError(f"config.seeds_in_one_program: {value!r} is not one of 'auto', 'map', "
+                    "'vmap', 'off'")
+
+
+def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+  """`config` with `seed` (a copy)."""
+  cfg = config.copy_and_resolve_references()
+  cfg.seed = int(seed)
+  return cfg

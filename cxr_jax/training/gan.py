@@ -8,10 +8,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
+from cxr_jax import configlib
 from cxr_jax import workdir as workdir_lib
+from cxr_jax.data import classes as classes_lib
 from cxr_jax.errors import ConfigError
 from cxr_jax.training.summary import SummaryWriter
 from cxr_jax.utils import grid
@@ -91,3 +94,26 @@ class SampleGrid:
     self.out_dir.mkdir(parents=True, exist_ok=True)
     grid.save_png(self.out_dir / f"step_{step:07d}.png", image)
     writer.image(step, self.tag, image)
+
+
+def validate_translator(config: ml_collections.ConfigDict,
+                        extra_positive: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """The checks every translator's config shares (schedule, optimiser, adversarial loss, dtype,
+  classes); returns a copy whose source / target classes are canonically spelt
+  ('Healthy' -> 'HEALTHY')."""
+  for key in ("batch_size", "num_epochs", "steps_per_call", "log_every", "checkpoint_every",
+              "sample_every", "keep_checkpoints", "model.ngf", "model.ndf") + extra_positive:
+    configlib.require_positive_int(config, key)
+  configlib.require(0 <= config.decay_epochs <= config.num_epochs, "decay_epochs",
+                    f"must be between 0 and num_epochs ({config.num_epochs}), "
+                    f"got {config.decay_epochs}")
+  configlib.require(config.learning_rate > 0, "learning_rate", "must be > 0")
+  configlib.require(config.gan_loss in GAN_LOSSES, "gan_loss",
+                    f"{config.gan_loss!r} is not 'bce' or 'lsgan'")
+  configlib.compute_dtype(config.compute_dtype)
+  config = config.copy_and_resolve_references()
+  for key in ("source_class", "target_class"):
+    config[key] = classes_lib.member(config[key], config.data.classes, key)
+  configlib.require(config.source_class != config.target_class, "target_class",
+                    f"must differ from source_class ({config.source_class})")
+  return config

@@ -30,7 +30,6 @@ from absl import logging
 from flax import nnx
 
 from cxr_jax import configlib
-from cxr_jax.data import classes as classes_lib
 from cxr_jax.data import dataset
 from cxr_jax.errors import UserError
 from cxr_jax.models import build
@@ -215,27 +214,14 @@ class Pix2Pix:
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks `config`; returns a copy whose source / target classes are canonically spelt."""
-  for key in ("batch_size", "num_epochs", "steps_per_call", "log_every", "checkpoint_every",
-              "sample_every", "keep_checkpoints", "model.ngf", "model.ndf"):
-    configlib.require_positive_int(config, key)
-  configlib.require(0 <= config.decay_epochs <= config.num_epochs, "decay_epochs",
-                    f"must be between 0 and num_epochs ({config.num_epochs}), "
-                    f"got {config.decay_epochs}")
-  configlib.require(config.learning_rate > 0, "learning_rate", "must be > 0")
-  configlib.require(config.gan_loss in gan.GAN_LOSSES, "gan_loss",
-                    f"{config.gan_loss!r} is not 'bce' or 'lsgan'")
   configlib.require(config.l1_weight >= 0, "l1_weight", "must be >= 0")
   configlib.require(config.model.inference_norm in INFERENCE, "model.inference_norm",
                     f"{config.model.inference_norm!r} is not 'instance' or 'running'")
-  configlib.compute_dtype(config.compute_dtype)
   size = config.data.image_size
   configlib.require(isinstance(size, int) and size >= 32 and size & (size - 1) == 0,
                     "data.image_size", f"the U-Net halves the image down to 1x1, so it must be a "
                     f"power of two >= 32 (e.g. 64, 128, 256), got {size!r}")
-  config = config.copy_and_resolve_references()
-  for key in ("source_class", "target_class"):  # canonical spelling: 'Healthy' -> 'HEALTHY'
-    config[key] = classes_lib.member(config[key], config.data.classes, key)
-  return config
+  return gan.validate_translator(config)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
