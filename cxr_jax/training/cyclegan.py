@@ -51,7 +51,6 @@ from cxr_jax.training import fit
 from cxr_jax.training import gan
 from cxr_jax.training import loop
 from cxr_jax.training import mesh as mesh_lib
-from cxr_jax.training import sampling
 from cxr_jax.training.fit import NetState
 from cxr_jax.training.functional import Functional
 from cxr_jax.training.gan import gan_loss
@@ -343,20 +342,9 @@ class CycleGAN:
   def sample_batch(self, step: jax.Array, rng: jax.Array, source: jax.Array, target: jax.Array):
     """The unpaired (A, B) batch of `step` and its key for dropout and the pools, on the device:
     A by the epoch order over the source images, B drawn uniformly."""
-    b = self.batch_size
-    a_idx = sampling.epoch_batch(rng, step, source.shape[0], b, self.steps_per_epoch)
-    key = jax.random.fold_in(rng, step)
-    k_b, k_aug_a, k_aug_b, k_step = jax.random.split(key, 4)
-    b_idx = jax.random.randint(k_b, (b,), 0, target.shape[0])
-    a, t = source[a_idx], target[b_idx]
-    if self.augment is not None:
-      a = augment_lib.augment(a, k_aug_a, self.augment) * 2.0 - 1.0
-      t = augment_lib.augment(t, k_aug_b, self.augment) * 2.0 - 1.0
-    else:
-      a, t = gan.to_signed(a), gan.to_signed(t)
-    a = jax.lax.with_sharding_constraint(a, self._batch)
-    t = jax.lax.with_sharding_constraint(t, self._batch)
-    return a, t, k_step
+    return gan.source_target_batch(step, rng, source, target, batch_size=self.batch_size,
+                                   steps_per_epoch=self.steps_per_epoch, augment=self.augment,
+                                   sharding=self._batch)
 
   def train_step(self, state: State, data: tuple[jax.Array, jax.Array]):
     a, b, key = self.sample_batch(state.step, state.rng, *data)

@@ -16,6 +16,8 @@ from cxr_jax import configlib
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.data import classes as classes_lib
 from cxr_jax.errors import ConfigError
+from cxr_jax.training import augment as augment_lib
+from cxr_jax.training import sampling
 from cxr_jax.training.summary import SummaryWriter
 from cxr_jax.utils import grid
 
@@ -51,6 +53,26 @@ def to_signed(images_u8: jax.Array) -> jax.Array:
 
 def to_uint8(images: jax.Array) -> jax.Array:
   return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def source_target_batch(step: jax.Array, rng: jax.Array, source: jax.Array, target: jax.Array, *,
+                        batch_size: int, steps_per_epoch: int,
+                        augment: augment_lib.AugmentSpec | None, sharding) -> tuple:
+  """The batch of `step` for a translator, drawn on the device: source images in the seeded
+  epoch order, target images uniformly at random (pix2pix pairs them, CycleGAN does not),
+  augmented (or not) into [-1, 1]; returns (source, target, a key for the step's own noise)."""
+  src_idx = sampling.epoch_batch(rng, step, source.shape[0], batch_size, steps_per_epoch)
+  key = jax.random.fold_in(rng, step)
+  k_pick, k_aug_src, k_aug_tgt, k_step = jax.random.split(key, 4)
+  tgt_idx = jax.random.randint(k_pick, (batch_size,), 0, target.shape[0])
+  src, tgt = source[src_idx], target[tgt_idx]
+  if augment is not None:
+    src = augment_lib.augment(src, k_aug_src, augment) * 2.0 - 1.0
+    tgt = augment_lib.augment(tgt, k_aug_tgt, augment) * 2.0 - 1.0
+  else:
+    src, tgt = to_signed(src), to_signed(tgt)
+  return (jax.lax.with_sharding_constraint(src, sharding),
+          jax.lax.with_sharding_constraint(tgt, sharding), k_step)
 
 
 def constant_then_linear_decay(learning_rate: float, total_steps: int,

@@ -39,7 +39,6 @@ from cxr_jax.training import fit
 from cxr_jax.training import gan
 from cxr_jax.training import loop
 from cxr_jax.training import mesh as mesh_lib
-from cxr_jax.training import sampling
 from cxr_jax.training.fit import NetState
 from cxr_jax.training.functional import Functional
 from cxr_jax.training.summary import SummaryWriter
@@ -168,20 +167,9 @@ class Pix2Pix:
 
   def sample_batch(self, step: jax.Array, rng: jax.Array, normal: jax.Array, covid: jax.Array):
     """The (normal, COVID) pairs of `step`, and its dropout key, drawn on the device."""
-    b = self.batch_size
-    src_idx = sampling.epoch_batch(rng, step, normal.shape[0], b, self.steps_per_epoch)
-    key = jax.random.fold_in(rng, step)
-    k_pair, k_aug_src, k_aug_tgt, k_drop = jax.random.split(key, 4)
-    tgt_idx = jax.random.randint(k_pair, (b,), 0, covid.shape[0])
-    src, tgt = normal[src_idx], covid[tgt_idx]
-    if self.augment is not None:
-      src = augment_lib.augment(src, k_aug_src, self.augment) * 2.0 - 1.0
-      tgt = augment_lib.augment(tgt, k_aug_tgt, self.augment) * 2.0 - 1.0
-    else:
-      src, tgt = gan.to_signed(src), gan.to_signed(tgt)
-    src = jax.lax.with_sharding_constraint(src, self._batch)
-    tgt = jax.lax.with_sharding_constraint(tgt, self._batch)
-    return src, tgt, k_drop
+    return gan.source_target_batch(step, rng, normal, covid, batch_size=self.batch_size,
+                                   steps_per_epoch=self.steps_per_epoch, augment=self.augment,
+                                   sharding=self._batch)
 
   def train_step(self, state: State, data: tuple[jax.Array, jax.Array]):
     src, tgt, k_drop = self.sample_batch(state.step, state.rng, *data)
