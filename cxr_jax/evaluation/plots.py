@@ -72,15 +72,20 @@ def confusion_matrix_png(path: str | os.PathLike, cm, class_names: Sequence[str]
   save_figure(fig, path)
 
 
+def _labels_and_probs(labels, probs, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """labels [N] and float64 probs [N, k] for the one-vs-rest curves, or a ValueError."""
+  labels = np.asarray(labels)
+  probs = np.asarray(probs, np.float64)
+  if probs.ndim != 2 or probs.shape[1] != k or labels.shape != (probs.shape[0],):
+    raise ValueError(f"need labels [N] and probs [N, {k}], got {labels.shape} and {probs.shape}")
+  return labels, probs
+
+
 def roc_curves_png(path: str | os.PathLike, labels, probs, class_names: Sequence[str], *,
                    title: str = "") -> None:
   """One-vs-rest ROC curve of each class with its AUC in the legend; a class absent from the
   labels (or the only one present) has no curve and is marked n/a."""
-  labels = np.asarray(labels)
-  probs = np.asarray(probs, np.float64)
-  k = len(class_names)
-  if probs.ndim != 2 or probs.shape[1] != k or labels.shape != (probs.shape[0],):
-    raise ValueError(f"need labels [N] and probs [N, {k}], got {labels.shape} and {probs.shape}")
+  labels, probs = _labels_and_probs(labels, probs, len(class_names))
   fig = new_figure((5.5, 5.0))
   ax = fig.add_subplot()
   ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
@@ -118,11 +123,7 @@ def pr_curves_png(path: str | os.PathLike, labels, probs, class_names: Sequence[
   legend, and each class's prevalence (a no-skill classifier's AP) as a dotted line: with
   imbalanced classes (COVID is the minority) PR curves show what ROC curves hide. Returns the APs
   (None for a class absent from the labels or the only one present)."""
-  labels = np.asarray(labels)
-  probs = np.asarray(probs, np.float64)
-  k = len(class_names)
-  if probs.ndim != 2 or probs.shape[1] != k or labels.shape != (probs.shape[0],):
-    raise ValueError(f"need labels [N] and probs [N, {k}], got {labels.shape} and {probs.shape}")
+  labels, probs = _labels_and_probs(labels, probs, len(class_names))
   fig = new_figure((5.5, 5.0))
   ax = fig.add_subplot()
   aps: dict[str, float | None] = {}
