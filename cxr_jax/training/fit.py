@@ -5,10 +5,12 @@ its networks, losses, step, batch sampling, validation hook and export metadata.
 the devices (replicated), compiles the training chunk once, runs the host loop (`loop.run`) with
 the TensorBoard writer open, closes the checkpoints and exports the final (or best) state.
 
-The chunk runs up to `steps_per_call` steps in one device call: a `lax.fori_loop` whose number of
-steps is a traced argument, writing per-step metrics into a fixed `[steps_per_call]` buffer. A
-shorter chunk (a log or checkpoint boundary, a run resumed at an odd step, the end) is the same
-program, so a run compiles exactly one training program whatever its schedule or resume point.
+The chunk runs up to `steps_per_call` steps between two host decisions: on accelerators in one
+device call (a `lax.fori_loop` whose number of steps is a traced argument), on the CPU one
+asynchronous dispatch per step (`loop_on_device`: XLA's CPU convolutions are slow inside loops);
+either writes per-step metrics into a fixed `[steps_per_call]` buffer. A shorter chunk (a log or
+checkpoint boundary, a run resumed at an odd step, the end) is the same program, so a run compiles
+exactly one training program whatever its schedule or resume point.
 
 A trainer (see `Trainer`) builds its networks on `trainer.mesh` and keeps them in `NetState`s, one
 per network, which apply their optimiser's update as Flax's `TrainState` does.
@@ -96,25 +98,60 @@ def make_mesh(config: ml_collections.ConfigDict, *batch_keys: str) -> jax.shardi
   return mesh
 
 
-def compile_chunk(trainer: Trainer, steps_per_call: int) -> Callable:
+def loop_on_device(backend: str | None = None) -> bool:
+  """Whether a chunk's steps loop inside one compiled program (`lax.fori_loop`) or are dispatched
+  one compiled step at a time. On accelerators the loop saves a dispatch per step. On the CPU,
+  XLA compiles convolutions inside a while loop to much slower code than the same convolutions
+  outside one (jax-ml/jax#12868): a CycleGAN `:cpu` step took 0.29 s alone and 1.5 s inside a
+  `fori_loop` on 2 cores (docs/performance.md), so there each step is its own dispatch. Dispatch
+  is asynchronous either way: the host never waits for a step."""
+  return (backend or jax.default_backend()) != "cpu"
+
+
+def compile_chunk(trainer: Trainer, steps_per_call: int, *,
+                  on_device: bool | None = None) -> Callable:
   """The jitted `chunk(state, data, num_steps) -> (state, metrics [steps_per_call, ...])`, with
-  `num_steps <= steps_per_call` traced: one program for every chunk length. The state is donated
-  (updated in place); metrics of steps beyond `num_steps` are zeros."""
+  `num_steps <= steps_per_call`; metrics of steps beyond `num_steps` are zeros, and the state is
+  donated (updated in place). One compiled training program whatever the chunk length:
+  - `on_device` (the default off the CPU, see `loop_on_device`): a `lax.fori_loop` over a traced
+    `num_steps` (`train_chunk`);
+  - otherwise: one step (`train_chunk_step`, writing its metrics into row `i` of the donated
+    buffer) dispatched `num_steps` times without waiting for any of them."""
   rep = mesh_lib.replicated(trainer.mesh)
+  if on_device is None:
+    on_device = loop_on_device()
 
-  def train_chunk(state, data, num_steps):
+  def empty_buffer(state, data):
     _, shapes = jax.eval_shape(trainer.train_step, state, data)
-    buffer = jax.tree.map(lambda s: jnp.zeros((steps_per_call,) + s.shape, s.dtype), shapes)
+    return jax.tree.map(lambda s: jnp.zeros((steps_per_call,) + s.shape, s.dtype), shapes)
 
-    def body(i, carry):
-      st, buf = carry
-      st, metrics = trainer.train_step(st, data)
-      return st, jax.tree.map(lambda b, m: b.at[i].set(m), buf, metrics)
+  if on_device:
+    def train_chunk(state, data, num_steps):
+      def body(i, carry):
+        st, buf = carry
+        st, metrics = trainer.train_step(st, data)
+        return st, jax.tree.map(lambda b, m: b.at[i].set(m), buf, metrics)
 
-    return jax.lax.fori_loop(0, num_steps, body, (state, buffer))
+      return jax.lax.fori_loop(0, num_steps, body, (state, empty_buffer(state, data)))
 
-  return jax.jit(train_chunk, donate_argnums=0, in_shardings=(rep, rep, rep),
+    return jax.jit(train_chunk, donate_argnums=0, in_shardings=(rep, rep, rep),
+                   out_shardings=(rep, rep))
+
+  def train_chunk_step(state, buffer, data, i):
+    state, metrics = trainer.train_step(state, data)
+    return state, jax.tree.map(lambda b, m: b.at[i].set(m), buffer, metrics)
+
+  step = jax.jit(train_chunk_step, donate_argnums=(0, 1), in_shardings=(rep, rep, rep, rep),
                  out_shardings=(rep, rep))
+  new_buffer = jax.jit(empty_buffer, out_shardings=rep)
+
+  def chunk(state, data, num_steps):
+    buffer = new_buffer(state, data)
+    for i in range(int(num_steps)):
+      state, buffer = step(state, buffer, data, np.int32(i))
+    return state, buffer
+
+  return chunk
 
 
 def place_state(state: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -194,8 +231,11 @@ class SeedStack:
 
   `trainers[i]` differ only in their seed (initial state) and where they export; `trainers[0]`'s
   step, validation and batch sampling serve all of them. `mode` batches the seeds:
-  - `map`: `jax.lax.map` over the seed axis inside the step, the same per-seed computation as a
-    run alone (bitwise equal on the CPU), one dispatch, one compilation, one data placement;
+  - `map`: each seed's step in turn inside one step program, the same per-seed computation as a
+    run alone (bitwise equal on the CPU), one dispatch, one compilation, one data placement; a
+    `jax.lax.map` over the seed axis where chunks loop on the device (`loop_on_device`), the
+    seeds unrolled on the CPU (a convolution inside a loop is slower there, and rounds
+    differently from the same convolution in a run alone);
   - `vmap`: `jax.vmap` over the step, one batched step for all seeds (faster on accelerators; on
     a CPU a vmapped convolution with per-seed kernels is a grouped convolution whose float
     results differ slightly from the unbatched one).
@@ -236,8 +276,13 @@ class SeedStack:
       st = jax.lax.optimization_barrier(st)
       return jax.lax.optimization_barrier(self.trainers[0].train_step(st, data))
 
-    seeds, metrics = (jax.lax.map(one, state.seeds) if self.mode == "map"
-                      else jax.vmap(one)(state.seeds))
+    if self.mode == "vmap":
+      seeds, metrics = jax.vmap(one)(state.seeds)
+    elif loop_on_device():
+      seeds, metrics = jax.lax.map(one, state.seeds)
+    else:
+      each = [one(jax.tree.map(lambda x, i=i: x[i], state.seeds)) for i in range(self.n)]
+      seeds, metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *each)
     flat = {seed_key(k, i): v[i] for k, v in metrics.items() for i in range(self.n)}
     return state.replace(step=state.step + 1, seeds=seeds), flat
 
