@@ -3,20 +3,21 @@
   python -m benchmarks.bench                   # every step workload at the sizes of the paper
   python -m benchmarks.bench --only=pix2pix_b1 --pix2pix_dtype=bfloat16 --out=b1-bf16.json
   python -m benchmarks.bench --only=experiment # wall time of experiment:paper (one seed), by stage
+  python -m benchmarks.bench --only=pix2pix_b1 --chunk=loop   # a chunk as one fori_loop program
   python -m benchmarks.bench --only=resnet50_seeds1,resnet50_seeds3,resnet50_seeds5
                                                # N classifier seeds in one program, summed img/s
   python -m benchmarks.bench --experiment_workdir=RUN   # the stage times a finished run recorded
   python -m benchmarks.bench --compare=DIR     # one table of every result file in DIR, with the
                                                # PyTorch reference's and the ratios of the goals
 
-(from the repository root; `python benchmarks/bench.py` works too). Each step workload runs the
-real trainer's compiled chunk (`fit.compile_chunk`: `steps` steps in one call, device-resident
-data, donated state) on random data; the goals and their targets are data (`goals.json`). It is
-compiled ahead of time, so that compile time is reported apart; one chunk warms up, then the
-median of `blocks` timed chunks is the step time. Memory is the compiled program's own account
-(arguments + outputs + temporaries, less donated buffers), which every backend gives, and the
-allocator's peak where the backend reports one (GPUs, TPUs; it is the process's peak, so run one
-workload per process to read it per workload). `scripts/gpu_bench.sh` runs every GPU
+(from the repository root; `python benchmarks/bench.py` works too). Each step workload runs the real
+trainer's compiled chunk (`fit.compile_chunk`: `steps` steps in one call, or one dispatch per step
+on a CPU; device-resident data, donated state) on random data; the goals and their targets are data
+(`goals.json`). It is compiled ahead of time, so that compile time is reported apart; one chunk
+warms up, then the median of `blocks` timed chunks is the step time. Memory is the compiled
+program's own account (arguments + outputs + temporaries, less donated buffers), which every backend
+gives, and the allocator's peak where the backend reports one (GPUs, TPUs; it is the process's peak,
+so run one workload per process to read it per workload). `scripts/gpu_bench.sh` runs every GPU
 measurement, with the PyTorch reference (`torch_reference.py`, the project lead's), in one go;
 docs/performance.md records the figures.
 """
@@ -50,14 +51,16 @@ from cxr_jax import configlib
 from cxr_jax import runtime
 from cxr_jax.models import layers
 from cxr_jax.training import classifier
+from cxr_jax.training import cyclegan
 from cxr_jax.training import export
 from cxr_jax.training import fit
 from cxr_jax.training import mesh as mesh_lib
 from cxr_jax.training import pix2pix
 
 STEP_WORKLOADS = ("pix2pix_b1", "pix2pix_b16", "resnet50_rgb", "resnet50_gray",
-                  "generator_inference", "resnet50_seeds1", "resnet50_seeds3", "resnet50_seeds5")
-DEFAULT_WORKLOADS = STEP_WORKLOADS[:5]   # the multi-seed ones are asked for by name
+                  "generator_inference", "cyclegan_b1", "resnet50_seeds1", "resnet50_seeds3",
+                  "resnet50_seeds5")
+DEFAULT_WORKLOADS = STEP_WORKLOADS[:5]   # CycleGAN and the multi-seed ones: asked for by name
 SEED_COUNTS = {"resnet50_seeds1": 1, "resnet50_seeds3": 3, "resnet50_seeds5": 5}
 
 FLAGS = flags.FLAGS
@@ -73,6 +76,10 @@ flags.DEFINE_list("override", [], "Config overrides for the step workloads' conf
                   "(e.g. flat_optimizer=True); they are added to the variant name.")
 flags.DEFINE_integer("profile", 0, "After timing, trace one chunk and print the this many most "
                      "expensive device kernels (needs a GPU or TPU).")
+flags.DEFINE_enum("chunk", "auto", ["auto", "loop", "dispatch"],
+                  "How a training chunk runs its steps: 'loop' (a lax.fori_loop in one program), "
+                  "'dispatch' (one dispatch of a one-step program per step), 'auto' (what training "
+                  "uses: loop off the CPU, dispatch on it; fit.loop_on_device).")
 flags.DEFINE_string("tag", "", "Label added to this run's variant name (e.g. the XLA flags tried).")
 flags.DEFINE_bool("channel_padding", True, "Pad 1- and 2-channel first convolutions to 8 "
                   "channels on GPUs (models/layers.py); --nochannel_padding times the step "
@@ -145,6 +152,8 @@ def _variant(dtype: str) -> str:
   parts += FLAGS.override
   if not FLAGS.channel_padding:
     parts.append("nopad")
+  if FLAGS.chunk != "auto":
+    parts.append(FLAGS.chunk)
   if FLAGS.tag:
     parts.append(FLAGS.tag)
   return "+".join(parts)
@@ -167,7 +176,13 @@ def _time_chunks(name: str, variant: str, batch: int, steps: int, jitted, state,
   t0 = time.perf_counter()
   compiled = jitted.lower(state, *args).compile()
   compile_s = time.perf_counter() - t0
-  run: Callable[[Any], Any] = lambda st: compiled(st, *args)[0]  # noqa: E731
+  return _time_run(name, variant, batch, steps, lambda st: compiled(st, *args)[0], state,
+                   compile_s, compiled)
+
+
+def _time_run(name: str, variant: str, batch: int, steps: int, run: Callable[[Any], Any], state,
+              compile_s: float, compiled) -> Result:
+  """`run(state) -> state` runs one chunk of `steps` steps of the already `compiled` program."""
   state = run(state)                       # warm-up: first execution, allocations
   jax.block_until_ready(state)
   times = []
@@ -220,11 +235,18 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 def _time_trainer(name: str, variant: str, batch: int, steps: int, trainer,
                   data: tuple[np.ndarray, ...]) -> Result:
-  """The trainer's own training chunk, as `fit` compiles it, `steps` steps per call."""
+  """The trainer's own training chunk, as `fit` compiles it, `steps` steps per call (`--chunk`:
+  in one program or one dispatch per step). Memory is that of the compiled program: the whole
+  chunk, or one step."""
   state = fit.place_state(trainer.init_state(), trainer.mesh)
   data_dev = mesh_lib.put_replicated(data, trainer.mesh)
-  return _time_chunks(name, variant, batch, steps, fit.compile_chunk(trainer, steps), state,
-                      (data_dev, np.int32(steps)))
+  on_device = {"auto": None, "loop": True, "dispatch": False}[FLAGS.chunk]
+  t0 = time.perf_counter()
+  chunk, compiled = fit.compile_chunk(trainer, steps, on_device=on_device).compiled(state,
+                                                                                      data_dev)
+  compile_s = time.perf_counter() - t0
+  return _time_run(name, variant, batch, steps,
+                   lambda st: chunk(st, data_dev, np.int32(steps))[0], state, compile_s, compiled)
 
 
 def bench_pix2pix(batch: int, steps: int) -> Result:
@@ -238,6 +260,24 @@ def bench_pix2pix(batch: int, steps: int) -> Result:
   covid = rng.integers(0, 256, (153, 256, 256, 1), dtype=np.uint8)
   model = pix2pix.Pix2Pix(config, image_size=256, steps_per_epoch=len(normal) // batch, mesh=mesh)
   return _time_trainer(f"pix2pix_b{batch}", _variant(FLAGS.pix2pix_dtype), batch, steps, model,
+                       (normal, covid))
+
+
+def bench_cyclegan(batch: int, steps: int) -> Result:
+  """configs/cyclegan.py's default (the reference's: 256 px, ResNet 9-block generators ngf 64,
+  instance norm, pools of 50) at `batch`, on 939 normal and 153 COVID images (the paper's
+  training split)."""
+  config = configlib.load_config_file(CONFIGS / "cyclegan.py")
+  config.batch_size = batch
+  config.compute_dtype = FLAGS.pix2pix_dtype
+  _apply_overrides(config)
+  mesh = mesh_lib.make_mesh()
+  rng = np.random.default_rng(0)
+  normal = rng.integers(0, 256, (939, 256, 256, 1), dtype=np.uint8)
+  covid = rng.integers(0, 256, (153, 256, 256, 1), dtype=np.uint8)
+  model = cyclegan.CycleGAN(config, image_size=256, steps_per_epoch=len(normal) // batch,
+                            mesh=mesh)
+  return _time_trainer(f"cyclegan_b{batch}", _variant(FLAGS.pix2pix_dtype), batch, steps, model,
                        (normal, covid))
 
 
@@ -472,6 +512,7 @@ def main(argv):
         "resnet50_gray": lambda: bench_resnet(1, resnet_batch, steps),
         "generator_inference": lambda: bench_generator_inference(4 if on_cpu else 64,
                                                                  1 if on_cpu else 10),
+        "cyclegan_b1": lambda: bench_cyclegan(1, steps),
     }
     seeds_batch = FLAGS.seeds_batch or (8 if on_cpu else 64)
     for name, n in SEED_COUNTS.items():

@@ -80,7 +80,7 @@ elif [ "$mode" = seeds ]; then
     --out="$raw/jax-pix2pix-b1-pad.json"
   part "pix2pix b1 without channel padding" 50 "${bench[@]}" --steps=20 --only=pix2pix_b1 \
     --nochannel_padding --out="$raw/jax-pix2pix-b1-nopad.json"
-  part "CycleGAN step" 60 "${bench[@]}" --steps=20 --only=cyclegan --out="$raw/jax-cyclegan.json"
+  part "CycleGAN step" 60 "${bench[@]}" --steps=20 --only=cyclegan_b1 --out="$raw/jax-cyclegan.json"
 elif [ "$mode" = experiment ]; then
   weights="$raw/resnet50-random-init.safetensors"   # stands in for ImageNet weights (see below)
   python3 -c "import torchvision, safetensors.torch as st; \

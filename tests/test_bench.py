@@ -5,6 +5,8 @@ The timings themselves are never asserted (they are measured by `python -m bench
 from __future__ import annotations
 
 import json
+import pathlib
+import re
 
 import pytest
 
@@ -101,3 +103,11 @@ def test_multi_seed_rows_report_images_summed_over_seeds(results_dir):
   assert "bfloat16+vmap" in row and "192" in row and "9000.0" in row
   assert set(bench.SEED_COUNTS) <= set(bench.STEP_WORKLOADS)
   assert not set(bench.SEED_COUNTS) & set(bench.DEFAULT_WORKLOADS)
+
+
+def test_the_gpu_script_asks_only_for_workloads_the_benchmark_has():
+  """scripts/gpu_bench.sh runs in scarce device time: a misspelt workload would cost a call."""
+  script = (pathlib.Path(bench.__file__).resolve().parents[1] / "scripts/gpu_bench.sh").read_text()
+  asked = {name for value in re.findall(r"--only=([\w,]+)", script) for name in value.split(",")}
+  assert "cyclegan_b1" in asked and "pix2pix_b1" in asked
+  assert asked <= set(bench.STEP_WORKLOADS) | {"experiment"}, asked - set(bench.STEP_WORKLOADS)

@@ -108,11 +108,43 @@ def loop_on_device(backend: str | None = None) -> bool:
   return (backend or jax.default_backend()) != "cpu"
 
 
+class Chunk:
+  """`chunk(state, data, num_steps) -> (state, metrics [steps_per_call, ...])`: up to
+  `steps_per_call` training steps, `num_steps` traced or looped over by the host, through one
+  compiled training program (`program`). See `compile_chunk`."""
+
+  def __init__(self, program: Callable, *, steps_per_call: int, on_device: bool,
+               new_buffer: Callable):
+    self.program, self.steps_per_call, self.on_device = program, steps_per_call, on_device
+    self.new_buffer = new_buffer
+
+  def __call__(self, state: Any, data: tuple[jax.Array, ...], num_steps) -> tuple[Any, Any]:
+    if self.on_device:
+      return self.program(state, data, num_steps)
+    buffer = self.new_buffer(state, data)
+    for i in range(int(num_steps)):
+      state, buffer = self.program(state, buffer, data, np.int32(i))
+    return state, buffer
+
+  def compiled(self, state: Any, data: tuple[jax.Array, ...]) -> tuple["Chunk", Any]:
+    """Compiled ahead of time for these arguments' shapes (the benchmark reports compile time
+    apart): (the chunk that runs the compiled program, the compiled program)."""
+    if self.on_device:
+      lowered = self.program.lower(state, data, np.int32(self.steps_per_call))
+    else:
+      lowered = self.program.lower(state, self.new_buffer(state, data), data, np.int32(0))
+    program = lowered.compile()
+    chunk = Chunk(program, steps_per_call=self.steps_per_call, on_device=self.on_device,
+                  new_buffer=self.new_buffer)
+    return chunk, program
+
+
 def compile_chunk(trainer: Trainer, steps_per_call: int, *,
-                  on_device: bool | None = None) -> Callable:
-  """The jitted `chunk(state, data, num_steps) -> (state, metrics [steps_per_call, ...])`, with
-  `num_steps <= steps_per_call`; metrics of steps beyond `num_steps` are zeros, and the state is
-  donated (updated in place). One compiled training program whatever the chunk length:
+                  on_device: bool | None = None) -> Chunk:
+  """The `Chunk` of `trainer`: `chunk(state, data, num_steps) -> (state, metrics
+  [steps_per_call, ...])` with `num_steps <= steps_per_call`; metrics of steps beyond
+  `num_steps` are zeros, and the state is donated (updated in place). One compiled training
+  program whatever the chunk length:
   - `on_device` (the default off the CPU, see `loop_on_device`): a `lax.fori_loop` over a traced
     `num_steps` (`train_chunk`);
   - otherwise: one step (`train_chunk_step`, writing its metrics into row `i` of the donated
@@ -125,33 +157,29 @@ def compile_chunk(trainer: Trainer, steps_per_call: int, *,
     _, shapes = jax.eval_shape(trainer.train_step, state, data)
     return jax.tree.map(lambda s: jnp.zeros((steps_per_call,) + s.shape, s.dtype), shapes)
 
+  def record(buffer, i, metrics):
+    return jax.tree.map(lambda b, m: b.at[i].set(m), buffer, metrics)
+
   if on_device:
     def train_chunk(state, data, num_steps):
       def body(i, carry):
         st, buf = carry
         st, metrics = trainer.train_step(st, data)
-        return st, jax.tree.map(lambda b, m: b.at[i].set(m), buf, metrics)
+        return st, record(buf, i, metrics)
 
       return jax.lax.fori_loop(0, num_steps, body, (state, empty_buffer(state, data)))
 
-    return jax.jit(train_chunk, donate_argnums=0, in_shardings=(rep, rep, rep),
-                   out_shardings=(rep, rep))
+    program = jax.jit(train_chunk, donate_argnums=0, in_shardings=(rep, rep, rep),
+                      out_shardings=(rep, rep))
+  else:
+    def train_chunk_step(state, buffer, data, i):
+      state, metrics = trainer.train_step(state, data)
+      return state, record(buffer, i, metrics)
 
-  def train_chunk_step(state, buffer, data, i):
-    state, metrics = trainer.train_step(state, data)
-    return state, jax.tree.map(lambda b, m: b.at[i].set(m), buffer, metrics)
-
-  step = jax.jit(train_chunk_step, donate_argnums=(0, 1), in_shardings=(rep, rep, rep, rep),
-                 out_shardings=(rep, rep))
-  new_buffer = jax.jit(empty_buffer, out_shardings=rep)
-
-  def chunk(state, data, num_steps):
-    buffer = new_buffer(state, data)
-    for i in range(int(num_steps)):
-      state, buffer = step(state, buffer, data, np.int32(i))
-    return state, buffer
-
-  return chunk
+    program = jax.jit(train_chunk_step, donate_argnums=(0, 1),
+                      in_shardings=(rep, rep, rep, rep), out_shardings=(rep, rep))
+  return Chunk(program, steps_per_call=steps_per_call, on_device=on_device,
+               new_buffer=jax.jit(empty_buffer, out_shardings=rep))
 
 
 def place_state(state: Any, mesh: jax.sharding.Mesh) -> Any:
