@@ -7,10 +7,10 @@ domains spelled out: A = `config.source_class` (NORMAL), B = `config.target_clas
     G = g_ab: A -> B (reference netG_A)      D_b judges B images (reference netD_A)
     F = g_ba: B -> A (reference netG_B)      D_a judges A images (reference netD_B)
 
-This module holds only what is CycleGAN's own, on the shared skeleton (`fit`, `NetState`, the
-generator export): the losses as pure functions of arrays, the history pool of generated images
-(kept in the train state on the device, so a resumed run is exact), the four networks, the step,
-the unpaired batch sampling, the sample hook and the export of G. The adversarial loss is
+This module holds only what is CycleGAN's own, on the shared translator trainer
+(`translator.Translator`: batches, sample grids, the export of G; `fit`: the loop): the losses as
+pure functions of arrays, the history pool of generated images (kept in the train state on the
+device, so a resumed run is exact), the four networks and the update. The adversarial loss is
 `gan.gan_loss` (LSGAN by default here, as the reference's CycleGAN), and the discriminators' loss
 is pix2pix's halved `discriminator_loss`: one implementation of each.
 
@@ -34,28 +34,21 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from absl import logging
 from flax import nnx
 
 from cxr_jax import configlib
-from cxr_jax.data import dataset
-from cxr_jax.errors import ConfigError, UserError
+from cxr_jax.errors import ConfigError
 from cxr_jax.models import build
 from cxr_jax.models.patchgan import PatchGAN
 from cxr_jax.models.resnet_generator import check_image_size
-from cxr_jax.training import augment as augment_lib
 from cxr_jax.training import export
-from cxr_jax.training import fit
 from cxr_jax.training import gan
-from cxr_jax.training import loop
-from cxr_jax.training import mesh as mesh_lib
+from cxr_jax.training import translator
 from cxr_jax.training.fit import NetState
 from cxr_jax.training.functional import Functional
 from cxr_jax.training.gan import gan_loss
 from cxr_jax.training.pix2pix import discriminator_loss
-from cxr_jax.training.summary import SummaryWriter
 
 GENERATORS = ("resnet", "unet")
 
@@ -163,7 +156,7 @@ def pool_query(pool: Pool, images: jax.Array, key: jax.Array) -> tuple[jax.Array
 
 # -------------------------------------------------------------------------------- networks
 
-GENERATOR_DIR = "generator"
+GENERATOR_DIR = translator.GENERATOR_DIR
 
 
 def generator_arch(model_cfg: ml_collections.ConfigDict) -> dict:
@@ -238,37 +231,32 @@ class State:
   pool_b: Pool     # generated B images D_b draws from
 
 
-class CycleGAN:
-  """The networks, optimisers, step and hooks of one CycleGAN config on one mesh (a fit.Trainer).
+class CycleGAN(translator.Translator):
+  """The networks, optimisers and update of one CycleGAN config on one mesh (a fit.Trainer; the
+  batches, sample grids and export of G are `translator.Translator`'s).
 
   Each network has its own Adam; the reference's two Adams over the chained parameters of both
   generators (and of both discriminators) are the same update, Adam being elementwise."""
   name = "cyclegan"
+  memory_keys = translator.Translator.memory_keys + ("model.n_blocks",)
 
-  def __init__(self, config: ml_collections.ConfigDict, *, image_size: int, steps_per_epoch: int,
-               mesh: jax.sharding.Mesh, channels: int = 1,
-               samples: tuple[np.ndarray, np.ndarray] | None = None,
-               sample_dir: pathlib.Path | None = None):
-    self.config, self.mesh, self.channels = config, mesh, channels
-    self.image_size, self.steps_per_epoch = image_size, steps_per_epoch
-    self.batch_size = config.batch_size
-    g_ab, g_ba, d_a, d_b = build_networks(config, image_size, channels)
-    self.gen, *g_ab_init = Functional.split(g_ab)   # G and F share one architecture
+  def build_networks(self) -> Functional:
+    g_ab, g_ba, d_a, d_b = build_networks(self.config, self.image_size, self.channels)
+    gen, *g_ab_init = Functional.split(g_ab)   # G and F share one architecture
     _, *g_ba_init = Functional.split(g_ba)
     self.disc, *d_a_init = Functional.split(d_a)
     _, *d_b_init = Functional.split(d_b)
     self._init = (g_ab_init, g_ba_init, d_a_init, d_b_init)
-    self.schedule = gan.constant_then_linear_decay(
-        config.learning_rate, config.num_epochs * steps_per_epoch,
-        config.decay_epochs * steps_per_epoch)
-    self.tx = optax.adam(self.schedule, b1=config.beta1, b2=config.beta2)
-    self.augment = (augment_lib.AugmentSpec.from_config(config.augment, image_size)
-                    if config.augment.enabled else None)
-    self._batch = mesh_lib.batch_sharding(mesh)
-    self.generator = export.Exported(self.export_meta(), self.gen, None, None, mesh)
-    self.sampler = None if samples is None else gan.SampleGrid(
-        self.generator, lambda st: (st.g_ab.params, st.g_ab.stats), samples[0], samples[1:],
-        sample_dir, "samples/source_translated_target")
+    return gen
+
+  def generator_state(self, state: State) -> NetState:
+    return state.g_ab          # G: A -> B, the exported generator
+
+  def generator_arch(self) -> dict:
+    return generator_arch(self.config.model)
+
+  def inference(self) -> str:
+    return inference_mode(self.config.model)
 
   def init_state(self) -> State:
     shape = (self.image_size, self.image_size, self.channels)
@@ -339,38 +327,6 @@ class CycleGAN:
     return state.replace(step=state.step + 1, g_ab=g_ab, g_ba=g_ba, d_a=nets["a"],
                          d_b=nets["b"], pool_a=pool_a, pool_b=pool_b), metrics
 
-  def sample_batch(self, step: jax.Array, rng: jax.Array, source: jax.Array, target: jax.Array):
-    """The unpaired (A, B) batch of `step` and its key for dropout and the pools, on the device:
-    A by the epoch order over the source images, B drawn uniformly."""
-    return gan.source_target_batch(step, rng, source, target, batch_size=self.batch_size,
-                                   steps_per_epoch=self.steps_per_epoch, augment=self.augment,
-                                   sharding=self._batch)
-
-  def train_step(self, state: State, data: tuple[jax.Array, jax.Array]):
-    a, b, key = self.sample_batch(state.step, state.rng, *data)
-    return self.update(state, a, b, key)
-
-  def hook(self, step: int, state: State, writer: SummaryWriter) -> None:
-    """Every `sample_every` steps: a PNG grid of source | G(source) | a real target image."""
-    if self.sampler is not None:
-      self.sampler(step, state, writer)
-
-  def export_meta(self) -> dict:
-    cfg = self.config
-    return {"kind": export.GENERATOR, "translator": "cyclegan",
-            "arch": generator_arch(cfg.model), "image_size": self.image_size,
-            "channels": self.channels, "compute_dtype": cfg.compute_dtype,
-            "inference": inference_mode(cfg.model),
-            "source_class": cfg.source_class, "target_class": cfg.target_class,
-            "model": cfg.model.to_dict()}
-
-  def export(self, workdir: pathlib.Path, state: State, step: int) -> None:
-    """G (A -> B) alone, through the shared generator export: what synthesis loads."""
-    meta = dict(self.export_meta(), step=int(step), workdir=str(workdir),
-                split_manifest=str(workdir / "split_manifest.csv"))
-    export.save(workdir / GENERATOR_DIR, state.g_ab.params, state.g_ab.stats, meta)
-    logging.info("Exported the generator G to %s", workdir / GENERATOR_DIR)
-
 
 # ----------------------------------------------------------------------------------- task
 
@@ -391,33 +347,4 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: pathlib.Path) -> export.Exported:
   """The `cyclegan` task: trains, checkpoints, writes samples, exports G."""
-  config = validate(config)
-  workdir = pathlib.Path(workdir)
-  mesh = fit.make_mesh(config, "batch_size")
-  train = dataset.load_splits(config.data, workdir)["train"]
-  source = train.of_class(config.source_class).images
-  target = train.of_class(config.target_class).images
-  if len(source) < config.batch_size or len(target) == 0:
-    raise UserError(f"CycleGAN needs at least batch_size={config.batch_size} "
-                    f"{config.source_class} and one {config.target_class} training image; the "
-                    f"training split has {len(source)} and {len(target)}")
-  steps_per_epoch = len(source) // config.batch_size
-  total_steps = config.num_epochs * steps_per_epoch
-  logging.info("CycleGAN: %d %s <-> %d %s training images, %d steps/epoch, %d steps",
-               len(source), config.source_class, len(target), config.target_class,
-               steps_per_epoch, total_steps)
-  trainer = CycleGAN(config, image_size=config.data.image_size, steps_per_epoch=steps_per_epoch,
-                     mesh=mesh, channels=source.shape[-1],
-                     samples=gan.sample_rows(config.seed, config.num_samples, source, target),
-                     sample_dir=workdir / "samples")
-  fit.fit(trainer, workdir, data=(source, target),
-          schedule=loop.Schedule(total_steps=total_steps, steps_per_call=config.steps_per_call,
-                                 log_every=config.log_every,
-                                 checkpoint_every=config.checkpoint_every,
-                                 hook_every=config.sample_every),
-          keep_checkpoints=config.keep_checkpoints, images_per_step=config.batch_size,
-          memory_hint=f"lower config.batch_size (now {config.batch_size}), "
-                      f"config.data.image_size (now {config.data.image_size}), "
-                      f"config.model.ngf (now {config.model.ngf}) or "
-                      f"config.model.n_blocks (now {config.model.n_blocks})")
-  return export.load_generator(workdir / GENERATOR_DIR, mesh)
+  return translator.train(CycleGAN, validate(config), workdir)
