@@ -16,7 +16,6 @@ import logging
 import os
 import pathlib
 import struct
-import types
 import zipfile
 import zlib
 from typing import Callable
@@ -41,6 +40,7 @@ from cxr_jax.training import checkpoint
 from cxr_jax.training import classifier
 from cxr_jax.training import export
 from cxr_jax.training import functional
+from cxr_jax.training import mesh as mesh_lib
 from cxr_jax.training import pix2pix
 from cxr_jax.training.fit import NetState
 
@@ -553,9 +553,8 @@ def generator_export_as_classifier(tmp_path, caplog):
   checkpoint folder given as an export."""
   del caplog
   config = smoke_config("pix2pix")
-  model = types.SimpleNamespace(image_size=S, channels=1, config=config)  # what export reads
-  model.export_meta = lambda: pix2pix.Pix2Pix.export_meta(model)
-  pix2pix.Pix2Pix.export(model, tmp_path / "pix2pix", pix2pix_state(config), 4)
+  model = pix2pix.Pix2Pix(config, image_size=S, steps_per_epoch=1, mesh=mesh_lib.make_mesh(1))
+  model.export(tmp_path / "pix2pix", pix2pix_state(config), 4)
   directory = tmp_path / "pix2pix" / pix2pix.GENERATOR_DIR
   assert export.load_generator(directory).meta["kind"] == "generator"
   refused(lambda: export.load_classifier(directory), UserError, str(directory),
