@@ -1,7 +1,7 @@
 """CycleGAN normal -> COVID-19 translator (unpaired; pix2pix's random pairs cannot translate).
 
   python main.py --config=configs/cyclegan.py --config.data.data_dir=/path/to/COVID-19_Radiography_Database
-  python main.py --config=configs/cyclegan.py:cpu      # 64 px, learns in minutes on 2 CPU cores
+  python main.py --config=configs/cyclegan.py:cpu      # 64 px, about 6-11 minutes on 2 CPU cores
   python main.py --config=configs/cyclegan.py:smoke    # seconds; used by the tests
 
 Default: the reference's CycleGAN settings (junyanz/pytorch-CycleGAN-and-pix2pix: 256 px, batch 1,
@@ -62,9 +62,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.num_samples = 4
 
   if variant == "cpu":
-    # A step (both generators and discriminators) took 0.8 s on 2 loaded cores with 2 blocks
-    # (0.7 s with 1), up to ~1.4 s with more load; the synthetic default at scale 0.25 has ~234
-    # normal training images: ~58 steps an epoch, ~230 steps, 3-6 minutes.
+    # 20 epochs, 10 of them decaying: 1,160 steps on the synthetic default at scale 0.25 (~234
+    # normal training images, 58 steps an epoch), 2,100 on ../shared/data/cxr-real-dev's 420
+    # normals, where 4 epochs had G translate only part of the way (docs/translation.md). A step
+    # (both generators and discriminators, 2 residual blocks) takes about 0.3 s on 2 cores.
     config.name = "cyclegan-cpu"
     config.data.image_size = 64
     config.data.synthetic_scale = 0.25
@@ -72,12 +73,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.model.ndf = 16
     config.model.n_blocks = 2
     config.batch_size = 4
-    config.num_epochs = 4
-    config.decay_epochs = 2
+    config.num_epochs = 20
+    config.decay_epochs = 10
     config.steps_per_call = 10
-    config.log_every = 20
-    config.sample_every = 100
-    config.checkpoint_every = 100
+    config.log_every = 100
+    config.sample_every = 500
+    config.checkpoint_every = 500
   elif variant == "smoke":
     config.name = "cyclegan-smoke"
     config.data.image_size = 32
