@@ -4,6 +4,8 @@
   python -m benchmarks.bench --only=pix2pix_b1 --pix2pix_dtype=bfloat16 --out=b1-bf16.json
   python -m benchmarks.bench --only=experiment # wall time of experiment:paper (one seed), by stage
   python -m benchmarks.bench --only=pix2pix_b1 --chunk=loop   # a chunk as one fori_loop program
+  python -m benchmarks.bench --only=demo_classifier,demo_pix2pix,demo_cyclegan --steps=10
+                                               # experiment:demo's stages at its sizes (CPU)
   python -m benchmarks.bench --only=resnet50_seeds1,resnet50_seeds3,resnet50_seeds5
                                                # N classifier seeds in one program, summed img/s
   python -m benchmarks.bench --experiment_workdir=RUN   # the stage times a finished run recorded
@@ -59,8 +61,9 @@ from cxr_jax.training import pix2pix
 
 STEP_WORKLOADS = ("pix2pix_b1", "pix2pix_b16", "resnet50_rgb", "resnet50_gray",
                   "generator_inference", "cyclegan_b1", "resnet50_seeds1", "resnet50_seeds3",
-                  "resnet50_seeds5")
-DEFAULT_WORKLOADS = STEP_WORKLOADS[:5]   # CycleGAN and the multi-seed ones: asked for by name
+                  "resnet50_seeds5", "demo_classifier", "demo_pix2pix", "demo_cyclegan")
+DEFAULT_WORKLOADS = STEP_WORKLOADS[:5]   # the others are asked for by name
+DEMO_WORKLOADS = ("demo_classifier", "demo_pix2pix", "demo_cyclegan")   # CPU-sized
 SEED_COUNTS = {"resnet50_seeds1": 1, "resnet50_seeds3": 3, "resnet50_seeds5": 5}
 
 FLAGS = flags.FLAGS
@@ -279,6 +282,30 @@ def bench_cyclegan(batch: int, steps: int) -> Result:
                             mesh=mesh)
   return _time_trainer(f"cyclegan_b{batch}", _variant(FLAGS.pix2pix_dtype), batch, steps, model,
                        (normal, covid))
+
+
+def bench_demo(stage: str, steps: int) -> Result:
+  """One of experiment:demo's stages at its own sizes (64 px images, small networks, batch 4 or
+  32: what a CPU trains), on random data of the demo's training-split sizes."""
+  config = configlib.load_config_file(CONFIGS / "experiment.py", "demo")
+  block = config[stage]
+  block.data = config.data
+  _apply_overrides(block)
+  mesh = mesh_lib.make_mesh()
+  rng = np.random.default_rng(0)
+  size = config.data.image_size
+  images = lambda n: rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8)  # noqa: E731
+  if stage == "classifier":
+    model = classifier.Classifier(block, class_names=("COVID", "NORMAL", "VIRAL_PNEUMONIA"),
+                                  steps_per_epoch=20, total_steps=20 * block.num_epochs,
+                                  mesh=mesh)
+    data = (images(640), rng.integers(0, 3, 640).astype(np.int32))
+  else:
+    cls = pix2pix.Pix2Pix if stage == "pix2pix" else cyclegan.CycleGAN
+    model = cls(block, image_size=size, steps_per_epoch=58, mesh=mesh)
+    data = (images(234), images(234))
+  return _time_trainer(f"demo_{stage}", _variant(block.compute_dtype), block.batch_size, steps,
+                       model, data)
 
 
 def bench_resnet(channels: int, batch: int, steps: int) -> Result:
@@ -514,6 +541,8 @@ def main(argv):
                                                                  1 if on_cpu else 10),
         "cyclegan_b1": lambda: bench_cyclegan(1, steps),
     }
+    for name in DEMO_WORKLOADS:
+      workloads[name] = lambda name=name: bench_demo(name.removeprefix("demo_"), steps)
     seeds_batch = FLAGS.seeds_batch or (8 if on_cpu else 64)
     for name, n in SEED_COUNTS.items():
       workloads[name] = lambda n=n: bench_resnet_seeds(n, seeds_batch, steps)

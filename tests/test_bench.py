@@ -111,3 +111,18 @@ def test_the_gpu_script_asks_only_for_workloads_the_benchmark_has():
   asked = {name for value in re.findall(r"--only=([\w,]+)", script) for name in value.split(",")}
   assert "cyclegan_b1" in asked and "pix2pix_b1" in asked
   assert asked <= set(bench.STEP_WORKLOADS) | {"experiment"}, asked - set(bench.STEP_WORKLOADS)
+
+
+@pytest.mark.parametrize("chunk", ["dispatch", "loop"])
+def test_a_cpu_sized_workload_runs_in_either_chunk_form(chunk):
+  """The benchmark's own timing path (ahead-of-time compiled chunk, warm-up, timed blocks) on
+  experiment:demo's pix2pix; only that it runs and reports, never how fast."""
+  bench.FLAGS.unparse_flags()
+  bench.FLAGS(["bench", f"--chunk={chunk}", "--blocks=1"])
+  try:
+    result = bench.bench_demo("pix2pix", 1)
+  finally:
+    bench.FLAGS.unparse_flags()
+  assert result.name == "demo_pix2pix" and result.batch == 4
+  assert result.variant.startswith("float32+") and result.variant.endswith(f"+{chunk}")
+  assert result.step_s > 0 and result.compile_s > 0
