@@ -76,7 +76,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     p.batch_size, p.num_epochs, p.decay_epochs = 4, 8, 4
     p.steps_per_call, p.log_every, p.sample_every, p.checkpoint_every = 25, 100, 200, 200
     # config.cyclegan is configs/cyclegan.py:cpu as it stands (20 epochs, 1,160 steps here): fewer
-    # epochs leave G close to an identity mapping (docs/translation.md).
+    # epochs translate only part of the way on real radiographs (docs/translation.md).
     c = config.classifier
     c.model.stage_sizes, c.model.width = (1, 1, 1, 1), 16
     c.compute_dtype = "float32"
