@@ -9,6 +9,7 @@ import pathlib
 import re
 
 import pytest
+from absl import logging as absl_logging
 
 from benchmarks import bench
 
@@ -118,12 +119,15 @@ def test_a_cpu_sized_workload_runs_through_the_timing_path():
   experiment:demo's pix2pix, shrunk by `--override`, in the CPU's chunk form (one dispatch per
   step; both forms compute the same steps: tests/test_pix2pix.py); only that it runs and
   reports, never how fast."""
+  absl_logger = absl_logging.get_absl_logger()
+  level = absl_logger.level   # unparsing resets --verbosity, which sets the absl logger's level
   bench.FLAGS.unparse_flags()
   bench.FLAGS(["bench", "--chunk=dispatch", "--blocks=1", "--override=model.ngf=4,model.ndf=4"])
   try:
     result = bench.bench_demo("pix2pix", 1)
   finally:
     bench.FLAGS.unparse_flags()
+    absl_logger.setLevel(level)   # later tests read INFO records (tests/test_training_infra.py)
   assert result.name == "demo_pix2pix" and result.batch == 4
   assert result.variant.startswith("float32+") and result.variant.endswith("+dispatch")
   assert "model.ngf=4" in result.variant
