@@ -252,8 +252,11 @@ def _time_trainer(name: str, variant: str, batch: int, steps: int, trainer,
                    lambda st: chunk(st, data_dev, np.int32(steps))[0], state, compile_s, compiled)
 
 
-def bench_pix2pix(batch: int, steps: int) -> Result:
-  config = configlib.load_config_file(CONFIGS / "pix2pix.py")
+def bench_translator(name: str, batch: int, steps: int) -> Result:
+  """configs/<name>.py's default (pix2pix: the paper's; CycleGAN: the reference's, ResNet 9-block
+  generators, pools of 50), 256 px, at `batch`, on 939 normal and 153 COVID images (the paper's
+  training split)."""
+  config = configlib.load_config_file(CONFIGS / f"{name}.py")
   config.batch_size = batch
   config.compute_dtype = FLAGS.pix2pix_dtype
   _apply_overrides(config)
@@ -261,26 +264,9 @@ def bench_pix2pix(batch: int, steps: int) -> Result:
   rng = np.random.default_rng(0)
   normal = rng.integers(0, 256, (939, 256, 256, 1), dtype=np.uint8)   # the paper's train split
   covid = rng.integers(0, 256, (153, 256, 256, 1), dtype=np.uint8)
-  model = pix2pix.Pix2Pix(config, image_size=256, steps_per_epoch=len(normal) // batch, mesh=mesh)
-  return _time_trainer(f"pix2pix_b{batch}", _variant(FLAGS.pix2pix_dtype), batch, steps, model,
-                       (normal, covid))
-
-
-def bench_cyclegan(batch: int, steps: int) -> Result:
-  """configs/cyclegan.py's default (the reference's: 256 px, ResNet 9-block generators ngf 64,
-  instance norm, pools of 50) at `batch`, on 939 normal and 153 COVID images (the paper's
-  training split)."""
-  config = configlib.load_config_file(CONFIGS / "cyclegan.py")
-  config.batch_size = batch
-  config.compute_dtype = FLAGS.pix2pix_dtype
-  _apply_overrides(config)
-  mesh = mesh_lib.make_mesh()
-  rng = np.random.default_rng(0)
-  normal = rng.integers(0, 256, (939, 256, 256, 1), dtype=np.uint8)
-  covid = rng.integers(0, 256, (153, 256, 256, 1), dtype=np.uint8)
-  model = cyclegan.CycleGAN(config, image_size=256, steps_per_epoch=len(normal) // batch,
-                            mesh=mesh)
-  return _time_trainer(f"cyclegan_b{batch}", _variant(FLAGS.pix2pix_dtype), batch, steps, model,
+  cls = {"pix2pix": pix2pix.Pix2Pix, "cyclegan": cyclegan.CycleGAN}[name]
+  model = cls(config, image_size=256, steps_per_epoch=len(normal) // batch, mesh=mesh)
+  return _time_trainer(f"{name}_b{batch}", _variant(FLAGS.pix2pix_dtype), batch, steps, model,
                        (normal, covid))
 
 
@@ -533,13 +519,13 @@ def main(argv):
     steps = FLAGS.steps or (2 if on_cpu else 50)
     resnet_batch = FLAGS.resnet_batch or (8 if on_cpu else 256)
     workloads = {
-        "pix2pix_b1": lambda: bench_pix2pix(1, steps),
-        "pix2pix_b16": lambda: bench_pix2pix(16, steps),
+        "pix2pix_b1": lambda: bench_translator("pix2pix", 1, steps),
+        "pix2pix_b16": lambda: bench_translator("pix2pix", 16, steps),
         "resnet50_rgb": lambda: bench_resnet(3, resnet_batch, steps),
         "resnet50_gray": lambda: bench_resnet(1, resnet_batch, steps),
         "generator_inference": lambda: bench_generator_inference(4 if on_cpu else 64,
                                                                  1 if on_cpu else 10),
-        "cyclegan_b1": lambda: bench_cyclegan(1, steps),
+        "cyclegan_b1": lambda: bench_translator("cyclegan", 1, steps),
     }
     for name in DEMO_WORKLOADS:
       workloads[name] = lambda name=name: bench_demo(name.removeprefix("demo_"), steps)

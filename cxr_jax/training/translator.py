@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from cxr_jax import configlib
 from cxr_jax.data import dataset
 from cxr_jax.errors import UserError
 from cxr_jax.training import augment as augment_lib
@@ -159,7 +160,7 @@ def train(cls: type[Translator], config: ml_collections.ConfigDict,
                 mesh=mesh, channels=source.shape[-1],
                 samples=gan.sample_rows(config.seed, config.num_samples, source, target),
                 sample_dir=workdir / "samples")
-  hint = ", ".join(f"config.{key} (now {_get(config, key)})" for key in cls.memory_keys)
+  hint = ", ".join(f"config.{key} (now {configlib.get_dotted(config, key)})" for key in cls.memory_keys)
   fit.fit(trainer, workdir, data=(source, target),
           schedule=loop.Schedule(total_steps=total_steps, steps_per_call=config.steps_per_call,
                                  log_every=config.log_every,
@@ -168,10 +169,3 @@ def train(cls: type[Translator], config: ml_collections.ConfigDict,
           keep_checkpoints=config.keep_checkpoints, images_per_step=config.batch_size,
           memory_hint=f"lower one of {hint}")
   return export.load_generator(workdir / GENERATOR_DIR, mesh)
-
-
-def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
-  value = config
-  for part in dotted.split("."):
-    value = value[part]
-  return value
