@@ -235,6 +235,155 @@ def test_labels_csv_split_must_give_every_split(tmp_path):
     dataset.load_splits(cfg)
 
 
+# --- labels CSV with metadata, patients, views ---------------------------------------------
+
+
+def _patient_csv(tmp_path: pathlib.Path, n_patients: int = 8, per_patient: int = 3,
+                 header=("file", "label", "patient_id", "age", "sex", "view")) -> pathlib.Path:
+  """n_patients x per_patient images; patient 0 has films of both classes, patient 1 a lateral."""
+  files = _flat_images(tmp_path / "data", n_patients * per_patient)
+  rows = []
+  for i, f in enumerate(files):
+    p = i // per_patient
+    label = "Healthy" if p % 2 else "Tuberculosis"
+    if p == 0 and i % per_patient == 0:
+      label = "Healthy"
+    view = "LL" if (p == 1 and i % per_patient == 2) else ("PA" if i % 2 else "ap")
+    rows.append((f, label, f"pt-{p}", str(20 + 7 * p), "female" if p % 3 else "M", view))
+  return _write_csv(tmp_path / "labels.csv", rows, header=header)
+
+
+def test_labels_csv_with_patients_keeps_every_patient_in_one_split(tmp_path):
+  csv_path = _patient_csv(tmp_path)
+  cfg = _cfg(tmp_path, data_dir=str(tmp_path / "data"), labels_csv=str(csv_path),
+             classes=("Healthy", "Tuberculosis"))
+  sets = dataset.load_splits(cfg, tmp_path / "work")
+  rows = splits.read_manifest(tmp_path / "work" / splits.MANIFEST)
+  where: dict[str, set[str]] = {}
+  for r in rows:
+    if r.split in splits.SPLITS:
+      where.setdefault(r.metadata["patient_id"], set()).add(r.split)
+  assert len(where) == 8 and all(len(v) == 1 for v in where.values())
+  # The lateral film is skipped (config.data.views = PA, AP) and says why.
+  lateral = [r for r in rows if r.split == splits.SKIPPED]
+  assert [r.file for r in lateral] == ["scans/scan-05.png"]
+  assert "view LL is not in config.data.views (PA, AP)" in lateral[0].note
+  assert lateral[0].metadata["view"] == "LL"
+  summary = json.loads((tmp_path / "work" / splits.SUMMARY).read_text())
+  assert sum(summary["patients"][s] for s in splits.SPLITS) == 8
+  assert summary["split_from"].startswith("stratified by patient (StratifiedGroupKFold, 4 folds")
+  assert summary["metadata_columns"] == ["patient_id", "age", "sex", "view"]
+  # Metadata normalised and carried by the image sets (every split sees the same mapping).
+  meta = sets["test"].metadata
+  assert meta["scans/scan-00.png"] == {"patient_id": "pt-0", "age": "20", "sex": "M",
+                                       "view": "AP"}
+  assert meta["scans/scan-04.png"]["sex"] == "F"
+  assert sum(len(s) for s in sets.values()) == 23
+  # `group` is the same column under another name.
+  grouped = _patient_csv(tmp_path, header=("file", "label", "group", "age", "sex", "view"))
+  again = dataset.load_splits(_cfg(tmp_path, data_dir=str(tmp_path / "data"),
+                                   labels_csv=str(grouped), classes=("Healthy", "Tuberculosis")))
+  assert {k: v.files for k, v in again.items()} == {k: v.files for k, v in sets.items()}
+  # views=() keeps the lateral film.
+  every = dataset.load_splits(_cfg(tmp_path, data_dir=str(tmp_path / "data"),
+                                   labels_csv=str(csv_path), classes=("Healthy", "Tuberculosis"),
+                                   views=()))
+  assert sum(len(s) for s in every.values()) == 24
+
+
+@pytest.mark.parametrize("edit,problem", [
+    (lambda rows: rows[2].__setitem__(3, "forty"), "line 3: age 'forty' is not a number"),
+    (lambda rows: rows[4].__setitem__(4, "X"), "line 5: sex 'X' is not M, F, O"),
+    (lambda rows: rows[5].__setitem__(4, "M"), "line 6: patient 'pt-1' has sex M here and F on "
+     "line 5"),
+    (lambda rows: rows[0].__setitem__(2, "patient_id") or rows[0].__setitem__(3, "group"),
+     "line 1: columns 'group' and 'patient_id' both name the patient"),
+    (lambda rows: rows[0].__setitem__(5, "age"), "line 1: column 'age' appears twice"),
+    (lambda rows: rows[0].__setitem__(5, "Class"), "line 1: column 'class' collides with a "
+     "column the split manifest writes"),
+])
+def test_bad_metadata_is_one_line_naming_the_csv_line(tmp_path, edit, problem):
+  csv_path = _patient_csv(tmp_path, n_patients=4)
+  with open(csv_path, newline="") as f:
+    rows = list(csv.reader(f))
+  edit(rows)
+  _write_csv(csv_path, rows[1:], header=rows[0])
+  cfg = _cfg(tmp_path, data_dir=str(tmp_path / "data"), labels_csv=str(csv_path),
+             classes=("Healthy", "Tuberculosis"))
+  with pytest.raises(DataError) as e:
+    dataset.load_splits(cfg)
+  assert "\n" not in str(e.value)
+  assert str(e.value).startswith(f"{csv_path.resolve()}: {problem}"), str(e.value)
+
+
+def test_labels_per_patient_refuses_a_patient_with_two_labels(tmp_path):
+  csv_path = _patient_csv(tmp_path, n_patients=4)
+  cfg = _cfg(tmp_path, data_dir=str(tmp_path / "data"), labels_csv=str(csv_path),
+             classes=("Healthy", "Tuberculosis"), labels_per_patient=True)
+  with pytest.raises(DataError, match=r"line 3: patient 'pt-0' is labelled TUBERCULOSIS here and "
+                     r"HEALTHY on line 2"):
+    dataset.load_splits(cfg)
+
+
+def test_given_split_refuses_a_patient_in_two_splits(tmp_path):
+  files = _flat_images(tmp_path / "data", 6)
+  plan = ["train", "val", "test", "train", "val", "test"]
+  rows = [(f, "AB" if i % 2 else "CD", plan[i], f"p{i // 2}") for i, f in enumerate(files)]
+  csv_path = _write_csv(tmp_path / "labels.csv", rows, header=("file", "label", "split", "group"))
+  cfg = _cfg(tmp_path, data_dir=str(tmp_path / "data"), labels_csv=str(csv_path),
+             classes=("AB", "CD"))
+  with pytest.raises(DataError, match=r"patient p0 has images in splits train, val: "
+                     r"scans/scan-00.png \(train\); scans/scan-01.png \(val\)"):
+    dataset.load_splits(cfg)
+
+
+def test_classes_auto_takes_the_class_folders_found_sorted(tmp_path):
+  root = tmp_path / "data" / "mine"
+  for k, folder in enumerate(("zebra stripes", "Apple")):
+    for i in range(4):
+      _png(root / folder / f"{i}.png", _image(300 + 10 * k + i))
+  cfg = _cfg(tmp_path, data_dir=str(tmp_path / "data"), classes=("auto",))  # as the flag gives
+  sets = dataset.load_splits(cfg, tmp_path / "work")
+  assert sets["train"].class_names == ("APPLE", "ZEBRA_STRIPES")
+  for s in sets.values():
+    assert all(lbl == (0 if f.startswith("Apple/") else 1) for lbl, f in zip(s.labels, s.files))
+  summary = json.loads((tmp_path / "work" / splits.SUMMARY).read_text())
+  assert summary["classes"] == ["APPLE", "ZEBRA_STRIPES"]
+  assert summary["classes_from"].startswith("auto")
+  assert classes.member("apple", "auto", "source_class") == "APPLE"
+  # One class folder is not a classification problem.
+  lone = tmp_path / "lone" / "x"
+  for i in range(3):
+    _png(lone / "Only" / f"{i}.png", _image(400 + i))
+  with pytest.raises(DataError, match=r"classes='auto' found 1 class \(ONLY\)"):
+    dataset.load_splits(_cfg(tmp_path, data_dir=str(tmp_path / "lone"), classes=("AUTO",)))
+
+
+def test_metadata_xlsx_beside_the_class_folders_fills_the_source(tmp_path):
+  openpyxl = pytest.importorskip("openpyxl")
+  root = tmp_path / "COVID-19_Radiography_Dataset"
+  for folder, prefix in (("COVID", "COVID"), ("Normal", "Normal")):
+    for i in (1, 2):
+      _png(root / folder / "images" / f"{prefix}-{i}.png", _image(600 + 10 * len(prefix) + i))
+  book = openpyxl.Workbook()
+  sheet = book.active
+  sheet.append(["FILE NAME", "FORMAT", "SIZE", "URL"])
+  sheet.append(["COVID-1", "PNG", "256*256", "https://example.org/a"])
+  sheet.append(["COVID-2", "PNG", "256*256", "https://example.org/b"])
+  sheet.append(["COVID-99", "PNG", "256*256", "https://example.org/none"])  # no such image
+  book.save(root / "COVID.metadata.xlsx")
+  (root / "Normal.metadata.xlsx").write_bytes(b"not a workbook")  # skipped with a warning
+  lay = layout.discover(tmp_path, ("COVID", "NORMAL"))
+  assert lay.metadata == {"COVID/images/COVID-1.png": {"source": "https://example.org/a"},
+                          "COVID/images/COVID-2.png": {"source": "https://example.org/b"}}
+  cfg = _cfg(tmp_path, data_dir=str(tmp_path), classes=("COVID", "Normal"),
+             split_fractions=(0.34, 0.33, 0.33))
+  dataset.load_splits(cfg, tmp_path / "work")
+  rows = {r.file: r for r in splits.read_manifest(tmp_path / "work" / splits.MANIFEST)}
+  assert rows["COVID/images/COVID-2.png"].metadata == {"source": "https://example.org/b"}
+  assert rows["Normal/images/Normal-1.png"].metadata == {}
+
+
 # --- DICOM ------------------------------------------------------------------------------------
 
 def _dicom(path: pathlib.Path, stored: np.ndarray, *, photometric: str = "MONOCHROME2",

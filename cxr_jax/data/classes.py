@@ -80,7 +80,10 @@ AUTO = "auto"
 
 
 def is_auto(classes) -> bool:
-  """Whether config.data.classes asks for the classes found in the data ('auto')."""
+  """Whether config.data.classes asks for the classes found in the data: 'auto', or ('auto',) as
+  `--config.data.classes=auto` gives it for the tuple-typed field."""
+  if isinstance(classes, (list, tuple)) and len(classes) == 1:
+    classes = classes[0]
   return isinstance(classes, str) and classes.strip().lower() == AUTO
 
 

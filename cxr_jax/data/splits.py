@@ -43,10 +43,9 @@ import dataclasses
 import json
 import os
 import pathlib
+import warnings
 import zlib
 from typing import Iterable, Sequence
-
-import warnings
 
 import numpy as np
 from absl import logging
