@@ -688,3 +688,46 @@ def test_pydicom_records_go_to_the_log_file_not_the_console(tmp_path, capsys):
     root.setLevel(level)
     if had_absl:
       root.addHandler(absl_logging.get_absl_handler())
+
+
+def test_classifier_trains_on_auto_classes_with_patients_and_reports_subgroups(tmp_path):
+  """End to end, once: two arbitrary class folders of DICOM films (classes='auto'), patients from
+  PatientID, the lateral films skipped, and the subgroup table in the test report."""
+  from cxr_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from cxr_jax.pipeline import classify  # pylint: disable=import-outside-toplevel
+  from conftest import REPO_ROOT  # pylint: disable=import-outside-toplevel
+  root = tmp_path / "data" / "films"
+  rng = np.random.default_rng(0)
+  for k in range(28):
+    folder = ("Effusion", "Clear")[k % 2]
+    stored = (np.kron(rng.integers(0, 4000, (4, 4)), np.ones((8, 8))) + 1000 * (k % 2)
+              ).astype(np.uint16)
+    _dicom(root / folder / f"f{k:02d}.dcm", stored, bits=13,
+           extra={"PatientID": f"P{k // 2}", "PatientSex": "MF"[k % 4 // 2],
+                  "PatientAge": f"{20 + 3 * k:03d}Y", "ViewPosition": "LL" if k == 3 else "PA"})
+  config = configlib.load_config_file(REPO_ROOT / "configs/classifier.py", "smoke")
+  config.data.data_dir = str(tmp_path / "data")
+  config.data.classes = ("auto",)
+  config.data.split_fractions = (0.5, 0.25, 0.25)
+  config.subgroups = ("sex", "age_band")
+  config.num_epochs = 1
+  run = workdir_lib.prepare(tmp_path / "run", config)
+  result = classify.train_and_evaluate(config, run)
+  assert result["class_names"] == ["CLEAR", "EFFUSION"]
+  rows = splits.read_manifest(run / splits.MANIFEST)
+  where: dict[str, set[str]] = {}
+  for r in rows:
+    if r.split in splits.SPLITS:
+      where.setdefault(r.metadata["patient_id"], set()).add(r.split)
+  assert len(where) == 14 and all(len(v) == 1 for v in where.values())
+  assert [r.file for r in rows if r.split == splits.SKIPPED] == ["Clear/f03.dcm"]
+  metrics = json.loads((run / "metrics.json").read_text())
+  groups = metrics["subgroups"]["groups"]
+  assert sum(g["n"] for g in groups if g["column"] == "sex") == metrics["n"]
+  assert {g["column"] for g in groups} == {"sex", "age_band"}
+  text = (run / "metrics.md").read_text()
+  assert "## Subgroups" in text and "| sex | F |" in text and "| age_band |" in text
+  # A subgroup column the data lack is refused before any training, naming the config key.
+  config.subgroups = ("source",)
+  with pytest.raises(ConfigError, match=r"config.subgroups: 'source' is not a metadata column"):
+    classify.train_and_evaluate(config, tmp_path / "run2")
