@@ -580,7 +580,9 @@ def from_labels_csv(labels_csv: str | os.PathLike, data_dir: str | os.PathLike,
       raise DataError(f"{where}: {file!r} is listed again (first on line {first_line[file]})")
     first_line[file] = line
     c = classes_lib.canonical(label)
-    if c is None or (wanted and c not in wanted):
+    if c is None:
+      raise DataError(f"{where}: empty label")
+    if wanted and c not in wanted:
       raise DataError(f"{where}: label {label!r} is not in config.data.classes "
                       f"({', '.join(classes)})")
     if "split" in cells:
