@@ -220,7 +220,8 @@ def load_splits(data_cfg: ml_collections.ConfigDict,
   empty = [classes[k] for k in range(len(classes)) if counts[k] == 0]
   if empty:
     raise DataError(f"{prepared.source}: no readable image of class {', '.join(empty)} (all "
-                    f"skipped as unreadable: see the warning above)")
+                    "skipped as unreadable or for a view not in config.data.views: see the "
+                    "warnings above)")
 
   given = [layout.given_splits[f] for f in files] if layout.given_splits else None
   patients = [metadata.get(f, {}).get("patient_id", "") for f in files]

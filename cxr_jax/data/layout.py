@@ -62,8 +62,6 @@ FIRST_RELEASE = "first"  # flat class folders
 LATER_RELEASE = "later"  # <Class>/images/
 LABELS_CSV = "labels_csv"  # files and labels listed in a CSV
 CSV_COLUMNS = ("file", "label", "split")
-# Metadata columns with a meaning (any other column of a labels CSV is kept as given).
-METADATA_COLUMNS = ("patient_id", "age", "sex", "view", "source")
 # Names the split manifest writes itself: a metadata column of that name would be ambiguous.
 RESERVED_COLUMNS = ("sha256", "class", "note")
 

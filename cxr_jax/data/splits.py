@@ -62,6 +62,8 @@ MIN_CORRELATION = 0.98
 MANIFEST = "split_manifest.csv"
 SUMMARY = "split_summary.json"
 MANIFEST_COLUMNS = ("file", "sha256", "class", "split", "note")
+# Metadata columns with a meaning, written after MANIFEST_COLUMNS in this order (others sorted).
+METADATA_COLUMNS = ("patient_id", "age", "sex", "view", "source")
 
 
 def check_fractions(fractions: Sequence[float], key: str = "data.split_fractions"
@@ -236,7 +238,8 @@ def _grouped_assign(groups: Sequence[list[int]], labels: np.ndarray, fractions: 
   if len(groups) < k:
     raise DataError(f"config.data.split_fractions={tuple(fractions)}: a split by patient needs "
                     f"at least {k} patients (folds of 1/{k}); the data hold {len(groups)} "
-                    "patient group(s)")
+                    "patient group(s) (patients come from the labels CSV's patient_id column, "
+                    "else DICOM PatientID; give a patient_id column to override the header's)")
   order = sorted(range(len(groups)), key=lambda g: groups[g][0])
   index = np.array([i for g in order for i in groups[g]], np.int64)
   group_of = np.array([g for g in order for _ in groups[g]], np.int64)
@@ -434,11 +437,10 @@ def write_manifest(workdir: str | os.PathLike, rows: Iterable[ManifestRow], *,
 
 def metadata_columns(metadata: Iterable[dict[str, str]]) -> list[str]:
   """The metadata columns present: the known ones in a fixed order, then the others sorted."""
-  known = ("patient_id", "age", "sex", "view", "source")
   present: set[str] = set()
   for m in metadata:
     present.update(k for k, v in m.items() if v)
-  return [k for k in known if k in present] + sorted(present - set(known))
+  return [k for k in METADATA_COLUMNS if k in present] + sorted(present - set(METADATA_COLUMNS))
 
 
 def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from cxr_jax.data import splits as splits_lib
 from cxr_jax.errors import ConfigError
 from cxr_jax.evaluation import stats
 
@@ -140,10 +141,7 @@ def from_predictions(predictions_csv: str | os.PathLike,
 def read_metadata(manifest_csv: str | os.PathLike) -> dict[str, dict[str, str]]:
   """file -> metadata from a split_manifest.csv (the columns after file, sha256, class, split,
   note)."""
-  fixed = ("file", "sha256", "class", "split", "note")
-  with open(manifest_csv, newline="", encoding="utf-8") as f:
-    return {r["file"]: {k: v for k, v in r.items() if k not in fixed and k is not None and v}
-            for r in csv.DictReader(f)}
+  return {r.file: dict(r.metadata) for r in splits_lib.read_manifest(manifest_csv)}
 
 
 def _cell(entry: Mapping[str, Any]) -> str:
