@@ -299,3 +299,25 @@ def test_subgroups_config_names_the_missing_column():
   with pytest.raises(ConfigError, match=r"config.subgroups: 'view' is not a metadata column of the "
                      r"data \(columns: age, age_band, sex"):
     subgroups.check(("sex", "view"), meta)
+
+
+def test_subgroups_from_predictions_files_side_by_side(tmp_path):
+  from cxr_jax.data import splits
+  from cxr_jax.evaluation import subgroups
+  splits.write_manifest(tmp_path, [
+      splits.ManifestRow("a.png", "h1", "A", "test", "", {"sex": "F"}),
+      splits.ManifestRow("b.png", "h2", "B", "test", "", {"sex": "M"}),
+      splits.ManifestRow("c.png", "h3", "B", "test", "", {"sex": "F"})], class_names=("A", "B"))
+  meta = subgroups.read_metadata(tmp_path / splits.MANIFEST)
+  assert meta == {"a.png": {"sex": "F"}, "b.png": {"sex": "M"}, "c.png": {"sex": "F"}}
+  tables = {}
+  for run, predicted in (("original", "ABA"), ("enhanced", "ABB")):
+    path = tmp_path / f"{run}.csv"
+    path.write_text("file,label,predicted,p_A,p_B\n" + "".join(
+        f"{f}.png,{lbl},{p},0.5,0.5\n" for f, lbl, p in zip("abc", "ABB", predicted)))
+    tables[run] = subgroups.from_predictions(path, meta, ("sex",), ("A", "B"))
+  f_orig = tables["original"]["groups"][0]
+  assert f_orig["value"] == "F" and (f_orig["accuracy"]["k"], f_orig["accuracy"]["n"]) == (1, 2)
+  text = subgroups.compare_markdown(tables)
+  assert "| Column | Subgroup | Images | original | enhanced |" in text
+  assert "| sex | F | 2 | 0.500 [0.013, 0.987] (1/2) | 1.000 [0.158, 1.000] (2/2) |" in text

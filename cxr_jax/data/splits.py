@@ -24,8 +24,9 @@ never straddle splits: images of one patient, and images equal to them, form one
 patient's images may carry different labels: serial films), and the groups are split by
 scikit-learn's `StratifiedGroupKFold` (shuffled by `split_seed`) into `k` folds, `k` the smallest
 number of folds (up to 20) in which each fraction is a whole number of folds to within 0.05
-(0.7 / 0.1 / 0.2 -> 10 folds: 7 train, 1 val, 2 test); the fractions reached are those of the
-folds, recorded in the split summary. Images without a patient id are groups of their own.
+(0.7 / 0.1 / 0.2 -> 10 folds: 7 train, 1 val, 2 test; the split summary's `split_from` names
+them). Folds hold whole patients, so split sizes are near the fractions, not exact, and a small
+class may miss a split. Images without a patient id are groups of their own.
 
 A predefined split (the `split` column of `config.data.labels_csv`) is taken as given, after the
 same checks: identical images under different labels are dropped as above; identical images given
@@ -244,8 +245,8 @@ def _grouped_assign(groups: Sequence[list[int]], labels: np.ndarray, fractions: 
   index = np.array([i for g in order for i in groups[g]], np.int64)
   group_of = np.array([g for g in order for _ in groups[g]], np.int64)
   splitter = model_selection.StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-  with warnings.catch_warnings():  # "least populated class has only n members": said below
-    warnings.simplefilter("ignore", UserWarning)
+  with warnings.catch_warnings():  # "least populated class has only n members": the split
+    warnings.simplefilter("ignore", UserWarning)  # stays valid, the classes only less balanced
     folds = [test for _, test in splitter.split(np.zeros(len(index)), labels[index], group_of)]
   bounds = np.cumsum(per_split)
   for f, rows in enumerate(folds):

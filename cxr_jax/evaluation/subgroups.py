@@ -164,3 +164,32 @@ def markdown(table: Mapping[str, Any], *, heading: str = "## Subgroups") -> str:
     lines.append(f"| {g['column']} | {g['value']} | {g['n']} | {_cell(g['accuracy'])} | "
                  + " | ".join(_cell(g["recall"][c]) for c in names) + " |")
   return "\n".join(lines) + "\n"
+
+
+def compare_markdown(tables: Mapping[str, Mapping[str, Any]], *,
+                     heading: str = "## Subgroups") -> str:
+  """Several runs' tables (e.g. the experiment's rows, one seed each: `{row: from_predictions(
+  ...)}`) side by side: one line per subgroup, each run's accuracy with its exact interval. The
+  runs score the same test images, so their intervals are not independent evidence of a
+  difference: the paired tests of the report compare rows."""
+  runs = list(tables)
+  if not runs:
+    return ""
+  first = tables[runs[0]]
+  pct = f"{100 * first['confidence']:g} %"
+  lines = [heading, "",
+           f"Accuracy per subgroup of the test images, {pct} exact (Clopper-Pearson) intervals "
+           "(k/n after them); 'unknown': the image has no value.", "",
+           "| Column | Subgroup | Images | " + " | ".join(runs) + " |",
+           "|---|---|---:|" + "---|" * len(runs)]
+  cells: dict[tuple[str, str], dict[str, str]] = {}
+  sizes: dict[tuple[str, str], int] = {}
+  for run in runs:
+    for g in tables[run]["groups"]:
+      key = (g["column"], g["value"])
+      sizes.setdefault(key, g["n"])
+      cells.setdefault(key, {})[run] = _cell(g["accuracy"])
+  for key, n in sizes.items():
+    lines.append(f"| {key[0]} | {key[1]} | {n} | "
+                 + " | ".join(cells[key].get(run, "n/a") for run in runs) + " |")
+  return "\n".join(lines) + "\n"
