@@ -301,6 +301,8 @@ def test_labels_csv_with_patients_keeps_every_patient_in_one_split(tmp_path):
     (lambda rows: rows[0].__setitem__(5, "age"), "line 1: column 'age' appears twice"),
     (lambda rows: rows[0].__setitem__(5, "Class"), "line 1: column 'class' collides with a "
      "column the split manifest writes"),
+    (lambda rows: rows[0].__setitem__(5, "age_band"), "line 1: column 'age_band' collides with "
+     "the age band derived from 'age'"),
 ])
 def test_bad_metadata_is_one_line_naming_the_csv_line(tmp_path, edit, problem):
   csv_path = _patient_csv(tmp_path, n_patients=4)

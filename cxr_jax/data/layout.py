@@ -632,6 +632,9 @@ def _csv_header(csv_path: pathlib.Path, raw: Sequence[str]) -> list[str]:
     raise DataError(f"{where}: columns 'group' and 'patient_id' both name the patient ('group' "
                     "is read as 'patient_id'); keep one")
   header = ["patient_id" if h == "group" else h for h in header]
+  if "age_band" in header and "age" in header:
+    raise DataError(f"{where}: column 'age_band' collides with the age band derived from 'age' "
+                    "for config.subgroups; rename it or leave it out")
   for k, h in enumerate(header):
     if not h:
       raise DataError(f"{where}: column {k + 1} has no name")
