@@ -60,6 +60,9 @@ def get_config(variant: str = "scratch") -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2
   config.num_gradcam = 4               # test images per class shown with Grad-CAM
   config.n_bootstrap = 1000
+  # Metadata columns whose subgroups get their own accuracy and recall with exact CIs in the test
+  # report, e.g. ("sex", "age_band", "view", "source"); age_band is age by decade.
+  config.subgroups = ()
 
   if variant == "scratch":
     pass

@@ -32,10 +32,20 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
   cfg.image_size = 256
   # Class names (order = label ids): the database's spellings map to its classes, any other name
   # is a class of its own, read from the folder of that name (or the labels CSV's label column).
+  # "auto": every class folder (or CSV label) found, sorted by name.
   cfg.classes = PAPER_CLASSES
-  # A CSV with header file,label[,split] (file relative to data_dir, or absolute): labels, and the
-  # split when given, come from it instead of class folders and the seeded split. Empty: folders.
+  # A CSV with header file,label then any of split, patient_id (or group), age, sex, view, source
+  # and other metadata columns (file relative to data_dir, or absolute): labels, metadata and the
+  # split when given come from it instead of class folders and the seeded split. Empty: folders.
+  # With patient ids (or DICOM PatientID) the split keeps each patient in one split.
   cfg.labels_csv = ""
+  # True: a patient's images must all carry one label (a second label is an error naming the line).
+  cfg.labels_per_patient = False
+  # Views kept when an image says its view (DICOM ViewPosition, the CSV's view column); others are
+  # skipped and counted. Empty: every view.
+  cfg.views = ("PA", "AP")
+  # Non-square images: "squash" to the square (the paper's inputs) or "pad" (aspect kept, black).
+  cfg.resize = "squash"
   # Stratified train / validation / test fractions (see README: 70/10/20 keeps ~44 real COVID
   # test images at the first release's 219 COVID images, enough for a usable confidence interval).
   cfg.split_fractions = (0.7, 0.1, 0.2)

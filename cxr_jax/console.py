@@ -7,6 +7,10 @@ records, TFDS, etils, absl, jax) and Python warnings (e.g. SciPy's `LinAlgWarnin
 (file:line, time, thread). `--log_level=info` brings the libraries' INFO records back on the
 console, `--log_level=debug` turns DEBUG on for everything (console and file).
 
+Libraries whose records only repeat what the project says in one line per file (pydicom: its
+decoder errors come with a traceback, and the dataset layer names the file and the reason) are
+kept off the console at every level but `--log_level=info|debug`: `FILE_ONLY_LOGGERS`.
+
 A record logged with `extra=console.FILE_ONLY` goes to the log file only (the resolved config,
 every progress report); the progress bars themselves are `training.summary.Progress`.
 """
@@ -24,6 +28,7 @@ from absl import logging as absl_logging
 
 LEVELS = ("default", "info", "debug")
 FILE_ONLY = {"console": False}  # `logging.info(..., extra=FILE_ONLY)`: the log file only
+FILE_ONLY_LOGGERS = ("pydicom",)  # their records (errors included) go to the log file only
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _MAIN_FILES = ("main.py",)
 
@@ -55,6 +60,8 @@ class _ConsoleFilter(logging.Filter):
       return record.levelno >= logging.WARNING
     if self.level != "default":
       return True
+    if record.name.split(".")[0] in FILE_ONLY_LOGGERS:
+      return False
     if record.levelno < logging.ERROR:  # said once: each stage re-reading the data repeats it
       text = record.getMessage()
       if text in self._shown:

@@ -146,3 +146,73 @@ def test_manifest_and_summary(tmp_path):
   summary = json.loads((tmp_path / splits.SUMMARY).read_text())
   assert summary["counts"]["train"]["COVID"] == 1 and summary["counts"]["test"]["NORMAL"] == 1
   assert summary["totals"]["skipped"] == 1 and summary["split_seed"] == 3
+
+
+def test_patients_never_straddle_splits_and_classes_stay_stratified():
+  # 40 patients with 1-4 images each; a few patients have films of two classes (serial films).
+  files, labels, imgs = _data(counts=(30, 40, 30), seed=3)
+  rng = np.random.default_rng(0)
+  patients = [f"P{int(p):02d}" for p in rng.integers(0, 40, size=len(files))]
+  patients[5] = ""  # an image without a patient id is a group of its own
+  stack = np.stack(imgs)
+  s = splits.make_split(files, labels, _hashes(imgs), stack, class_names=NAMES,
+                        fractions=FRACTIONS, seed=0, patients=patients)
+  where: dict[str, set[str]] = {}
+  for p, a in zip(patients, s.assignment):
+    if p:
+      where.setdefault(p, set()).add(a)
+  assert all(len(v) == 1 for v in where.values()), where
+  assert any(len({labels[i] for i in range(len(files)) if patients[i] == p}) > 1 for p in where)
+  for c in range(3):  # every class in every split, roughly at the fractions
+    n = np.sum(labels == c)
+    for split, frac in zip(splits.SPLITS, FRACTIONS):
+      k = np.sum((labels == c) & (np.array(s.assignment) == split))
+      assert k > 0 and abs(k / n - frac) < 0.2, (c, split, k, n)
+  again = splits.make_split(files, labels, _hashes(imgs), stack, class_names=NAMES,
+                            fractions=FRACTIONS, seed=0, patients=patients)
+  assert again.assignment == s.assignment
+  other = splits.make_split(files, labels, _hashes(imgs), stack, class_names=NAMES,
+                            fractions=FRACTIONS, seed=1, patients=patients)
+  assert other.assignment != s.assignment
+
+
+def test_identical_images_of_two_patients_join_their_patients():
+  files, labels, imgs = _data(counts=(12, 12, 12), seed=4)
+  patients = [f"P{i % 12}" for i in range(len(files))]
+  imgs[1] = imgs[20].copy()  # the same picture as COVID (patient P1) and NORMAL (patient P8)
+  imgs[14] = imgs[3].copy()  # the same NORMAL picture... filed as COVID 3 (P3) and NORMAL 14 (P2)
+  labels = labels.copy()
+  labels[14] = labels[3]
+  s = splits.make_split(files, labels, _hashes(imgs), np.stack(imgs), class_names=NAMES,
+                        fractions=FRACTIONS, seed=0, patients=patients)
+  # Identical pixels under two classes are dropped; under one class they join the two patients.
+  assert s.assignment[1] == s.assignment[20] == splits.DROPPED
+  joined = {s.assignment[i] for i in range(len(files)) if patients[i] in ("P2", "P3")}
+  assert len(joined) == 1 and splits.DROPPED not in joined
+
+
+def test_patient_split_plan_and_too_few_patients():
+  assert splits.fold_plan((0.7, 0.1, 0.2)) == (10, (7, 1, 2))
+  assert splits.fold_plan((0.5, 0.25, 0.25)) == (4, (2, 1, 1))
+  assert splits.fold_plan((0.34, 0.33, 0.33)) == (3, (1, 1, 1))
+  files, labels, imgs = _data(counts=(4, 4, 4))
+  with pytest.raises(splits.DataError, match=r"needs at least 10 patients.*hold 6"):
+    splits.make_split(files, labels, _hashes(imgs), np.stack(imgs), class_names=NAMES,
+                      fractions=FRACTIONS, seed=0, patients=[f"P{i % 6}" for i in range(12)])
+
+
+def test_manifest_metadata_columns_and_patient_counts(tmp_path):
+  rows = [splits.ManifestRow("b.png", "h1", "COVID", "train", "", {"patient_id": "P1", "sex": "F",
+                                                                     "scanner": "X"}),
+          splits.ManifestRow("a.png", "h2", "NORMAL", "test", "", {"patient_id": "P2",
+                                                                    "age": "41"}),
+          splits.ManifestRow("c.png", "h3", "NORMAL", "train", "", {"patient_id": "P1"})]
+  splits.write_manifest(tmp_path, rows, class_names=NAMES[:2])
+  with open(tmp_path / splits.MANIFEST, newline="") as f:
+    header = next(csv.reader(f))
+  assert header == [*splits.MANIFEST_COLUMNS, "patient_id", "age", "sex", "scanner"]
+  back = splits.read_manifest(tmp_path / splits.MANIFEST)
+  assert back[1].metadata == {"patient_id": "P1", "sex": "F", "scanner": "X"}
+  summary = json.loads((tmp_path / splits.SUMMARY).read_text())
+  assert summary["patients"]["train"] == 1 and summary["patients"]["test"] == 1
+  assert summary["metadata_columns"] == ["patient_id", "age", "sex", "scanner"]

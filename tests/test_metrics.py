@@ -256,3 +256,68 @@ def test_plots_write_pngs(tmp_path):
     with Image.open(path) as im:
       assert im.format == "PNG" and min(im.size) > 100
   assert sorted(p.name for p in tmp_path.iterdir()) == ["cm.png", "curves.png", "roc.png"]
+
+
+def test_subgroup_table_counts_and_exact_intervals_by_hand():
+  from cxr_jax.evaluation import stats as stats_lib
+  from cxr_jax.evaluation import subgroups
+  files = [f"{i}.png" for i in range(8)]
+  labels = [0, 0, 1, 1, 0, 1, 1, 0]
+  predicted = [0, 1, 1, 1, 0, 0, 1, 0]
+  metadata = {"0.png": {"sex": "F", "age": "34"}, "1.png": {"sex": "F", "age": "39.5"},
+              "2.png": {"sex": "F", "age": "41"}, "3.png": {"sex": "M", "age": "95"},
+              "4.png": {"sex": "M", "age": "5"}, "5.png": {"sex": "M"},
+              "6.png": {"sex": "F", "age": "30"}}  # 7.png: no metadata
+  table = subgroups.subgroup_table(files, labels, predicted, ("A", "B"), metadata,
+                                   ("sex", "age_band"))
+  by = {(g["column"], g["value"]): g for g in table["groups"]}
+  assert [k for k in by] == [("sex", "F"), ("sex", "M"), ("sex", "unknown"),
+                             ("age_band", "0-9"), ("age_band", "30-39"), ("age_band", "40-49"),
+                             ("age_band", "90+"), ("age_band", "unknown")]
+  f = by[("sex", "F")]  # images 0, 1, 2, 6: right 0, 2, 6
+  assert f["n"] == 4 and (f["accuracy"]["k"], f["accuracy"]["n"]) == (3, 4)
+  assert f["accuracy"]["ci"] == list(stats_lib.clopper_pearson_interval(3, 4))
+  assert (f["recall"]["A"]["k"], f["recall"]["A"]["n"]) == (1, 2)  # 0 right, 1 wrong
+  assert (f["recall"]["B"]["k"], f["recall"]["B"]["n"]) == (2, 2)
+  m = by[("sex", "M")]  # images 3, 4, 5: 5 (B -> A) wrong
+  assert (m["recall"]["B"]["k"], m["recall"]["B"]["n"]) == (1, 2)
+  unknown_age = by[("age_band", "unknown")]  # 5 and 7
+  assert unknown_age["n"] == 2 and unknown_age["accuracy"]["k"] == 1
+  assert math.isnan(by[("age_band", "0-9")]["recall"]["B"]["value"])  # no B image there
+  text = subgroups.markdown(table)
+  assert "| sex | F | 4 | 0.750 [0.194, 0.994] (3/4) | 0.500" in text
+  assert "| age_band | 0-9 | 1 | 1.000 [0.025, 1.000] (1/1) | 1.000 [0.025, 1.000] (1/1) | n/a |" \
+      in text
+
+
+def test_subgroups_config_names_the_missing_column():
+  from cxr_jax.errors import ConfigError
+  from cxr_jax.evaluation import subgroups
+  meta = {"a.png": {"sex": "F", "age": "30"}}
+  assert subgroups.check(("sex", "age_band"), meta) == ("sex", "age_band")
+  assert subgroups.check((), meta) == ()
+  with pytest.raises(ConfigError, match=r"config.subgroups: 'view' is not a metadata column of the "
+                     r"data \(columns: age, age_band, sex"):
+    subgroups.check(("sex", "view"), meta)
+
+
+def test_subgroups_from_predictions_files_side_by_side(tmp_path):
+  from cxr_jax.data import splits
+  from cxr_jax.evaluation import subgroups
+  splits.write_manifest(tmp_path, [
+      splits.ManifestRow("a.png", "h1", "A", "test", "", {"sex": "F"}),
+      splits.ManifestRow("b.png", "h2", "B", "test", "", {"sex": "M"}),
+      splits.ManifestRow("c.png", "h3", "B", "test", "", {"sex": "F"})], class_names=("A", "B"))
+  meta = subgroups.read_metadata(tmp_path / splits.MANIFEST)
+  assert meta == {"a.png": {"sex": "F"}, "b.png": {"sex": "M"}, "c.png": {"sex": "F"}}
+  tables = {}
+  for run, predicted in (("original", "ABA"), ("enhanced", "ABB")):
+    path = tmp_path / f"{run}.csv"
+    path.write_text("file,label,predicted,p_A,p_B\n" + "".join(
+        f"{f}.png,{lbl},{p},0.5,0.5\n" for f, lbl, p in zip("abc", "ABB", predicted)))
+    tables[run] = subgroups.from_predictions(path, meta, ("sex",), ("A", "B"))
+  f_orig = tables["original"]["groups"][0]
+  assert f_orig["value"] == "F" and (f_orig["accuracy"]["k"], f_orig["accuracy"]["n"]) == (1, 2)
+  text = subgroups.compare_markdown(tables)
+  assert "| Column | Subgroup | Images | original | enhanced |" in text
+  assert "| sex | F | 2 | 0.500 [0.013, 0.987] (1/2) | 1.000 [0.158, 1.000] (2/2) |" in text

@@ -76,6 +76,17 @@ def folder_name(name: str) -> str:
   return FOLDER_NAMES.get(name, name)
 
 
+AUTO = "auto"
+
+
+def is_auto(classes) -> bool:
+  """Whether config.data.classes asks for the classes found in the data: 'auto', or ('auto',) as
+  `--config.data.classes=auto` gives it for the tuple-typed field."""
+  if isinstance(classes, (list, tuple)) and len(classes) == 1:
+    classes = classes[0]
+  return isinstance(classes, str) and classes.strip().lower() == AUTO
+
+
 def resolve(classes: Iterable[str] | str, key: str = "data.classes") -> tuple[str, ...]:
   """Checks `config.data.classes` and returns it in canonical spelling, in the user's order.
 
@@ -103,9 +114,14 @@ def resolve(classes: Iterable[str] | str, key: str = "data.classes") -> tuple[st
 
 def member(name: str, classes: Iterable[str], key: str) -> str:
   """The canonical spelling of `config.<key>` (source_class, target_class), which must be one of
-  `config.data.classes` in any spelling; consumers compare and index with what this returns."""
-  wanted = resolve(classes)
+  `config.data.classes` in any spelling; consumers compare and index with what this returns.
+  With classes='auto' any name is accepted here (the data then must hold it)."""
   c = canonical(str(name))
+  if is_auto(classes):
+    if c is None:
+      raise ConfigError(f"config.{key}: empty class name")
+    return c
+  wanted = resolve(classes)
   if c not in wanted:
     raise ConfigError(f"config.{key}: {name!r} is not among config.data.classes "
                       f"{tuple(classes)}")

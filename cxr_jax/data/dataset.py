@@ -3,9 +3,14 @@
 Every task that touches data goes through here so that all of them see the same images in the same
 splits: source (the configured database or a user's class folders, a labels CSV, or the embedded
 synthetic database) -> discovered layout ->
-prepared array_record copy at the run's size (cached, built once) -> numpy -> the run's classes ->
-duplicate-aware stratified split (or the labels CSV's split, with the same duplicate checks) ->
-`<workdir>/split_manifest.csv`.
+prepared array_record copy at the run's size (cached, built once) -> numpy -> the run's classes
+(`config.data.classes`, or "auto": those found, sorted) and views (`config.data.views`) ->
+duplicate- and patient-aware stratified split (or the labels CSV's split, with the same checks) ->
+`<workdir>/split_manifest.csv` with each image's metadata.
+
+Metadata (patient_id, age, sex, view, source, a CSV's other columns) come from the labels CSV, the
+later releases' `<Class>.metadata.xlsx` (source) and DICOM headers (PatientID, ViewPosition,
+PatientSex, PatientAge); a CSV's value wins over the header's.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from absl import logging
 
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.data import classes as classes_lib
+from cxr_jax.data import images as images_lib
 from cxr_jax.data import layout as layout_lib
 from cxr_jax.data import splits as splits_lib
 from cxr_jax.errors import ConfigError
@@ -38,6 +44,10 @@ class ImageSet:
   files: tuple[str, ...]  # relative to the dataset root
   hashes: tuple[str, ...]  # sha256 hex of the decoded 8-bit pixels
   class_names: tuple[str, ...]  # canonical names, in config.data.classes order
+  # file -> metadata (patient_id, age, sex, view, source, ...): non-empty values only; may hold
+  # files of other splits (subsets share it).
+  metadata: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict, repr=False,
+                                                                compare=False)
 
   def __post_init__(self):
     n = len(self.labels)
@@ -63,7 +73,8 @@ class ImageSet:
     idx = idx.astype(np.int64).reshape(-1)
     return ImageSet(images=self.images[idx], labels=self.labels[idx],
                     files=tuple(self.files[i] for i in idx),
-                    hashes=tuple(self.hashes[i] for i in idx), class_names=self.class_names)
+                    hashes=tuple(self.hashes[i] for i in idx), class_names=self.class_names,
+                    metadata=self.metadata)
 
   def of_class(self, name: str) -> ImageSet:
     """The images of one class; `name` in any spelling ('NORMAL', 'Normal', 'Viral Pneumonia')."""
@@ -78,8 +89,14 @@ class ImageSet:
 
 
 def check_config(data_cfg: ml_collections.ConfigDict) -> tuple[tuple[str, ...], int]:
-  """Validates the data block; returns (canonical classes, image size)."""
-  classes = classes_lib.resolve(data_cfg.classes)
+  """Validates the data block; returns (canonical classes, image size). The classes are () for
+  config.data.classes='auto' (known once the data are found: `load_splits`)."""
+  classes = () if classes_lib.is_auto(data_cfg.classes) else classes_lib.resolve(data_cfg.classes)
+  resize = data_cfg.get("resize", "squash")
+  if resize not in images_lib.RESIZE_MODES:
+    raise ConfigError(f"config.data.resize: {resize!r} is not one of "
+                      f"{', '.join(images_lib.RESIZE_MODES)}")
+  views(data_cfg)
   size = data_cfg.image_size
   if not isinstance(size, int) or isinstance(size, bool) or size < MIN_IMAGE_SIZE:
     raise ConfigError(f"config.data.image_size: must be an integer >= {MIN_IMAGE_SIZE}, got "
@@ -88,6 +105,19 @@ def check_config(data_cfg: ml_collections.ConfigDict) -> tuple[tuple[str, ...], 
   if not isinstance(data_cfg.split_seed, int) or isinstance(data_cfg.split_seed, bool):
     raise ConfigError(f"config.data.split_seed: must be an integer, got {data_cfg.split_seed!r}")
   return classes, size
+
+
+def views(data_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """config.data.views in upper case (DICOM ViewPosition spelling); () keeps every view."""
+  value = data_cfg.get("views", ())
+  if isinstance(value, str):
+    value = [v for v in value.split(",")]
+  try:
+    out = tuple(str(v).strip().upper() for v in value if str(v).strip())
+  except TypeError:
+    raise ConfigError(f"config.data.views: expected a list of views (e.g. ('PA', 'AP')), got "
+                      f"{value!r}") from None
+  return out
 
 
 def cache_dir(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
@@ -100,9 +130,11 @@ def resolve_source(data_cfg: ml_collections.ConfigDict,
   """The configured data (class folders, or the labels CSV), or the embedded synthetic database
   (generated once into the cache). `classes`: canonical, default config.data.classes."""
   if classes is None:
-    classes = classes_lib.resolve(data_cfg.classes)
+    classes = check_config(data_cfg)[0]
   if data_cfg.get("labels_csv", ""):
-    return layout_lib.from_labels_csv(data_cfg.labels_csv, data_cfg.data_dir, classes)
+    return layout_lib.from_labels_csv(data_cfg.labels_csv, data_cfg.data_dir, classes,
+                                      labels_per_patient=bool(data_cfg.get("labels_per_patient",
+                                                                           False)))
   if data_cfg.data_dir:
     return layout_lib.discover(data_cfg.data_dir, classes)
   from cxr_jax.data import synthetic  # pylint: disable=import-outside-toplevel
@@ -128,9 +160,10 @@ def resolve_source(data_cfg: ml_collections.ConfigDict,
 _MEMORY: dict[tuple[str, str], dict[str, Any]] = {}
 
 
-def _load_prepared(layout: layout_lib.Layout, size: int, cache: pathlib.Path):
+def _load_prepared(layout: layout_lib.Layout, size: int, cache: pathlib.Path,
+                   resize: str = "squash"):
   from cxr_jax.data import tfds_builder  # pylint: disable=import-outside-toplevel
-  prepared = tfds_builder.prepare(layout, size, cache)
+  prepared = tfds_builder.prepare(layout, size, cache, resize=resize)
   key = (str(prepared.data_dir), layout.fingerprint)
   if key not in _MEMORY:
     arrays = tfds_builder.load_arrays(prepared)
@@ -145,6 +178,15 @@ def load_splits(data_cfg: ml_collections.ConfigDict,
   """{'train', 'val', 'test'} ImageSets of `config.data`; writes the split manifest to `workdir`."""
   classes, size = check_config(data_cfg)
   layout = resolve_source(data_cfg, classes)
+  if not classes:  # config.data.classes = 'auto'
+    classes = tuple(sorted(layout.classes))
+    if len(classes) < 2:
+      raise DataError(f"{layout.labels_csv or layout.root_path}: config.data.classes='auto' "
+                      f"found {len(classes)} class ({', '.join(classes) or 'none'}); a "
+                      "classifier needs at least two class folders (or CSV labels)")
+    logging.info("config.data.classes='auto': %d classes found in %s, sorted: %s", len(classes),
+                 layout.labels_csv or layout.root_path,
+                 ", ".join(f"{k} = {c}" for k, c in enumerate(classes)))
   layout.require_classes(classes)
   unused = [c for c in layout.classes if c not in classes]
   if unused:
@@ -153,7 +195,8 @@ def load_splits(data_cfg: ml_collections.ConfigDict,
                  layout.labels_csv or layout.root_path,
                  ", ".join(f"'{'/'.join(layout.class_folders.get(c, (c,)))}' ({counts[c]} images)"
                            for c in unused))
-  prepared, arrays = _load_prepared(layout, size, cache_dir(data_cfg))
+  resize = data_cfg.get("resize", "squash")
+  prepared, arrays = _load_prepared(layout, size, cache_dir(data_cfg), resize)
   # Prepared label ids -> indices into config.data.classes.
   wanted = {prepared.class_names.index(c): k for k, c in enumerate(classes)
             if c in prepared.class_names}
@@ -164,7 +207,11 @@ def load_splits(data_cfg: ml_collections.ConfigDict,
     logging.warning("Skipped %d unreadable file(s) of %s: %s%s", len(skipped), prepared.source,
                     shown, more)
 
+  metadata = merged_metadata(layout, prepared)
   keep = np.flatnonzero(np.isin(arrays["label"], list(wanted)))
+  keep, skipped_views = _filter_views(keep, arrays["file"], metadata, views(data_cfg),
+                                      prepared.class_names, arrays["label"])
+  skipped = skipped + [s for s in skipped_views if s["class"] in classes]
   labels = np.array([wanted[int(v)] for v in arrays["label"][keep]], np.int32)
   files = [arrays["file"][i] for i in keep]
   hashes = [arrays["sha256"][i] for i in keep]
@@ -173,20 +220,35 @@ def load_splits(data_cfg: ml_collections.ConfigDict,
   empty = [classes[k] for k in range(len(classes)) if counts[k] == 0]
   if empty:
     raise DataError(f"{prepared.source}: no readable image of class {', '.join(empty)} (all "
-                    f"skipped as unreadable: see the warning above)")
+                    "skipped as unreadable or for a view not in config.data.views: see the "
+                    "warnings above)")
 
   given = [layout.given_splits[f] for f in files] if layout.given_splits else None
+  patients = [metadata.get(f, {}).get("patient_id", "") for f in files]
+  by_patient = any(patients)
   split = splits_lib.make_split(files, labels, hashes, images, class_names=classes,
                                 fractions=data_cfg.split_fractions, seed=data_cfg.split_seed,
                                 drop_near_duplicates=bool(data_cfg.drop_near_duplicates),
-                                given=given, given_by=layout.labels_csv)
+                                given=given, given_by=layout.labels_csv,
+                                patients=patients if by_patient else None)
+  kept_metadata = {f: metadata[f] for f in files if f in metadata}
   out = {}
   for name in splits_lib.SPLITS:
     idx = split.indices(name)
     out[name] = ImageSet(images=images[idx], labels=labels[idx], files=tuple(files[i] for i in idx),
-                         hashes=tuple(hashes[i] for i in idx), class_names=classes)
+                         hashes=tuple(hashes[i] for i in idx), class_names=classes,
+                         metadata=kept_metadata)
   if workdir is not None and workdir_lib.is_writer():
-    rows = _manifest_rows(files, labels, hashes, split, classes, skipped, prepared.conversions)
+    rows = _manifest_rows(files, labels, hashes, split, classes, skipped, prepared.conversions,
+                          metadata)
+    if given:
+      split_from = layout.labels_csv
+    elif by_patient:
+      k, per_split = splits_lib.fold_plan(splits_lib.check_fractions(data_cfg.split_fractions))
+      split_from = (f"stratified by patient (StratifiedGroupKFold, {k} folds: "
+                    f"{'/'.join(str(c) for c in per_split)} train/val/test; split_seed)")
+    else:
+      split_from = "stratified (split_fractions, split_seed)"
     splits_lib.write_manifest(workdir, rows, class_names=classes, extra={
         "source": prepared.source, "release": prepared.release, "image_size": size,
         "split_fractions": list(splits_lib.check_fractions(data_cfg.split_fractions)),
@@ -194,7 +256,10 @@ def load_splits(data_cfg: ml_collections.ConfigDict,
         "drop_near_duplicates": bool(data_cfg.drop_near_duplicates),
         "near_duplicate_pairs": len(split.near_duplicates),
         "labels_csv": layout.labels_csv,
-        "split_from": layout.labels_csv if given else "stratified (split_fractions, split_seed)"})
+        "classes_from": "auto (the classes found, sorted)" if classes_lib.is_auto(
+            data_cfg.classes) else "config.data.classes",
+        "views": list(views(data_cfg)), "resize": resize,
+        "split_from": split_from})
   _log_counts(out, classes, split)
   _check_same_data_on_every_host(out, data_cfg)
   return out
@@ -222,8 +287,44 @@ def _check_same_data_on_every_host(sets: dict[str, ImageSet], data_cfg) -> None:
                     "copy of the database (a shared file system, or identical copies)")
 
 
+def merged_metadata(layout: layout_lib.Layout, prepared) -> dict[str, dict[str, str]]:
+  """Each file's metadata: the DICOM header's, overridden by the layout's (CSV, xlsx)."""
+  out: dict[str, dict[str, str]] = {}
+  for source in (prepared.metadata, layout.metadata):
+    for f, m in source.items():
+      out.setdefault(f, {}).update({k: v for k, v in m.items() if v})
+  return out
+
+
+def _filter_views(keep: np.ndarray, files: Sequence[str], metadata: Mapping[str, Mapping[str, str]],
+                  wanted: Sequence[str], class_names: Sequence[str], labels: np.ndarray
+                  ) -> tuple[np.ndarray, list[dict[str, str]]]:
+  """Leaves out images whose view is known and not in `wanted` (config.data.views), counted."""
+  if not wanted:
+    return keep, []
+  out, skipped = [], []
+  counts: dict[str, int] = {}
+  for i in keep:
+    view = metadata.get(files[i], {}).get("view", "")
+    if view and view not in wanted:
+      counts[view] = counts.get(view, 0) + 1
+      skipped.append({"file": files[i], "class": class_names[int(labels[i])],
+                      "reason": f"view {view} is not in config.data.views "
+                                f"({', '.join(wanted)})"})
+    else:
+      out.append(i)
+  if skipped:
+    logging.warning("Skipped %d image(s) whose view is not in config.data.views (%s): %s; set "
+                    "config.data.views to keep them", len(skipped), ", ".join(wanted),
+                    ", ".join(f"{v} {k}" for v, k in sorted(counts.items())))
+  return np.asarray(out, np.int64), skipped
+
+
 def _manifest_rows(files, labels, hashes, split: splits_lib.Split, classes, skipped,
-                   conversions: Mapping[str, Sequence[str]]) -> list[splits_lib.ManifestRow]:
+                   conversions: Mapping[str, Sequence[str]],
+                   metadata: Mapping[str, Mapping[str, str]] | None = None
+                   ) -> list[splits_lib.ManifestRow]:
+  metadata = metadata or {}
   converted: dict[str, list[str]] = {}
   for kind, names in conversions.items():
     for f in names:
@@ -233,10 +334,11 @@ def _manifest_rows(files, labels, hashes, split: splits_lib.Split, classes, skip
     note = "; ".join(x for x in (split.notes[i], "; ".join(f"converted: {k}"
                                                            for k in converted.get(f, ()))) if x)
     rows.append(splits_lib.ManifestRow(f, hashes[i], classes[labels[i]], split.assignment[i],
-                                       note))
+                                       note, dict(metadata.get(f, {}))))
   for s in skipped:
-    rows.append(splits_lib.ManifestRow(s["file"], "", s["class"], splits_lib.SKIPPED,
-                                       f"unreadable: {s['reason']}"))
+    reason = s["reason"] if s["reason"].startswith("view ") else f"unreadable: {s['reason']}"
+    rows.append(splits_lib.ManifestRow(s["file"], "", s["class"], splits_lib.SKIPPED, reason,
+                                       dict(metadata.get(s["file"], {}))))
   return rows
 
 

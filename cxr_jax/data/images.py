@@ -15,19 +15,25 @@ Decisions:
   container (common for DICOM exports) and is scaled by 4095 (255), with a note; full-range
   scaling would leave it nearly black. Integer data outside 0..65535 and float data outside [0, 1]
   are stretched min..max; float data in [0, 1] are scaled by 255.
-- Non-square images are resized to the square (aspect not kept: the whole chest stays in view, as
-  in the paper's 256 x 256 inputs); the change of aspect is noted. Resampling is Lanczos, which in
-  PIL is antialiased when downscaling (area-aware support).
+- Non-square images are resized to the square (`resize="squash"`, the default: aspect not kept, the
+  whole chest stays in view, as in the paper's 256 x 256 inputs) or, with `resize="pad"`, scaled to
+  fit and centred on black (aspect kept); either is noted. Resampling is Lanczos, which in PIL is
+  antialiased when downscaling (area-aware support).
 - An EXIF orientation outside 1..8 is ignored (PIL cannot apply it) and noted as such.
 - Images smaller than `MIN_SIDE` on a side, or larger than PIL's `Image.MAX_IMAGE_PIXELS`
   (decompression-bomb guard), are refused.
 - DICOM (`.dcm`, `.dicom`, or any data with the `DICM` preamble) is read with pydicom (the
-  optional `dicom` extra) as a radiologist's viewer shows it: the modality rescale (slope,
-  intercept), then the VOI window of the file (the first Window Center / Width, DICOM PS3.3
-  C.11.2.1.2.1 linear function; else its VOI LUT; else the full range of the values, min..max) to
-  0..255, then MONOCHROME1 inverted (its 0 is white). Colour DICOM goes through the luma above; of a
-  multi-frame file the first frame is read (noted). A compressed transfer syntax that no installed
-  decoder reads is refused naming the file and the syntax.
+  optional `dicom` extra) through pydicom's own pixel pipeline, as a viewer shows it:
+  `apply_modality_lut` (rescale slope / intercept or Modality LUT), then `apply_voi_lut` (the VOI
+  LUT Sequence, else the first Window Center / Width with its VOI LUT Function: LINEAR,
+  LINEAR_EXACT or SIGMOID), scaled from that function's output range to 0..255 in float (no VOI:
+  the values' min..max; an invalid window is noted and the full range used), then inverted when
+  the Presentation LUT Shape is INVERSE or the image MONOCHROME1 (its 0 is white). The float image
+  is resized and quantised to 8 bits once, at the end. Colour DICOM goes through the luma above;
+  of a multi-frame file the first frame is read (noted). A compressed transfer syntax that no
+  installed decoder reads is refused naming the file and the syntax (pydicom's own records of the
+  failure go to the log file: `console.py`). The header's PatientID, ViewPosition, PatientSex and
+  PatientAge are returned as metadata (`patient_id`, `view`, `sex`, `age`).
 """
 
 from __future__ import annotations
@@ -72,11 +78,15 @@ class ImageError(DataError):
     self.reason = reason
 
 
+RESIZE_MODES = ("squash", "pad")
+
+
 @dataclasses.dataclass(frozen=True)
 class Decoded:
   pixels: np.ndarray  # uint8 [size, size]
   notes: tuple[str, ...]  # conversions applied, e.g. ("RGB -> grayscale",)
   original_size: tuple[int, int]  # (width, height) after EXIF rotation
+  metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # from a DICOM header
 
 
 def pixel_hash(pixels: np.ndarray) -> str:
@@ -101,25 +111,30 @@ def _is_dicom_data(data: bytes) -> bool:
   return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def decode(source: Source, size: int, *, name: str | None = None) -> Decoded:
-  """Decodes one file to uint8 [size, size]; raises ImageError naming the file on bad input."""
+def decode(source: Source, size: int, *, name: str | None = None,
+           resize: str = "squash") -> Decoded:
+  """Decodes one file to uint8 [size, size]; raises ImageError naming the file on bad input.
+  `resize`: 'squash' (to the square) or 'pad' (aspect kept, centred on black)."""
   with bomb_guard():
-    return decode_unguarded(source, size, name=name)
+    return decode_unguarded(source, size, name=name, resize=resize)
 
 
-def decode_unguarded(source: Source, size: int, *, name: str | None = None) -> Decoded:
+def decode_unguarded(source: Source, size: int, *, name: str | None = None,
+                     resize: str = "squash") -> Decoded:
   """`decode` without installing the decompression-bomb warning filter.
 
   `warnings.catch_warnings` is process-global and not thread-safe, so batch decoders enter
   `bomb_guard()` once around their thread pool and call this from the workers.
   """
+  if resize not in RESIZE_MODES:
+    raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
   if name is None:
     name = "<bytes>" if isinstance(source, bytes) else str(source)
   data = _read(source, name)
   if not data:
     raise ImageError(name, "empty file (0 bytes)")
   if _is_dicom_data(data) or name.lower().endswith(DICOM_SUFFIXES):
-    return _decode_dicom(data, size, name)
+    return _decode_dicom(data, size, name, resize)
   try:
     im = Image.open(io.BytesIO(data))
     fmt = im.format or "?"
@@ -133,7 +148,7 @@ def decode_unguarded(source: Source, size: int, *, name: str | None = None) -> D
   except _PIL_FAILURES as e:
     raise ImageError(name, f"truncated or corrupt {_fmt_name(data)}file ({_short(e)})") from None
   try:
-    return _to_gray(im, size, name)
+    return _to_gray(im, size, name, resize)
   except ImageError:
     raise
   except _PIL_FAILURES as e:
@@ -173,7 +188,7 @@ def _fmt_name(data: bytes) -> str:
   return ""
 
 
-def _to_gray(im: Image.Image, size: int, name: str) -> Decoded:
+def _to_gray(im: Image.Image, size: int, name: str, resize: str = "squash") -> Decoded:
   """Rotates per EXIF, converts any mode to gray and resizes; returns pixels and notes."""
   notes: list[str] = []
   w, h = im.size
@@ -215,19 +230,33 @@ def _to_gray(im: Image.Image, size: int, name: str) -> Decoded:
   else:
     gray = im.convert("RGB").convert("L")
     notes.append(f"{mode} -> grayscale")
-  return _finish(gray, size, notes, w, h)
+  return _finish(gray, size, notes, w, h, resize)
 
 
-def _finish(gray: Image.Image, size: int, notes: list[str], w: int, h: int) -> Decoded:
-  """Resizes gray ('L', or 'F' in [0, 255]) to the square and rounds to uint8."""
-  if w != h and abs(w / h - 1.0) > 0.01:
-    notes.append(f"aspect {w}x{h} resized to square")
-  if gray.size != (size, size):
-    gray = gray.resize((size, size), Image.Resampling.LANCZOS)
+def _finish(gray: Image.Image, size: int, notes: list[str], w: int, h: int,
+            resize: str = "squash", metadata: dict[str, str] | None = None) -> Decoded:
+  """Resizes gray ('L', or 'F' in [0, 255]) to the square (squashed or padded) and rounds to
+  uint8: the one quantisation of float data."""
+  square = w == h or abs(w / h - 1.0) <= 0.01
+  if resize == "pad" and w != h:
+    scale = size / max(w, h)
+    fit = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if gray.size != fit:
+      gray = gray.resize(fit, Image.Resampling.LANCZOS)
+    canvas = Image.new(gray.mode, (size, size), 0)
+    canvas.paste(gray, ((size - fit[0]) // 2, (size - fit[1]) // 2))
+    gray = canvas
+    if not square:
+      notes.append(f"aspect {w}x{h} padded to square")
+  else:
+    if not square:
+      notes.append(f"aspect {w}x{h} resized to square")
+    if gray.size != (size, size):
+      gray = gray.resize((size, size), Image.Resampling.LANCZOS)
   pixels = np.asarray(gray)
   if pixels.dtype != np.uint8:
     pixels = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-  return Decoded(np.ascontiguousarray(pixels), tuple(notes), (w, h))
+  return Decoded(np.ascontiguousarray(pixels), tuple(notes), (w, h), dict(metadata or {}))
 
 
 def _exif_orientation(im: Image.Image) -> int | None:
@@ -292,6 +321,8 @@ class ConversionNotes:
 
 def _kind(note: str) -> str:
   """Groups notes that differ only in numbers ('EXIF orientation 6 applied', 'aspect 300x200')."""
+  if note.startswith("aspect ") and note.endswith("padded to square"):
+    return "non-square padded to square (aspect kept)"
   if note.startswith("aspect "):
     return "non-square resized to square"
   if note.startswith("EXIF orientation"):
@@ -302,11 +333,10 @@ def _kind(note: str) -> str:
 
 
 
-def _decode_dicom(data: bytes, size: int, name: str) -> Decoded:
-  """DICOM -> uint8 [size, size]: rescale, VOI window, MONOCHROME1 inversion (see module doc)."""
+def _decode_dicom(data: bytes, size: int, name: str, resize: str = "squash") -> Decoded:
+  """DICOM -> uint8 [size, size] through pydicom's pixel pipeline (see module doc)."""
   try:
     import pydicom  # pylint: disable=import-outside-toplevel
-    from pydicom import pixels as dicom_pixels  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise ImageError(name, "a DICOM file, and pydicom is not installed (pip install pydicom, "
                      "or the package's 'dicom' extra)") from None
@@ -337,49 +367,86 @@ def _decode_dicom(data: bytes, size: int, name: str) -> Decoded:
   if samples > 1:  # colour (pydicom gives YBR as RGB): the luma of the other formats
     a = np.asarray(a, np.float32)[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
     notes.append(f"DICOM {photometric} -> grayscale")
-    values = a
-  else:
-    values = dicom_pixels.apply_modality_lut(a, ds).astype(np.float64)
   if a.ndim != 2:
     raise ImageError(name, f"DICOM pixel data of shape {a.shape} is not one 2-D image")
   h, w = a.shape
   if min(w, h) < MIN_SIDE:
     raise ImageError(name, f"too small to be a radiograph ({w}x{h} px; minimum side {MIN_SIDE} px)")
   if samples > 1:
-    gray = np.clip(values, 0, 255)
+    gray = np.clip(a, 0, 255)
   else:
-    gray = _voi_window(values, ds, a, notes)
-    if photometric == "MONOCHROME1":
-      gray = 255.0 - gray
-      notes.append("DICOM MONOCHROME1 inverted")
-  return _finish(Image.fromarray(gray.astype(np.float32), mode="F"), size, notes, w, h)
+    try:
+      gray = display_values(a, ds, notes)
+    except (ValueError, NotImplementedError, AttributeError, TypeError, IndexError) as e:
+      raise ImageError(name, f"cannot apply the DICOM modality / VOI LUT ({_short(e)})") from None
+  return _finish(Image.fromarray(gray.astype(np.float32), mode="F"), size, notes, w, h, resize,
+                 dicom_metadata(ds))
 
 
-def _voi_window(values: np.ndarray, ds, stored: np.ndarray, notes: list[str]) -> np.ndarray:
-  """Modality values -> float [0, 255] through the file's VOI window, VOI LUT or full range."""
-  center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-  if center is not None and width is not None:
-    c = float(center[0] if _multi(center) else center)
-    w = float(width[0] if _multi(width) else width)
-    if w > 1:
-      return window(values, c, w)
-    notes.append(f"DICOM window width {w:g} <= 1 ignored")
-  if "VOILUTSequence" in ds:
-    from pydicom import pixels as dicom_pixels  # pylint: disable=import-outside-toplevel
-    values = dicom_pixels.apply_voi_lut(stored, ds).astype(np.float64)
+def display_values(stored: np.ndarray, ds, notes: list[str] | None = None) -> np.ndarray:
+  """Stored monochrome values -> float64 [0, 255] as displayed, unquantised (see module doc)."""
+  from pydicom import pixels as dicom_pixels  # pylint: disable=import-outside-toplevel
+  notes = [] if notes is None else notes
+  modality = dicom_pixels.apply_modality_lut(stored, ds)
+  lut = _voi_lut_item(ds)
+  gray = None
+  if lut is not None:
+    if not np.issubdtype(modality.dtype, np.integer):  # a LUT's inputs are whole numbers
+      modality = np.rint(modality).astype(np.int64)
+    out = np.asarray(dicom_pixels.apply_voi_lut(modality, ds), np.float64)
+    table = np.asarray(dicom_pixels.apply_voi_lut(np.arange(lut[0], lut[1] + 1), ds), np.float64)
+    gray = _scale(out, float(table.min()), float(table.max()))
     notes.append("DICOM VOI LUT applied")
+  elif "WindowCenter" in ds and "WindowWidth" in ds:
+    try:
+      out = dicom_pixels.apply_voi_lut(modality, ds, prefer_lut=False)
+      # The function's output range, as pydicom computes it: the images of -inf and +inf.
+      y0, y1 = dicom_pixels.apply_voi_lut(np.array([-np.inf, np.inf]), ds, prefer_lut=False)
+      gray = _scale(np.asarray(out, np.float64), float(y0), float(y1))
+    except ValueError as e:  # an invalid width, an unknown VOI LUT Function
+      notes.append(f"DICOM window ignored ({_short(e)}): full range -> 8-bit")
   else:
     notes.append("DICOM without a VOI window: full range -> 8-bit")
-  lo, hi = float(values.min()), float(values.max())
-  return (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+  if gray is None:
+    values = np.asarray(modality, np.float64)
+    gray = _scale(values, float(values.min()), float(values.max()))
+  photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+  shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+  if photometric == "MONOCHROME1" or shape == "INVERSE":
+    gray = 255.0 - gray
+    notes.append(f"DICOM {'MONOCHROME1' if photometric == 'MONOCHROME1' else 'INVERSE'} "
+                 "inverted")
+  return gray
 
 
-def window(values: np.ndarray, center: float, width: float) -> np.ndarray:
-  """DICOM's linear VOI function (PS3.3 C.11.2.1.2.1) to [0, 255]: values at or below
-  c - 0.5 - (w - 1) / 2 are 0, above c - 0.5 + (w - 1) / 2 are 255, linear in between."""
-  out = ((np.asarray(values, np.float64) - (center - 0.5)) / (width - 1.0) + 0.5) * 255.0
-  return np.clip(out, 0.0, 255.0)
+def _voi_lut_item(ds) -> tuple[int, int] | None:
+  """(first, last) input value of the VOI LUT Sequence's first LUT, or None without one."""
+  seq = ds.get("VOILUTSequence")
+  if not seq or seq[0].get("LUTDescriptor") is None or seq[0].get("LUTData") is None:
+    return None
+  entries, first = int(seq[0].LUTDescriptor[0]) or 2**16, int(seq[0].LUTDescriptor[1])
+  return first, first + entries - 1
 
 
-def _multi(value) -> bool:
-  return isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
+def _scale(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+  """values in [lo, hi] -> [0, 255] (0 when the range is empty; hi < lo flips, as a negative
+  rescale slope does)."""
+  if hi == lo:
+    return np.zeros_like(values, np.float64)
+  return np.clip((values - lo) * (255.0 / (hi - lo)), 0.0, 255.0)
+
+
+def dicom_metadata(ds) -> dict[str, str]:
+  """patient_id, view, sex, age (years) from a DICOM header; only the values present."""
+  out = {}
+  for key, tag in (("patient_id", "PatientID"), ("view", "ViewPosition"), ("sex", "PatientSex")):
+    value = str(ds.get(tag, "") or "").strip()
+    if value:
+      out[key] = value.upper() if key != "patient_id" else value
+  if out.get("sex") not in (None, "M", "F", "O"):
+    out.pop("sex")
+  age = str(ds.get("PatientAge", "") or "").strip().upper()  # AS: nnnD, nnnW, nnnM or nnnY
+  if len(age) == 4 and age[:3].isdigit() and age[3] in "DWMY":
+    years = int(age[:3]) / {"D": 365.25, "W": 52.1775, "M": 12.0, "Y": 1.0}[age[3]]
+    out["age"] = f"{round(years, 2):g}"
+  return out

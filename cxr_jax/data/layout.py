@@ -38,6 +38,8 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import io
+import math
 import os
 import pathlib
 import zipfile
@@ -60,6 +62,8 @@ FIRST_RELEASE = "first"  # flat class folders
 LATER_RELEASE = "later"  # <Class>/images/
 LABELS_CSV = "labels_csv"  # files and labels listed in a CSV
 CSV_COLUMNS = ("file", "label", "split")
+# Names the split manifest writes itself: a metadata column of that name would be ambiguous.
+RESERVED_COLUMNS = ("sha256", "class", "note")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +88,9 @@ class Layout:
   labels_csv: str = ""  # the CSV the entries come from (resolved path), or ''
   # Entry.file -> 'train' / 'val' / 'test' when the CSV has a split column, else empty.
   given_splits: dict[str, str] = dataclasses.field(default_factory=dict)
+  # Entry.file -> metadata (patient_id, age, sex, view, source, a CSV's other columns); only
+  # non-empty values.
+  metadata: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
   @property
   def classes(self) -> tuple[str, ...]:
@@ -182,6 +189,10 @@ class _Tree:
     """A string that changes when the file at `rel` changes (for the cache fingerprint)."""
     raise NotImplementedError
 
+  def read(self, rel: str) -> bytes:
+    """The bytes of the file at `rel` (OSError when it cannot be read)."""
+    raise NotImplementedError
+
 
 class _FolderTree(_Tree):
 
@@ -237,6 +248,9 @@ class _FolderTree(_Tree):
     except OSError:
       return "?"
 
+  def read(self, rel):
+    return (self.top / rel).read_bytes()
+
 
 class _ZipTree(_Tree):
 
@@ -270,6 +284,13 @@ class _ZipTree(_Tree):
 
   def file_stamp(self, rel):
     return self._stamps.get(rel, "?")
+
+  def read(self, rel):
+    try:
+      with zipfile.ZipFile(self.top) as zf:
+        return zf.read(rel)
+    except (KeyError, zipfile.BadZipFile, RuntimeError) as e:
+      raise OSError(str(e)) from None
 
 
 def _link_problem(tree: _Tree, parent: str, name: str, label: str,
@@ -376,7 +397,7 @@ def _search_root(tree: _Tree, given: pathlib.Path, holds_classes: Callable[[str,
 
 
 def _read_layout(tree: _Tree, source: pathlib.Path, root: str) -> Layout:
-  dirs, _ = tree.children(root)
+  dirs, root_files = tree.children(root)
   class_folders: dict[str, list[str]] = {}
   ignored = []
   for d in dirs:
@@ -442,21 +463,79 @@ def _read_layout(tree: _Tree, source: pathlib.Path, root: str) -> Layout:
   for e in entries:
     stamp = tree.file_stamp(_join(root, on_disk.get(e.file, e.file)))
     digest.update(f"{e.file}\t{e.label}\t{stamp}\n".encode())
+  metadata = _xlsx_sources(tree, root, root_files, entries)
   return Layout(source=source, is_zip=isinstance(tree, _ZipTree), root=root, release=release,
                 entries=tuple(entries),
                 class_folders={c: tuple(f) for c, f in sorted(class_folders.items())},
                 ignored_folders=tuple(ignored), fingerprint=digest.hexdigest()[:16],
-                on_disk=on_disk)
+                on_disk=on_disk, metadata=metadata)
+
+
+XLSX_SUFFIX = ".metadata.xlsx"
+
+
+def _xlsx_sources(tree: _Tree, root: str, root_files: Sequence[str],
+                  entries: Sequence[Entry]) -> dict[str, dict[str, str]]:
+  """`source` metadata from the later releases' `<Class>.metadata.xlsx` files beside the class
+  folders (columns FILE NAME, FORMAT, SIZE, URL): each image named there gets its URL.
+
+  openpyxl is optional (the `xlsx` extra): without it the files are noted and left unread.
+  """
+  sheets = [f for f in root_files if f.lower().endswith(XLSX_SUFFIX)]
+  if not sheets:
+    return {}
+  try:
+    import openpyxl  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    logging.info("Not reading %s: the source column needs openpyxl (pip install openpyxl, or "
+                 "the package's 'xlsx' extra)", ", ".join(sheets))
+    return {}
+  by_stem: dict[tuple[str, str], str] = {}  # (class, lower-case file stem) -> Entry.file
+  for e in entries:
+    by_stem[(e.label, pathlib.PurePosixPath(e.file).stem.lower())] = e.file
+  out: dict[str, dict[str, str]] = {}
+  for sheet in sheets:
+    label = classes_lib.canonical(sheet[:-len(XLSX_SUFFIX)])
+    shown = files_lib.printable(str(tree.top / root / sheet))
+    try:
+      book = openpyxl.load_workbook(io.BytesIO(tree.read(_join(root, sheet))), read_only=True,
+                                    data_only=True)
+      rows = list(book.worksheets[0].iter_rows(values_only=True)) if book.worksheets else []
+      book.close()
+    except Exception as e:  # pylint: disable=broad-except  # openpyxl raises many kinds
+      logging.warning("Not reading %s: not a readable xlsx file (%s)", shown,
+                      str(e).splitlines()[0] if str(e) else type(e).__name__)
+      continue
+    header = [str(h or "").strip().upper() for h in (rows[0] if rows else ())]
+    if "FILE NAME" not in header or "URL" not in header:
+      logging.warning("Not reading %s: expected columns FILE NAME and URL, found %s", shown,
+                      ", ".join(h for h in header if h) or "none")
+      continue
+    name_col, url_col = header.index("FILE NAME"), header.index("URL")
+    matched = 0
+    for row in rows[1:]:
+      if len(row) <= max(name_col, url_col) or row[name_col] is None or not row[url_col]:
+        continue
+      stem = pathlib.PurePosixPath(str(row[name_col]).strip()).stem.lower()
+      file = by_stem.get((label, stem)) or by_stem.get((label, str(row[name_col]).strip().lower()))
+      if file is not None:
+        out[file] = {"source": str(row[url_col]).strip()}
+        matched += 1
+    logging.info("%s: source of %d image(s) of class %s", shown, matched, label)
+  return out
 
 
 
 def from_labels_csv(labels_csv: str | os.PathLike, data_dir: str | os.PathLike,
-                    classes: Sequence[str]) -> Layout:
-  """The images and labels a CSV of `file,label[,split]` lists (config.data.labels_csv).
+                    classes: Sequence[str], *, labels_per_patient: bool = False) -> Layout:
+  """The images, labels and metadata a labels CSV lists (config.data.labels_csv).
 
-  `file` is relative to `data_dir` (the CSV's folder when `data_dir` is empty) or absolute; every
-  label must be one of `classes` (canonical); `split` is train, val or test. Each problem raises a
-  DataError naming the CSV and its line.
+  Columns (header names in any case): `file` and `label` (required), then any of `split`,
+  `patient_id` (alias `group`), `age` (years), `sex`, `view`, `source`, and any other column, kept
+  as metadata. `file` is relative to `data_dir` (the CSV's folder when `data_dir` is empty) or
+  absolute; every label must be one of `classes` (canonical), or any label when `classes` is empty
+  (config.data.classes='auto'); `split` is train, val or test. Each problem raises a DataError
+  naming the CSV and its line.
   """
   csv_path = pathlib.Path(os.path.expanduser(str(labels_csv))).resolve()
   if not csv_path.is_file():
@@ -471,14 +550,14 @@ def from_labels_csv(labels_csv: str | os.PathLike, data_dir: str | os.PathLike,
       rows = list(csv.reader(f))
   except (OSError, UnicodeDecodeError, csv.Error) as e:
     raise DataError(f"{csv_path}: cannot read the labels CSV ({e})") from None
-  header = [h.strip().lower() for h in rows[0]] if rows else []
-  if header not in (list(CSV_COLUMNS[:2]), list(CSV_COLUMNS)):
-    raise DataError(f"{csv_path}: line 1: malformed header {','.join(rows[0]) if rows else ''!r}; "
-                    "expected 'file,label' or 'file,label,split'")
+  header = _csv_header(csv_path, rows[0] if rows else [])
+  meta_columns = [h for h in header if h not in CSV_COLUMNS]
   wanted = set(classes)
   entries: list[Entry] = []
   given: dict[str, str] = {}
+  metadata: dict[str, dict[str, str]] = {}
   first_line: dict[str, int] = {}
+  patients: dict[str, tuple[int, str, str]] = {}  # patient -> (first line, label, sex)
   digest = hashlib.sha256(f"{csv_path}\n".encode("utf-8", "surrogateescape"))
   for line, row in enumerate(rows[1:], start=2):
     if not any(cell.strip() for cell in row):
@@ -487,7 +566,8 @@ def from_labels_csv(labels_csv: str | os.PathLike, data_dir: str | os.PathLike,
     if len(row) != len(header):
       raise DataError(f"{where}: {len(row)} field(s), expected {len(header)} "
                       f"({','.join(header)})")
-    file, label = row[0].strip(), row[1].strip()
+    cells = dict(zip(header, (cell.strip() for cell in row)))
+    file, label = cells["file"], cells["label"]
     if not file:
       raise DataError(f"{where}: empty file name")
     path = pathlib.Path(file) if os.path.isabs(file) else base / file
@@ -498,14 +578,34 @@ def from_labels_csv(labels_csv: str | os.PathLike, data_dir: str | os.PathLike,
       raise DataError(f"{where}: {file!r} is listed again (first on line {first_line[file]})")
     first_line[file] = line
     c = classes_lib.canonical(label)
-    if c not in wanted:
+    if c is None:
+      raise DataError(f"{where}: empty label")
+    if wanted and c not in wanted:
       raise DataError(f"{where}: label {label!r} is not in config.data.classes "
                       f"({', '.join(classes)})")
-    if len(header) == 3:
-      split = row[2].strip().lower()
+    if "split" in cells:
+      split = cells["split"].lower()
       if split not in ("train", "val", "test"):
-        raise DataError(f"{where}: unknown split {row[2]!r}; expected train, val or test")
+        raise DataError(f"{where}: unknown split {cells['split']!r}; expected train, val or test")
       given[file] = split
+    meta = {}
+    for k in meta_columns:
+      value = normalise_metadata(k, cells[k], where)
+      if value:
+        meta[k] = value
+    patient = meta.get("patient_id", "")
+    if patient:
+      first, first_label, first_sex = patients.setdefault(patient, (line, c, meta.get("sex", "")))
+      if labels_per_patient and first_label != c:
+        raise DataError(f"{where}: patient {patient!r} is labelled {c} here and {first_label} on "
+                        f"line {first} (config.data.labels_per_patient=True: one label per "
+                        "patient)")
+      sex = meta.get("sex", "")
+      if sex and first_sex and sex != first_sex:
+        raise DataError(f"{where}: patient {patient!r} has sex {sex} here and {first_sex} on line "
+                        f"{first}")
+    if meta:
+      metadata[file] = meta
     entries.append(Entry(file, c))
     st = path.stat()
     digest.update(f"{file}\t{c}\t{given.get(file, '')}\t{st.st_size}:{st.st_mtime_ns}\n"
@@ -513,7 +613,61 @@ def from_labels_csv(labels_csv: str | os.PathLike, data_dir: str | os.PathLike,
   if not entries:
     raise DataError(f"{csv_path}: lists no images")
   entries.sort(key=lambda e: e.file)
+  found = wanted or {e.label for e in entries}
   return Layout(source=base, is_zip=False, root="", release=LABELS_CSV, entries=tuple(entries),
-                class_folders={c: (csv_path.name,) for c in classes_lib.ordered(wanted)},
+                class_folders={c: (csv_path.name,) for c in classes_lib.ordered(found)},
                 fingerprint=digest.hexdigest()[:16], labels_csv=str(csv_path),
-                given_splits=given)
+                given_splits=given, metadata=metadata)
+
+
+def _csv_header(csv_path: pathlib.Path, raw: Sequence[str]) -> list[str]:
+  """The labels CSV's column names (lower case, `group` read as `patient_id`), checked."""
+  where = f"{csv_path}: line 1"
+  header = [h.strip().lower() for h in raw]
+  if header[:2] != ["file", "label"]:
+    raise DataError(f"{where}: malformed header {','.join(raw)!r}; expected 'file,label' "
+                    "first, then any of split, patient_id (or group), age, sex, view, source and "
+                    "other metadata columns")
+  if "group" in header and "patient_id" in header:
+    raise DataError(f"{where}: columns 'group' and 'patient_id' both name the patient ('group' "
+                    "is read as 'patient_id'); keep one")
+  header = ["patient_id" if h == "group" else h for h in header]
+  if "age_band" in header and "age" in header:
+    raise DataError(f"{where}: column 'age_band' collides with the age band derived from 'age' "
+                    "for config.subgroups; rename it or leave it out")
+  for k, h in enumerate(header):
+    if not h:
+      raise DataError(f"{where}: column {k + 1} has no name")
+    if h in header[:k]:
+      raise DataError(f"{where}: column {h!r} appears twice")
+    if h in RESERVED_COLUMNS:
+      raise DataError(f"{where}: column {h!r} collides with a column the split manifest writes "
+                      f"({', '.join(RESERVED_COLUMNS)}); rename it")
+  return header
+
+
+_SEXES = {"m": "M", "male": "M", "f": "F", "female": "F", "o": "O", "other": "O", "u": "",
+          "unknown": ""}
+
+
+def normalise_metadata(column: str, value: str, where: str) -> str:
+  """One metadata value as stored and compared: `age` a number of years, `sex` M / F / O, `view`
+  upper case (DICOM's PA, AP, LL...), others as given. Raises DataError naming `where`."""
+  value = value.strip()
+  if not value:
+    return ""
+  if column == "age":
+    try:
+      years = float(value)
+    except ValueError:
+      years = math.nan
+    if not math.isfinite(years) or not 0 <= years <= 150:
+      raise DataError(f"{where}: age {value!r} is not a number of years (0-150)")
+    return f"{years:g}"
+  if column == "sex":
+    if value.lower() not in _SEXES:
+      raise DataError(f"{where}: sex {value!r} is not M, F, O (or male, female, other, unknown)")
+    return _SEXES[value.lower()]
+  if column == "view":
+    return value.upper()
+  return value

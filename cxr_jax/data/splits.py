@@ -19,11 +19,21 @@ Each class is shuffled by its own generator, seeded by (split_seed, class name):
 fractions of the class's images, rounded by largest remainder; a class of 3 or more groups gets at
 least one group in every split.
 
+With patients (a `patient_id` column of the labels CSV, or DICOM PatientID), a patient's images
+never straddle splits: images of one patient, and images equal to them, form one group (a
+patient's images may carry different labels: serial films), and the groups are split by
+scikit-learn's `StratifiedGroupKFold` (shuffled by `split_seed`) into `k` folds, `k` the smallest
+number of folds (up to 20) in which each fraction is a whole number of folds to within 0.05
+(0.7 / 0.1 / 0.2 -> 10 folds: 7 train, 1 val, 2 test; the split summary's `split_from` names
+them). Folds hold whole patients, so split sizes are near the fractions, not exact, and a small
+class may miss a split. Images without a patient id are groups of their own.
+
 A predefined split (the `split` column of `config.data.labels_csv`) is taken as given, after the
 same checks: identical images under different labels are dropped as above; identical images given
 to different splits are an error naming both files (the run cannot keep the CSV's split without a
 test image also being a training image, and picking one for the user would silently change it);
-near-duplicates are reported (and dropped from test) as above. Every split must get an image.
+near-duplicates are reported (and dropped from test) as above; a patient given to two splits is
+an error naming the patient. Every split must get an image.
 """
 
 from __future__ import annotations
@@ -34,11 +44,13 @@ import dataclasses
 import json
 import os
 import pathlib
+import warnings
 import zlib
 from typing import Iterable, Sequence
 
 import numpy as np
 from absl import logging
+from sklearn import model_selection
 
 from cxr_jax.errors import ConfigError
 from cxr_jax.errors import DataError
@@ -51,6 +63,8 @@ MIN_CORRELATION = 0.98
 MANIFEST = "split_manifest.csv"
 SUMMARY = "split_summary.json"
 MANIFEST_COLUMNS = ("file", "sha256", "class", "split", "note")
+# Metadata columns with a meaning, written after MANIFEST_COLUMNS in this order (others sorted).
+METADATA_COLUMNS = ("patient_id", "age", "sex", "view", "source")
 
 
 def check_fractions(fractions: Sequence[float], key: str = "data.split_fractions"
@@ -94,11 +108,13 @@ class Split:
 def make_split(files: Sequence[str], labels: Sequence[int], hashes: Sequence[str],
                images: np.ndarray, *, class_names: Sequence[str], fractions: Sequence[float],
                seed: int, drop_near_duplicates: bool = False,
-               given: Sequence[str] | None = None, given_by: str = "") -> Split:
+               given: Sequence[str] | None = None, given_by: str = "",
+               patients: Sequence[str] | None = None) -> Split:
   """Splits images (already filtered to the run's classes) into train / val / test.
 
   `given`: each image's split as predefined (by the file `given_by`), kept instead of the seeded
-  stratified split; see the module doc for the duplicate checks.
+  stratified split; see the module doc for the duplicate checks. `patients`: each image's patient
+  id ('' when unknown); a patient's images go to one split (module doc).
   """
   fractions = check_fractions(fractions)
   n = len(files)
@@ -127,7 +143,16 @@ def make_split(files: Sequence[str], labels: Sequence[int], hashes: Sequence[str
         notes[i].append(f"identical to {'; '.join(files[j] for j in members if j != i)} "
                         "(kept in one split)")
     per_class[group_labels[0]].append(members)
-  if given is not None:
+  if patients is not None and any(patients):
+    kept = [m for groups_ in per_class.values() for m in groups_]
+    merged = _merge_patients(kept, patients)
+    if given is not None:
+      _check_given_patients(files, given, patients, merged, given_by)
+      _take_given(files, given, per_class, assignment, notes, given_by)
+    else:
+      _grouped_assign(merged, labels, fractions, seed, assignment)
+    per_class = {}
+  elif given is not None:
     _take_given(files, given, per_class, assignment, notes, given_by)
     per_class = {}
   if ambiguous:
@@ -171,6 +196,79 @@ def make_split(files: Sequence[str], labels: Sequence[int], hashes: Sequence[str
     for d in near:
       assignment[d.test] = DROPPED
   return Split(tuple(assignment), tuple("; ".join(x) for x in notes), tuple(near))
+
+
+def _merge_patients(groups: Sequence[list[int]], patients: Sequence[str]) -> list[list[int]]:
+  """Joins groups of identical images that share a patient (union-find): the groups to split."""
+  parent = list(range(len(groups)))
+
+  def find(g: int) -> int:
+    while parent[g] != g:
+      parent[g] = parent[parent[g]]
+      g = parent[g]
+    return g
+
+  first: dict[str, int] = {}
+  for g, members in enumerate(groups):
+    for i in members:
+      if patients[i]:
+        other = first.setdefault(patients[i], g)
+        parent[find(g)] = find(other)
+  merged: dict[int, list[int]] = collections.defaultdict(list)
+  for g, members in enumerate(groups):
+    merged[find(g)].extend(members)
+  return [sorted(m) for m in merged.values()]
+
+
+def fold_plan(fractions: Sequence[float]) -> tuple[int, tuple[int, int, int]]:
+  """(k, folds per split): the fewest folds in which every fraction is whole to within 0.05."""
+  for k in range(len(SPLITS), 21):
+    counts = [round(f * k) for f in fractions]
+    if min(counts) >= 1 and all(abs(f * k - c) <= 0.05 for f, c in zip(fractions, counts)):
+      return k, tuple(counts)  # type: ignore[return-value]
+  k = 20
+  counts = [max(1, round(f * k)) for f in fractions]
+  counts[int(np.argmax(counts))] += k - sum(counts)
+  return k, tuple(counts)  # type: ignore[return-value]
+
+
+def _grouped_assign(groups: Sequence[list[int]], labels: np.ndarray, fractions: Sequence[float],
+                    seed: int, assignment: list[str]) -> None:
+  """Stratified split of whole groups (patients) with scikit-learn's StratifiedGroupKFold."""
+  k, per_split = fold_plan(fractions)
+  if len(groups) < k:
+    raise DataError(f"config.data.split_fractions={tuple(fractions)}: a split by patient needs "
+                    f"at least {k} patients (folds of 1/{k}); the data hold {len(groups)} "
+                    "patient group(s) (patients come from the labels CSV's patient_id column, "
+                    "else DICOM PatientID; give a patient_id column to override the header's)")
+  order = sorted(range(len(groups)), key=lambda g: groups[g][0])
+  index = np.array([i for g in order for i in groups[g]], np.int64)
+  group_of = np.array([g for g in order for _ in groups[g]], np.int64)
+  splitter = model_selection.StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+  with warnings.catch_warnings():  # "least populated class has only n members": the split
+    warnings.simplefilter("ignore", UserWarning)  # stays valid, the classes only less balanced
+    folds = [test for _, test in splitter.split(np.zeros(len(index)), labels[index], group_of)]
+  bounds = np.cumsum(per_split)
+  for f, rows in enumerate(folds):
+    split = SPLITS[int(np.searchsorted(bounds, f, side="right"))]
+    for i in index[rows]:
+      assignment[int(i)] = split
+  empty = [s for s in SPLITS if s not in assignment]
+  if empty:
+    raise DataError(f"the split by patient left split(s) {', '.join(empty)} without an image; "
+                    "more patients, or other config.data.split_fractions, are needed")
+
+
+def _check_given_patients(files: Sequence[str], given: Sequence[str], patients: Sequence[str],
+                          groups: Sequence[list[int]], given_by: str) -> None:
+  """A predefined split must not put one patient's images in two splits."""
+  for members in groups:
+    splits = {given[i] for i in members}
+    if len(splits) > 1:
+      shown = "; ".join(f"{files[i]} ({given[i]})" for i in members[:6])
+      who = sorted({patients[i] for i in members if patients[i]})
+      raise DataError(f"{given_by}: patient {', '.join(who)} has images in splits "
+                      f"{', '.join(sorted(splits))}: {shown}. Put each patient in one split.")
 
 
 def _take_given(files: Sequence[str], given: Sequence[str],
@@ -299,35 +397,56 @@ class ManifestRow:
   cls: str
   split: str  # train / val / test / dropped / skipped
   note: str = ""
+  metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # extra manifest columns
 
 
 def write_manifest(workdir: str | os.PathLike, rows: Iterable[ManifestRow], *,
                    class_names: Sequence[str], extra: dict | None = None) -> pathlib.Path:
-  """Writes `<workdir>/split_manifest.csv` (one row per file) and `split_summary.json` (counts)."""
+  """Writes `<workdir>/split_manifest.csv` (one row per file; the metadata columns after the
+  fixed ones) and `split_summary.json` (counts; patients per split when rows have a patient_id)."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   rows = sorted(rows, key=lambda r: r.file)
+  extra_columns = metadata_columns(r.metadata for r in rows)
   path = workdir / MANIFEST
   tmp = path.with_suffix(".tmp")
   with open(tmp, "w", newline="", encoding="utf-8") as f:
     w = csv.writer(f)
-    w.writerow(MANIFEST_COLUMNS)
+    w.writerow(MANIFEST_COLUMNS + tuple(extra_columns))
     for r in rows:
-      w.writerow((r.file, r.sha256, r.cls, r.split, r.note))
+      w.writerow((r.file, r.sha256, r.cls, r.split, r.note,
+                  *(r.metadata.get(k, "") for k in extra_columns)))
   tmp.replace(path)
   counts = {s: {c: 0 for c in class_names} for s in (*SPLITS, DROPPED, SKIPPED)}
+  patients: dict[str, set[str]] = {s: set() for s in (*SPLITS, DROPPED, SKIPPED)}
   for r in rows:
     counts[r.split][r.cls] = counts[r.split].get(r.cls, 0) + 1
+    if r.metadata.get("patient_id"):
+      patients[r.split].add(r.metadata["patient_id"])
   summary = {"classes": list(class_names), "counts": counts,
              "totals": {s: sum(v.values()) for s, v in counts.items()},
              "near_duplicate_rule": {"phash_max_distance": PHASH_MAX_DISTANCE,
                                      "min_correlation": MIN_CORRELATION}}
+  if any(patients.values()):
+    summary["patients"] = {s: len(v) for s, v in patients.items()}
+  if extra_columns:
+    summary["metadata_columns"] = list(extra_columns)
   summary.update(extra or {})
   (workdir / SUMMARY).write_text(json.dumps(summary, indent=1, sort_keys=False))
   return path
 
 
+def metadata_columns(metadata: Iterable[dict[str, str]]) -> list[str]:
+  """The metadata columns present: the known ones in a fixed order, then the others sorted."""
+  present: set[str] = set()
+  for m in metadata:
+    present.update(k for k, v in m.items() if v)
+  return [k for k in METADATA_COLUMNS if k in present] + sorted(present - set(METADATA_COLUMNS))
+
+
 def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
   with open(path, newline="", encoding="utf-8") as f:
-    return [ManifestRow(r["file"], r["sha256"], r["class"], r["split"], r["note"])
+    return [ManifestRow(r["file"], r["sha256"], r["class"], r["split"], r["note"],
+                        {k: v for k, v in r.items()
+                         if k not in MANIFEST_COLUMNS and k is not None and v})
             for r in csv.DictReader(f)]

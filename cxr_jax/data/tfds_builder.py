@@ -4,7 +4,8 @@ array_record.
 Decoding 2,905 (or 21,165) PNGs takes a minute; reading back the prepared array_record takes
 seconds, so every later run, task and process reuses the prepared copy. The copy lives in
 `<cache_dir>/tfds/<key>/` where `key` hashes the resolved source path, the labels CSV, the image
-size and the classes the copy holds, so two sources (or sizes, or class sets) never share a folder.
+size, the resize mode (squash / pad) and the classes the copy holds, so two sources (or sizes,
+resize modes, or class sets) never share a folder.
 The ClassLabel ids are those of `classes.ordered` over the source's classes (the database's four
 first, then the others sorted); `prepared.json` records the names, and `load_splits` maps them to
 the run's `config.data.classes`. `prepared.json` beside it is the completion marker: it
@@ -45,7 +46,8 @@ from cxr_jax.errors import DataError
 SPLIT = "full"  # 'all' is reserved by TFDS
 SIDECAR = "prepared.json"
 # Bump when decoding changes what pixels a file gives (it invalidates every prepared copy).
-VERSION = "1.1.0"  # 1.1.0: any class set (ClassLabel names in the key), DICOM
+VERSION = "1.2.0"  # 1.1.0: any class set (ClassLabel names in the key), DICOM; 1.2.0: DICOM
+# through pydicom's pipeline quantised once, `resize` in the key, DICOM header metadata
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Download the "COVID-19 Radiography Database" by tawsifurrahman from Kaggle:
@@ -77,13 +79,15 @@ class CxrRadiography(tfds.core.GeneratorBasedBuilder):
   DEFAULT_CONFIG_NAME = "size256"
 
   def __init__(self, *, layout: layout_lib.Layout | None = None, workers: int | None = None,
-               class_names: tuple[str, ...] | None = None, **kwargs):
+               class_names: tuple[str, ...] | None = None, resize: str = "squash", **kwargs):
     self._layout = layout
     self._workers = workers
+    self._resize = resize
     self.class_names = tuple(class_names or (layout.classes if layout is not None
                                               else classes_lib.CANONICAL))
     self.skipped: list[dict[str, str]] = []  # filled while generating
     self.notes = images_lib.ConversionNotes()
+    self.metadata: dict[str, dict[str, str]] = {}  # file -> DICOM header metadata
     super().__init__(**kwargs)
 
   @property
@@ -131,7 +135,8 @@ class CxrRadiography(tfds.core.GeneratorBasedBuilder):
           # A vanished file, or a damaged / encrypted zip member.
           return entry, images_lib.ImageError(name, f"cannot read ({e})")
         try:
-          return entry, images_lib.decode_unguarded(data, size, name=name)
+          return entry, images_lib.decode_unguarded(data, size, name=name,
+                                                    resize=self._resize)
         except images_lib.ImageError as e:
           return entry, e
 
@@ -145,6 +150,8 @@ class CxrRadiography(tfds.core.GeneratorBasedBuilder):
                                    "reason": out.reason})
               continue
             self.notes.add(entry.file, out.notes)
+            if out.metadata:
+              self.metadata[entry.file] = out.metadata
             pixels = out.pixels
             yield entry.file, {
                 "image": pixels[..., None],
@@ -169,36 +176,38 @@ class Prepared:
   skipped: tuple[dict[str, str], ...]  # {'file', 'class', 'reason'}
   conversions: dict[str, list[str]]  # conversion kind -> files
   num_examples: int
+  metadata: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # DICOM headers
 
   def builder(self) -> CxrRadiography:
     return CxrRadiography(data_dir=str(self.data_dir), config=_config(self.image_size),
                           file_format="array_record", class_names=self.class_names)
 
 
-def cache_key(layout: layout_lib.Layout, image_size: int) -> str:
-  """Names the copy of one source (folder or zip, root, labels CSV) at one size with one class set:
-  a copy made for other classes, whose label ids mean other classes, is never read."""
+def cache_key(layout: layout_lib.Layout, image_size: int, resize: str = "squash") -> str:
+  """Names the copy of one source (folder or zip, root, labels CSV) at one size and resize mode
+  with one class set: a copy made for other classes, whose label ids mean other classes, is never
+  read."""
   text = (f"{layout.source}\0{layout.root}\0{layout.labels_csv}\0{image_size}\0{VERSION}\0"
-          + "\0".join(layout.classes))
+          + "\0".join(layout.classes) + ("" if resize == "squash" else f"\0{resize}"))
   # surrogateescape: a folder name that is not UTF-8 (os.fsdecode keeps its bytes) still hashes.
   return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
 def prepare(layout: layout_lib.Layout, image_size: int, cache_dir: str | os.PathLike, *,
-            workers: int | None = None) -> Prepared:
+            workers: int | None = None, resize: str = "squash") -> Prepared:
   """Prepares (once) the array_record copy of `layout` at `image_size`; returns where it is.
 
   A lock file serialises processes that share the cache (hosts of one run, parallel runs): the
   first prepares, the others wait and reuse its copy.
   """
-  data_dir = pathlib.Path(cache_dir) / "tfds" / cache_key(layout, image_size)
+  data_dir = pathlib.Path(cache_dir) / "tfds" / cache_key(layout, image_size, resize)
   try:
     data_dir.parent.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise DataError(f"{data_dir.parent}: cannot create the dataset cache ({e}); set "
                     "config.data.cache_dir to a writable folder") from None
   with _locked(data_dir.with_name(data_dir.name + ".lock")):
-    return _prepare_locked(layout, image_size, data_dir, workers)
+    return _prepare_locked(layout, image_size, data_dir, workers, resize)
 
 
 @contextlib.contextmanager
@@ -217,7 +226,7 @@ def _locked(path: pathlib.Path):
 
 
 def _prepare_locked(layout: layout_lib.Layout, image_size: int, data_dir: pathlib.Path,
-                    workers: int | None) -> Prepared:
+                    workers: int | None, resize: str = "squash") -> Prepared:
   sidecar = data_dir / SIDECAR
   meta = _read_sidecar(sidecar)
   if (meta is not None and meta.get("fingerprint") == layout.fingerprint
@@ -237,7 +246,7 @@ def _prepare_locked(layout: layout_lib.Layout, image_size: int, data_dir: pathli
                len(layout.entries), layout.root_path, image_size, image_size, data_dir)
   builder = CxrRadiography(layout=layout, workers=workers, data_dir=str(data_dir),
                            config=_config(image_size), file_format="array_record",
-                           class_names=layout.classes)
+                           class_names=layout.classes, resize=resize)
   manual = layout.source if layout.source.is_dir() else layout.source.parent
   printed = io.StringIO()  # TFDS prints two lines of its own: the log file gets them
   try:
@@ -267,6 +276,8 @@ def _prepare_locked(layout: layout_lib.Layout, image_size: int, data_dir: pathli
       "num_examples": len(layout.entries) - len(builder.skipped),
       "skipped": sorted(builder.skipped, key=lambda s: s["file"]),
       "conversions": builder.notes.as_dict(),
+      "resize": resize,
+      "metadata": dict(sorted(builder.metadata.items())),
   }
   tmp = sidecar.with_suffix(".tmp")
   tmp.write_text(json.dumps(meta, indent=1))
@@ -332,4 +343,5 @@ def _from_meta(data_dir: pathlib.Path, meta: dict[str, Any]) -> Prepared:
                   class_names=tuple(meta.get("class_names", classes_lib.CANONICAL)),
                   skipped=tuple(meta.get("skipped", ())),
                   conversions=dict(meta.get("conversions", {})),
-                  num_examples=int(meta.get("num_examples", 0)))
+                  num_examples=int(meta.get("num_examples", 0)),
+                  metadata=dict(meta.get("metadata", {})))

@@ -29,6 +29,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from cxr_jax.evaluation import stats
+from cxr_jax.evaluation import subgroups as subgroups_lib
 from cxr_jax.utils import files
 
 CLOPPER_PEARSON = "clopper-pearson"
@@ -279,6 +280,8 @@ def metrics_markdown(report: dict[str, Any], *, title: str = "") -> str:
             "|---|" + "---:|" * len(names)]
   for name, row in zip(names, report["confusion_matrix"]):
     lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+  if report.get("subgroups"):
+    lines += ["", subgroups_lib.markdown(report["subgroups"]).rstrip("\n")]
   if report["notes"]:
     lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
   return "\n".join(lines) + "\n"

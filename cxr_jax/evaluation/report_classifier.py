@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import pathlib
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ from cxr_jax.errors import DataError
 from cxr_jax.evaluation import gradcam as gradcam_lib
 from cxr_jax.evaluation import metrics as metrics_lib
 from cxr_jax.evaluation import plots
+from cxr_jax.evaluation import subgroups as subgroups_lib
 from cxr_jax.utils import files as files_lib
 
 
@@ -71,14 +72,21 @@ def gradcam_figure(trained, images_u8: np.ndarray, labels: np.ndarray, probs: np
 
 
 def evaluate_on_test(trained, test, workdir: pathlib.Path, *, title: str, num_gradcam: int = 4,
-                     n_bootstrap: int = 1000, train_hashes: Iterable[str] = ()) -> dict:
+                     n_bootstrap: int = 1000, train_hashes: Iterable[str] = (),
+                     subgroups: Sequence[str] = ()) -> dict:
   """Writes metrics.json / metrics.md, confusion_matrix.png, roc_curves.png, pr_curves.png,
-  gradcam.png and test_predictions.csv into `workdir`; returns the report with a flat `summary`."""
+  gradcam.png and test_predictions.csv into `workdir`; returns the report with a flat `summary`.
+  `subgroups`: metadata columns (config.subgroups) whose subgroups get their own accuracy and
+  recall (`report['subgroups']`, a section of metrics.md)."""
   refuse_leaks(test, train_hashes)
   class_names = list(trained.meta["class_names"])
   probs = trained.predict(test.images)
   report = metrics_lib.classification_report(test.labels, probs, class_names,
                                              n_bootstrap=n_bootstrap)
+  if subgroups:
+    report["subgroups"] = subgroups_lib.subgroup_table(
+        test.files, test.labels, probs.argmax(-1), class_names, test.metadata, subgroups,
+        confidence=report["confidence"])
   workdir = pathlib.Path(workdir)
   if workdir_lib.is_writer():
     metrics_lib.write_metrics(workdir, report, title=title)

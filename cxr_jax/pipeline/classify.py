@@ -16,6 +16,7 @@ from cxr_jax.data import dataset
 from cxr_jax.data import enhanced
 from cxr_jax.evaluation import plots
 from cxr_jax.evaluation import report_classifier
+from cxr_jax.evaluation import subgroups as subgroups_lib
 from cxr_jax.training import classifier
 from cxr_jax.training import fit
 from cxr_jax.training import seeds as seeds_lib
@@ -42,6 +43,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path)
   workdir = pathlib.Path(workdir)
   mesh = fit.make_mesh(config, "batch_size", "eval_batch_size")
   splits = dataset.load_splits(config.data, workdir)
+  subgroups_lib.check(config.get("subgroups", ()), splits["test"].metadata)
   train = training_set(config, splits)
   trained = classifier.train(config, workdir, train, splits["val"], mesh)
   return _evaluate(config, workdir, trained, splits["test"], train_hashes=train.hashes)
@@ -53,7 +55,8 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, trained,
   training-curves picture."""
   result = report_classifier.evaluate_on_test(
       trained, test, workdir, title=config.name, num_gradcam=config.num_gradcam,
-      n_bootstrap=config.n_bootstrap, train_hashes=train_hashes)
+      n_bootstrap=config.n_bootstrap, train_hashes=train_hashes,
+      subgroups=subgroups_lib.check(config.get("subgroups", ()), test.metadata))
   writer = SummaryWriter(workdir / "tensorboard")
   try:
     writer.scalars(trained.meta["final_step"],
@@ -73,6 +76,7 @@ def train_and_evaluate_seeds(config: ml_collections.ConfigDict, seeds, workdirs,
   evaluated on `splits['test']` as `train_and_evaluate` does (the same files in each workdir).
   Returns the test reports, in the order of `seeds`."""
   classifier.validate(config)
+  subgroups_lib.check(config.get("subgroups", ()), splits["test"].metadata)
   seeds, workdirs = list(seeds), [pathlib.Path(w) for w in workdirs]
   mesh = fit.make_mesh(config, "batch_size", "eval_batch_size")
   configs = [fit.seed_config(config, s) for s in seeds]
