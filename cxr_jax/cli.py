@@ -126,10 +126,12 @@ def main(argv: list[str]) -> None:
   console.setup(FLAGS.log_level)
   started = time.perf_counter()
   try:
+    workdir = FLAGS.workdir or f"runs/{config.name}"
+    if not runtime.joins_multihost(config):  # else process 0's, once the processes have joined
+      workdir_lib.lock(workdir)
     runtime.initialize(config)
     task = tasks.get(config.task)
-    workdir = workdir_lib.prepare(FLAGS.workdir or f"runs/{config.name}", config,
-                                  overwrite=FLAGS.overwrite)
+    workdir = workdir_lib.prepare(workdir, config, overwrite=FLAGS.overwrite)
     log_file = console.start_log_file(workdir, config.task, writer=workdir_lib.is_writer())
     logging.info("Task %s, workdir %s%s", config.task, workdir,
                  f", full log {log_file}" if log_file else "")
@@ -142,6 +144,8 @@ def main(argv: list[str]) -> None:
   except Exception:  # a crash: its traceback goes to the console as usual, and into the log file
     logging.exception("%s failed", config.task, extra=console.FILE_ONLY)
     raise
+  finally:  # the workdir's lock (also released by the OS if this process dies)
+    workdir_lib.release()
   if workdir_lib.is_writer():
     print(closing_summary(config.task, workdir, time.perf_counter() - started,
                           console.log_path(), console.python_warnings()), file=sys.stderr)
