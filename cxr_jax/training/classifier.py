@@ -223,7 +223,8 @@ class Classifier:
                  extra=console.FILE_ONLY)
     meta = dict(self.export_meta(), best_step=int(step), final_step=self.total_steps,
                 **self.run_info)
-    export.save(workdir / CLASSIFIER_DIR, state.net.params, state.net.stats, meta)
+    export.save(workdir / CLASSIFIER_DIR, state.net.params, state.net.stats, meta,
+                self.config)
 
 
 # ------------------------------------------------------------------------------------- task

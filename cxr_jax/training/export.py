@@ -22,10 +22,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from cxr_jax import provenance
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.errors import UserError
 from cxr_jax.models import build
@@ -42,8 +44,11 @@ CLASSIFIER = "classifier"
 INFERENCE_MODES = ("instance", "eval")
 
 
-def save(directory: str | pathlib.Path, params: nnx.State, stats: nnx.State, meta: dict) -> None:
+def save(directory: str | pathlib.Path, params: nnx.State, stats: nnx.State, meta: dict,
+         config: ml_collections.ConfigDict | None = None) -> None:
+  """Writes an export; `meta` gains the provenance (version, commit, hash of `config`)."""
   directory = pathlib.Path(directory).absolute()
+  meta = dict(meta, provenance=provenance.provenance(config))
   # The metadata first: Orbax's save ends with a barrier, so every process can read both after.
   if workdir_lib.is_writer():
     directory.mkdir(parents=True, exist_ok=True)
