@@ -16,7 +16,7 @@ from cxr_jax import workdir as workdir_lib
 from cxr_jax.data import enhanced
 from cxr_jax.data.dataset import ImageSet
 from cxr_jax.data.images import pixel_hash
-from cxr_jax.errors import DataError
+from cxr_jax.errors import DataError, UserError
 from cxr_jax.pipeline import classify
 from cxr_jax.training import classifier
 from cxr_jax.training import export
@@ -279,3 +279,6 @@ def test_fine_tunes_from_its_own_one_channel_export(tiny_model, tmp_path, caplog
   assert np.all(np.isfinite(np.asarray(metrics["loss"])))
   assert all(_changed(jax.device_get(state.net.params),  # the export's (`placed` is donated)
                       jax.device_get(trained.net.params)).values())
+  # A folder that is not a classifier export: one line naming it.
+  with pytest.raises(UserError, match=f"{tmp_path}: not an exported classifier"):
+    classifier.load_pretrained(str(tmp_path))
