@@ -118,7 +118,7 @@ class PretrainedWeights:
   width=w.width, variant=w.variant, ...)`: (3, 4, 6, 3) and 64 for a ResNet-50.
   """
   path: str
-  family: str  # 'torchvision' (also timm) or 'keras'
+  family: str  # 'torchvision' (also timm), 'keras', or 'cxr-jax' (an export of ours)
   variant: str  # the ResNet variant these weights need: 'v1.5' or 'v1'
   preprocess: Preprocess
   params: Mapping[str, np.ndarray]

@@ -77,12 +77,15 @@ def build_model(config: ml_collections.ConfigDict,
     logging.info("config.pretrained: the first conv of %s is adapted from %d to %d input "
                  "channel(s) (%s), so that a gray image gets the same response", weights.path,
                  weights.in_channels, m.in_channels,
-                 "summed" if m.in_channels == 1 else "replicated / 3")
+                 "summed" if m.in_channels == 1 else "replicated / 3", extra=console.FILE_ONLY)
   if not load_head:
     head = (f"its {weights.num_classes}-class head" if weights.num_classes else "it has no head")
     named = (f" ({', '.join(weights.class_names)})" if weights.class_names else "")
+    # On the console when the source names its classes (an export of ours): a user may have
+    # expected its head; an ImageNet head is always replaced.
     logging.info("config.pretrained: %s: %s%s; this run's head (%s) is initialised afresh",
-                 weights.path, head, named, ", ".join(class_names))
+                 weights.path, head, named, ", ".join(class_names),
+                 extra=None if weights.class_names else console.FILE_ONLY)
   pretrained_lib.apply_pretrained(model, weights, in_channels=m.in_channels, load_head=load_head)
   # A scratch-trained export's standardisation is the scratch input: the same input spec.
   return model, None if weights.preprocess == build.SCRATCH else weights.preprocess, arch
