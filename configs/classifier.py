@@ -15,6 +15,10 @@ import ml_collections
 from cxr_jax import configlib
 
 
+# The variants (`--config=...:<variant>`), the default first; `cxr-jax --help` lists them.
+VARIANTS = ("scratch", "transfer", "smoke")
+
+
 def get_config(variant: str = "scratch") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = "classifier"
@@ -89,6 +93,6 @@ def get_config(variant: str = "scratch") -> ml_collections.ConfigDict:
     config.num_gradcam = 1
     config.n_bootstrap = 50
   else:
-    raise ValueError(f"unknown variant {variant!r} of configs/classifier.py; use 'scratch', "
-                     "'transfer' or 'smoke'")
+    raise ValueError(f"unknown variant {variant!r} of configs/classifier.py; use "
+                     f"{', '.join(map(repr, VARIANTS))}")
   return config

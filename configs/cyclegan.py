@@ -15,6 +15,10 @@ import ml_collections
 from cxr_jax import configlib
 
 
+# The variants (`--config=...:<variant>`), the default first; `cxr-jax --help` lists them.
+VARIANTS = ("", "cpu", "smoke")
+
+
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = "cyclegan"
@@ -97,6 +101,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.keep_checkpoints = 2
     config.num_samples = 2
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/cyclegan.py; use '', 'cpu' or "
-                     "'smoke'")
+    raise ValueError(f"unknown variant {variant!r} of configs/cyclegan.py; use "
+                     f"{', '.join(map(repr, VARIANTS))}")
   return config

@@ -32,6 +32,10 @@ import ml_collections
 from cxr_jax import configlib
 
 
+# The variants (`--config=...:<variant>`), the default first; `cxr-jax --help` lists them.
+VARIANTS = ("paper", "demo", "smoke")
+
+
 def _sibling(name: str, variant: str) -> ml_collections.ConfigDict:
   return configlib.load_config_file(pathlib.Path(__file__).with_name(f"{name}.py"), variant)
 
@@ -39,8 +43,8 @@ def _sibling(name: str, variant: str) -> ml_collections.ConfigDict:
 def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   base = {"paper": "", "demo": "", "smoke": "smoke"}
   if variant not in base:
-    raise ValueError(f"unknown variant {variant!r} of configs/experiment.py; use 'paper', 'demo' "
-                     "or 'smoke'")
+    raise ValueError(f"unknown variant {variant!r} of configs/experiment.py; use "
+                     f"{', '.join(map(repr, VARIANTS))}")
   config = ml_collections.ConfigDict()
   config.task = "experiment"
   config.name = f"experiment-{variant}"

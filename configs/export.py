@@ -11,6 +11,10 @@ A generator is written with the PyTorch reference's key names (junyanz/pytorch-C
 import ml_collections
 
 
+# The variants (`--config=...:<variant>`), the default first; `cxr-jax --help` lists them.
+VARIANTS = ("",)
+
+
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = "export"
@@ -18,5 +22,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model_dir = ""      # <run>/generator or <run>/classifier
   config.output_name = ""    # '' = 'generator' or 'classifier'
   if variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/export.py; use ''")
+    raise ValueError(f"unknown variant {variant!r} of configs/export.py; use "
+                     f"{', '.join(map(repr, VARIANTS))}")
   return config

@@ -12,6 +12,10 @@ import ml_collections
 from cxr_jax import configlib
 
 
+# The variants (`--config=...:<variant>`), the default first; `cxr-jax --help` lists them.
+VARIANTS = ("", "smoke")
+
+
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = "predict"
@@ -24,5 +28,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.data.image_size = 32
     config.data.synthetic_scale = 0.02
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/predict.py; use '' or 'smoke'")
+    raise ValueError(f"unknown variant {variant!r} of configs/predict.py; use "
+                     f"{', '.join(map(repr, VARIANTS))}")
   return config

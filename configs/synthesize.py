@@ -15,6 +15,10 @@ import ml_collections
 from cxr_jax import configlib
 
 
+# The variants (`--config=...:<variant>`), the default first; `cxr-jax --help` lists them.
+VARIANTS = ("", "smoke")
+
+
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = "synthesize"
@@ -36,5 +40,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.batch_size = 8
     config.quality_images = 50
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/synthesize.py; use '' or 'smoke'")
+    raise ValueError(f"unknown variant {variant!r} of configs/synthesize.py; use "
+                     f"{', '.join(map(repr, VARIANTS))}")
   return config

@@ -13,6 +13,10 @@ output file, source and output pixel sha256, generator, seed). The same seed giv
 import ml_collections
 
 
+# The variants (`--config=...:<variant>`), the default first; `cxr-jax --help` lists them.
+VARIANTS = ("", "smoke")
+
+
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = "translate"
@@ -33,5 +37,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.name = "translate-smoke"
     config.batch_size = 4
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/translate.py; use '' or 'smoke'")
+    raise ValueError(f"unknown variant {variant!r} of configs/translate.py; use "
+                     f"{', '.join(map(repr, VARIANTS))}")
   return config

@@ -9,6 +9,7 @@ the copy of `configs/` shipped with the installed package is used. The console s
 project's messages, warnings and a progress bar per stage; everything (the libraries' INFO
 records, Python warnings, the resolved config) goes to <workdir>/logs/<task>-<time>.log.
 `--log_level=info` (or `debug`) shows the libraries' records on the console too.
+`python -m cxr_jax` is the same command.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from cxr_jax import configlib
 from cxr_jax import console
 from cxr_jax import runtime
 from cxr_jax import tasks
@@ -42,7 +44,6 @@ flags.DEFINE_enum("log_level", "default", list(console.LEVELS),
                   "progress bar per stage; 'info' adds the libraries' INFO records (Orbax, TFDS, "
                   "absl, jax) and Python warnings; 'debug' adds DEBUG records (console and log "
                   "file). Everything is always in <workdir>/logs/<task>-<time>.log.")
-flags.mark_flags_as_required(["config"])
 _OUR_FLAGS = ("config", "workdir", "overwrite", "log_level")
 
 # Files and folders a task leaves at the top of its workdir, named in the closing summary.
@@ -59,6 +60,32 @@ def packaged_configs_dir() -> pathlib.Path | None:
     if (candidate / "experiment.py").is_file():
       return candidate
   return None
+
+
+def config_catalogue(configs_dir: pathlib.Path | None = None) -> str:
+  """The tasks and each config's variants, read from the config files (`VARIANTS`, the default
+  first, and the first line of the docstring): what `--help` and a run without --config show."""
+  configs_dir = configs_dir or packaged_configs_dir()
+  if configs_dir is None:
+    return ""
+  entries = []
+  for path in sorted(configs_dir.glob("*.py")):
+    try:
+      module = configlib.load_config_module(path)
+      variants = tuple(module.VARIANTS)
+      task = str(module.get_config(variants[0]).task)
+      summary = (module.__doc__ or "").strip().splitlines()[0]
+    except Exception as e:  # pylint: disable=broad-except  (a user's broken copy: say so, go on)
+      entries.append((len(tasks.TASKS), "?", path.name, f"(cannot read it: {e})", ()))
+      continue
+    order = list(tasks.TASKS).index(task) if task in tasks.TASKS else len(tasks.TASKS)
+    entries.append((order, task, path.name, summary, variants))
+  lines = ["Tasks and their configs (--config=configs/<file>[:<variant>]; variants, default "
+           "first):"]
+  for _, task, name, summary, variants in sorted(entries):
+    shown = ", ".join(f":{v}" if v else "(none)" for v in variants)
+    lines += [f"  {task:<13} configs/{name:<18} {shown}", f"  {'':<13} {summary}"]
+  return "\n".join(lines)
 
 
 def resolve_config_arg(argv: list[str]) -> list[str]:
@@ -92,6 +119,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   argv = resolve_config_arg(argv)
   try:
     args = FLAGS(argv)
+    if FLAGS.config is None:  # a bare run: what there is to run
+      print(f"{_usage()}\n\nerror: --config is required: one of the configs above",
+            file=sys.stderr)
+      sys.exit(2)
     FLAGS.config.get("task")  # a config file that failed to load raises only when first used
     return args
   except flags.Error as e:
@@ -126,10 +157,12 @@ def main(argv: list[str]) -> None:
   console.setup(FLAGS.log_level)
   started = time.perf_counter()
   try:
+    workdir = FLAGS.workdir or f"runs/{config.name}"
+    if not runtime.joins_multihost(config):  # else process 0's, once the processes have joined
+      workdir_lib.lock(workdir)
     runtime.initialize(config)
     task = tasks.get(config.task)
-    workdir = workdir_lib.prepare(FLAGS.workdir or f"runs/{config.name}", config,
-                                  overwrite=FLAGS.overwrite)
+    workdir = workdir_lib.prepare(workdir, config, overwrite=FLAGS.overwrite)
     log_file = console.start_log_file(workdir, config.task, writer=workdir_lib.is_writer())
     logging.info("Task %s, workdir %s%s", config.task, workdir,
                  f", full log {log_file}" if log_file else "")
@@ -142,6 +175,8 @@ def main(argv: list[str]) -> None:
   except Exception:  # a crash: its traceback goes to the console as usual, and into the log file
     logging.exception("%s failed", config.task, extra=console.FILE_ONLY)
     raise
+  finally:  # the workdir's lock (also released by the OS if this process dies)
+    workdir_lib.release()
   if workdir_lib.is_writer():
     print(closing_summary(config.task, workdir, time.perf_counter() - started,
                           console.log_path(), console.python_warnings()), file=sys.stderr)
@@ -194,11 +229,16 @@ def _headline(workdir: pathlib.Path) -> list[str]:
           + rows + [f"Report: {workdir / 'report.md'}"])
 
 
+def _usage() -> str:
+  catalogue = config_catalogue()
+  return __doc__.strip() + (f"\n\n{catalogue}" if catalogue else "")
+
+
 def run() -> None:
-  """The `cxr-jax` console command (and `python main.py`)."""
+  """The `cxr-jax` console command (and `python main.py`, `python -m cxr_jax`)."""
   main_module = sys.modules.get("__main__")
   if main_module is not None:
-    main_module.__doc__ = __doc__  # absl's --help prints the main module's docstring
+    main_module.__doc__ = _usage() + "\n"  # absl's --help prints the main module's docstring
   for name in _OUR_FLAGS:  # and lists the main module's flags: ours, though defined here
     FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
   app.run(main, flags_parser=parse_flags)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import types
 from typing import Any
 
 import ml_collections
@@ -61,12 +62,18 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
   return cfg
 
 
-def load_config_file(path: str | os.PathLike, variant: str = "") -> ml_collections.ConfigDict:
-  """`get_config(variant)` of a config file, loaded by path (as `--config=path:variant` does)."""
+def load_config_module(path: str | os.PathLike) -> types.ModuleType:
+  """A config file as a module: its `get_config(variant)` and `VARIANTS` (the default first)."""
   path = pathlib.Path(path)
   spec = importlib.util.spec_from_file_location(f"cxr_jax_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def load_config_file(path: str | os.PathLike, variant: str = "") -> ml_collections.ConfigDict:
+  """`get_config(variant)` of a config file, loaded by path (as `--config=path:variant` does)."""
+  module = load_config_module(path)
   return module.get_config(variant) if variant else module.get_config()
 
 

@@ -43,13 +43,18 @@ def _connect_cpu_collectives() -> None:
   total.block_until_ready()
 
 
+def joins_multihost(config) -> bool:
+  """Whether `initialize` joins a multi-host run (asked for, or on a Cloud TPU VM)."""
+  return bool(config.get("multihost", False) or os.environ.get("TPU_WORKER_HOSTNAMES")
+              or os.environ.get("CLOUD_TPU_TASK_ID"))
+
+
 def initialize(config) -> None:
   """Joins a multi-host run when asked (or on a Cloud TPU VM) and turns on the compile cache."""
   global _initialized
   if _initialized:
     return
-  multihost = bool(config.get("multihost", False))
-  if multihost or os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
+  if joins_multihost(config):
     # On Cloud TPU VMs and under SLURM / Open MPI the coordinator is found automatically; elsewhere
     # set CXR_COORDINATOR_ADDRESS (host:port of process 0), CXR_NUM_PROCESSES and CXR_PROCESS_ID.
     env = os.environ

@@ -16,7 +16,7 @@ from cxr_jax import workdir as workdir_lib
 from cxr_jax.data import enhanced
 from cxr_jax.data.dataset import ImageSet
 from cxr_jax.data.images import pixel_hash
-from cxr_jax.errors import DataError
+from cxr_jax.errors import DataError, UserError
 from cxr_jax.pipeline import classify
 from cxr_jax.training import classifier
 from cxr_jax.training import export
@@ -228,3 +228,57 @@ def test_validation_goes_through_the_export_path_and_compiles_once(tiny_model, c
                                     jax.device_get(doubled), jax.device_get(state.net.stats))
   np.testing.assert_allclose(probs, exported.predict(val.images, 8), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_fine_tunes_from_its_own_one_channel_export(tiny_model, tmp_path, caplog):
+  """`config.pretrained` = a classifier export of ours (the default: 1 channel, scratch input):
+  the same classes load the whole network, other classes a new head (with a note); a 3-channel
+  model gets the first conv replicated and answers gray images as the export does; it trains."""
+  state = tiny_model.init_state()
+  moved = jax.tree.map(lambda s: s + 0.25, state.net.stats)  # non-trivial BatchNorm statistics
+  state = state.replace(net=state.net.replace(stats=moved))
+  tiny_model.export(tmp_path, state, 3)
+  source = export.load_classifier(tmp_path / classifier.CLASSIFIER_DIR)
+  config = smoke_config(batch_size=4, freeze_backbone_epochs=0, num_epochs=2,
+                        pretrained=str(tmp_path / classifier.CLASSIFIER_DIR))
+
+  def build(cfg, names=NAMES):
+    return classifier.Classifier(cfg, class_names=names, steps_per_epoch=3, total_steps=6,
+                                 mesh=mesh_lib.make_mesh())
+
+  tuned = build(config)
+  assert tuned.input_spec == tiny_model.input_spec and tuned.arch == tiny_model.arch
+  init = tuned.init_state()
+  for got, want in ((init.net.params, state.net.params), (init.net.stats, moved)):
+    assert not [k for k, v in _changed(jax.device_get(want), jax.device_get(got)).items() if v]
+
+  caplog.set_level(logging.INFO)
+  other = build(config, NAMES + ("TB",)).init_state()
+  assert other.net.params["fc"]["kernel"].shape[-1] == 4
+  same = {k: v for k, v in _changed(jax.device_get(state.net.params["stages"]),
+                                    jax.device_get(other.net.params["stages"])).items()}
+  assert same and not any(same.values()), "the backbone is the export's"
+  assert any("3-class head (COVID, NORMAL, VIRAL_PNEUMONIA); this run's head (COVID, NORMAL, "
+             "VIRAL_PNEUMONIA, TB) is initialised afresh" in r.getMessage()
+             for r in caplog.records)
+
+  config3 = smoke_config(**{**config.to_dict(), "model": {**config.model.to_dict(),
+                                                          "in_channels": 3}})
+  rgb = build(config3)
+  assert rgb.arch["in_channels"] == 3
+  gray = np.random.default_rng(4).integers(0, 256, (6, 32, 32, 1), dtype=np.uint8)
+  init3 = rgb.init_state()
+  np.testing.assert_allclose(rgb.exported.with_weights(init3.net.params, init3.net.stats)
+                             .predict(gray, 8), source.predict(gray, 8), rtol=1e-4, atol=1e-6)
+
+  placed = fit.place_state(init, tuned.mesh)
+  rng = np.random.default_rng(0)
+  data = mesh_lib.put_replicated((rng.integers(0, 256, (12, 32, 32, 1)).astype(np.uint8),
+                                  (np.arange(12) % 3).astype(np.int32)), tuned.mesh)
+  trained, metrics = fit.compile_chunk(tuned, steps_per_call=2)(placed, data, np.int32(2))
+  assert np.all(np.isfinite(np.asarray(metrics["loss"])))
+  assert all(_changed(jax.device_get(state.net.params),  # the export's (`placed` is donated)
+                      jax.device_get(trained.net.params)).values())
+  # A folder that is not a classifier export: one line naming it.
+  with pytest.raises(UserError, match=f"{tmp_path}: not an exported classifier"):
+    classifier.load_pretrained(str(tmp_path))

@@ -1,6 +1,7 @@
 """main.py, the config files and the workdir guard."""
 
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -15,10 +16,7 @@ from cxr_jax.errors import ConfigError, UserError
 
 from conftest import REPO_ROOT
 
-VARIANTS = {"pix2pix": ["", "cpu", "smoke"], "classifier": ["scratch", "transfer", "smoke"],
-            "synthesize": ["", "smoke"], "experiment": ["paper", "demo", "smoke"],
-            "predict": ["", "smoke"], "prepare_data": ["", "smoke"],
-            "translate": ["", "smoke"], "export": [""]}
+CONFIGS = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py"))
 
 
 def _load(name):
@@ -28,16 +26,37 @@ def _load(name):
   return module
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_variant_builds_and_names_a_known_task(name):
   module = _load(name)
   assert "python main.py --config=configs/" in module.__doc__  # documents its command
-  for variant in VARIANTS[name]:
+  # VARIANTS (what --help lists) holds every variant, the default first.
+  assert module.VARIANTS[0] == inspect.signature(module.get_config).parameters["variant"].default
+  for variant in module.VARIANTS:
     config = module.get_config(variant)
     assert config.task in tasks.TASKS
     assert config.name and config.data.image_size > 0 if "data" in config else True
-  with pytest.raises(ValueError, match="unknown variant"):
+  with pytest.raises(ValueError, match="unknown variant 'no-such-variant' of configs/"
+                                       f"{name}.py; use " + ", ".join(map(repr, module.VARIANTS))):
     module.get_config("no-such-variant")
+
+
+def test_help_and_a_bare_run_list_every_task_and_variant(tmp_path):
+  """`--help` (absl exits 1 after it) and a run without --config (a usage error, 2) show the
+  catalogue read from the config files; `python -m cxr_jax` is the command too."""
+  from cxr_jax import cli
+  catalogue = cli.config_catalogue()
+  assert {line.split()[0] for line in catalogue.splitlines()[1::2]} == set(tasks.TASKS)
+  for name in CONFIGS:
+    shown = ", ".join(f":{v}" if v else "(none)" for v in _load(name).VARIANTS)
+    assert any(f"configs/{name}.py" in line and line.endswith(shown)
+               for line in catalogue.splitlines()), (name, catalogue)
+  helped = _main("--help", cwd=tmp_path)
+  assert helped.returncode == 1 and catalogue in helped.stdout + helped.stderr
+  bare = subprocess.run([sys.executable, "-m", "cxr_jax"], cwd=REPO_ROOT, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert bare.returncode == 2 and catalogue in bare.stderr
+  assert bare.stderr.rstrip().endswith("error: --config is required: one of the configs above")
 
 
 def test_unknown_task_lists_known_ones():
@@ -243,6 +262,11 @@ def test_pyproject_lists_every_package_and_admits_the_pins():
   assert listed == on_disk | {"cxr_jax.configs"}
   assert project["tool"]["setuptools"]["package-dir"] == {"cxr_jax.configs": "configs"}
   assert project["project"]["scripts"]["cxr-jax"] == "cxr_jax.cli:run"
+  assert project["project"]["license"] == "Apache-2.0" and project["project"]["license-files"] == [
+      "LICENSE"]
+  assert (REPO_ROOT / "LICENSE").read_text().split()[:4] == ["Apache", "License", "Version", "2.0,"]
+  # One version: the package's, which provenance records.
+  assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "cxr_jax.__version__"}
   pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([^\s#]+)", (REPO_ROOT / "requirements.txt")
                          .read_text(), re.M))
   norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()

@@ -335,16 +335,36 @@ class Background:
     return self.result
 
 
+def intrude(config, reference: Process, workdir: pathlib.Path, root: pathlib.Path,
+            registry: Processes) -> str:
+  """Starts the same command on the workdir of the running `reference` once it holds the lock;
+  returns the intruder's output, which must be a refusal while the reference runs on."""
+  reference.wait_for(lambda: True if "Task classifier, workdir" in reference.log.read_text(
+      errors="replace") else None, "the reference's start")
+  intruder = start(config, workdir, root / "intruder.log", registry, root / "intruder-cache")
+  try:
+    intruder.proc.wait(timeout=PROCESS_TIMEOUT_S)
+  finally:
+    intruder.kill()
+  assert reference.proc.poll() is None, "the reference ended before the intruder was refused"
+  assert intruder.proc.returncode == 2, intruder.tail()
+  return intruder.log.read_text()
+
+
 def killed_and_uninterrupted(config, root: pathlib.Path, points: list[KillPoint],
-                             registry: Processes) -> dict:
+                             registry: Processes, intruder: bool = False) -> dict:
   """Runs `config` uninterrupted (in the background) and with kills at `points`; returns both
-  workdirs and what the kills saw."""
+  workdirs and what the kills saw. With `intruder`, a second run on the uninterrupted run's
+  workdir while it runs is refused: the uninterrupted run must still equal the killed one."""
   root.mkdir(parents=True)
   reference = start(config, root / "uninterrupted", root / "uninterrupted.log", registry,
                     root / "reference-cache")
+  refusal = (intrude(config, reference, root / "uninterrupted", root, registry) if intruder
+             else None)
   log = train_with_kills(config, root / "killed", points, registry)
   reference.finish(f"{root.name} uninterrupted")
-  return {"killed": root / "killed", "reference": root / "uninterrupted", "kills": log}
+  return {"killed": root / "killed", "reference": root / "uninterrupted", "kills": log,
+          "intruder": refusal, "reference_pid": reference.proc.pid}
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +382,7 @@ def runs(tmp_path_factory):
       "classifier": Background(lambda: killed_and_uninterrupted(CLASSIFIER, root / "classifier", [
           before_first_checkpoint(),           # nothing to resume: starts afresh
           during_async_write(min_step=10),     # 10 half-written: resumes from 5, replays 10
-      ], registry)),
+      ], registry, intruder=True)),
   }
   yield started
   registry.closed = True
@@ -417,6 +437,17 @@ def test_classifier_killed_and_resumed_equals_uninterrupted(runs):
                        load_checkpoint(ref / "checkpoints", best_step), "best checkpoint")
   assert model.meta["best_step"] == ref_model.meta["best_step"] == best_step
   assert_bitwise_equal(exported(model), exported(ref_model), "exported classifier")
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_and_changes_nothing(runs):
+  """The uninterrupted classifier had an intruder (the same command on its workdir) refused in one
+  line naming it; it still ends bitwise equal to the killed run (previous test), which had none."""
+  r = runs["classifier"].get()
+  assert r["intruder"].strip().splitlines() == [
+      f"error: {r['reference']} is in use by another run (pid {r['reference_pid']} on host "
+      + r["intruder"].split(" on host ", 1)[1].strip()], r["intruder"]
+  assert f"lock file {r['reference'] / 'run.lock'}" in r["intruder"]
+  assert (r["reference"] / "run.lock").read_text() == ""  # released when the run ended
 
 
 # --------------------------------------------------- the orderings those kills rely on, in-process

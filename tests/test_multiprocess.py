@@ -117,6 +117,7 @@ def test_two_processes_train_checkpoint_and_restore_like_one(tmp_path):
   old_config = configlib.load_config_file(REPO_ROOT / "configs/pix2pix.py", "smoke")
   old_config.seed = 1
   workdir_lib.prepare(run, old_config)
+  workdir_lib.release(run)  # that run has ended: the workers' process 0 takes the workdir
   (run / "old_run.txt").write_text("the previous run")
 
   with _workers(run, out) as logs:

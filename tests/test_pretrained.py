@@ -609,3 +609,62 @@ def test_apply_refuses_mismatched_models(torch_file, tmp_path):
   with pytest.raises(ConfigError, match="1000-class head"):
     apply_pretrained(abstract_resnet(num_classes=3), w, load_head=True)
   assert pretrained.TORCHVISION.gray_std == pytest.approx(0.22598, abs=1e-5)
+
+
+# ------------------------------------------------------------------------- 1-channel files
+
+
+def _gray_file(path, **kw) -> dict:
+  """A torchvision-layout ResNet whose first conv reads one channel (a chest-X-ray ResNet)."""
+  sd = torchvision_state_dict(**{**TINY, **kw})
+  sd["conv1.weight"] = np.ascontiguousarray(sd["conv1.weight"].sum(axis=1, keepdims=True))
+  save_file(sd, str(path))
+  return sd
+
+
+@pytest.mark.parametrize("preprocess", [TORCHVISION, CAFFE])
+def test_one_channel_weights_replicated_to_three_give_the_same_response(tmp_path, preprocess):
+  """Parity: the adapted 3-channel network on a gray image (replicated, each channel normalised
+  its own way) equals the original 1-channel network on that image, border included."""
+  _gray_file(tmp_path / "gray.safetensors", num_classes=5)
+  w = load_imagenet_resnet(tmp_path / "gray.safetensors")
+  assert (w.in_channels, w.num_classes, w.stage_sizes) == (1, 5, TINY["stage_sizes"])
+  w = dataclasses.replace(w, preprocess=preprocess)
+  gray = np.random.default_rng(5).integers(0, 256, (2, SIZE, SIZE, 1), dtype=np.uint8)
+  one = apply_pretrained(abstract_resnet(num_classes=5, in_channels=1, **TINY), w,
+                         load_head=True)
+  three = apply_pretrained(abstract_resnet(num_classes=5, in_channels=3, **TINY), w,
+                           load_head=True)
+  assert three.stem.conv.kernel.shape == (7, 7, 3, TINY["width"])
+  _, want = features_and_logits(one, normalize(gray, preprocess, 1))
+  _, got = features_and_logits(three, normalize(gray, preprocess, 3))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  # The original 1-channel network is the file's own: same weights back, nothing adapted.
+  np.testing.assert_array_equal(one.stem.conv.kernel[...],
+                                w.params["stem/conv/kernel"])
+
+
+def test_three_channel_weights_summed_to_one_give_the_same_response(tmp_path):
+  """Parity the other way, for the whole network: exact for first-layer filters that weigh R, G,
+  B alike (elsewhere the zero padding of the 3-channel input is not gray, see
+  `test_gray_input_equals_replicated_rgb`)."""
+  write_torchvision_safetensors(tmp_path / "rgb.safetensors")
+  w = load_imagenet_resnet(tmp_path / "rgb.safetensors")
+  kernel = np.repeat(w.params["stem/conv/kernel"].mean(axis=2, keepdims=True), 3, axis=2)
+  w = dataclasses.replace(w, params={**w.params, "stem/conv/kernel": kernel})
+  gray = np.random.default_rng(6).integers(0, 256, (2, SIZE, SIZE, 1), dtype=np.uint8)
+  three = apply_pretrained(abstract_resnet(num_classes=1000, **TINY), w, load_head=True)
+  one = apply_pretrained(abstract_resnet(num_classes=1000, in_channels=1, **TINY), w,
+                         load_head=True)
+  _, want = features_and_logits(three, normalize(np.repeat(gray, 3, -1), TORCHVISION, 3))
+  _, got = features_and_logits(one, normalize(gray, TORCHVISION, 1))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_stems_of_other_channel_counts_are_refused(tmp_path):
+  sd = torchvision_state_dict(**TINY)
+  sd["conv1.weight"] = np.ascontiguousarray(sd["conv1.weight"][:, :2])
+  save_file(sd, str(tmp_path / "two.safetensors"))
+  with pytest.raises(UserError, match=r"two.safetensors: the stem conv 'conv1.weight' has shape "
+                                      r"\(8, 2, 7, 7\): 2 input channels, not 1 \(gray\) or 3"):
+    load_imagenet_resnet(tmp_path / "two.safetensors")

@@ -218,3 +218,10 @@ def test_wording_with_and_without_real_data(tree):
   assert "every model is evaluated on the same 60 real test images" in md
   assert "**Known confound.**" in md and "inherit their sources' anatomy (pediatric" in md
   assert "Across seeds: each classifier's initialisation, batch order and augmentation only" in md
+
+
+def test_report_json_records_its_provenance(tree):
+  from cxr_jax import provenance  # pylint: disable=import-outside-toplevel
+  _, r, _ = _write(tree)
+  assert r["provenance"] == provenance.provenance(_config())
+  assert r["provenance"]["config_sha256"] == provenance.config_sha256(_config())

@@ -24,6 +24,10 @@ from cxr_jax.models.unet import UNet
 
 # Scratch classifiers see [0, 1] intensities standardised with these (a radiograph's statistics).
 SCRATCH_MEAN, SCRATCH_STD = 0.5, 0.25
+# The same standardisation as pretrained weights' input description (fine-tuning from a scratch
+# export: `pretrained.normalize` with it computes what `InputSpec` without weights does).
+SCRATCH = pretrained_lib.Preprocess("scratch", 1.0 / 255.0, (SCRATCH_MEAN,) * 3,
+                                    (SCRATCH_STD,) * 3, bgr=False)
 
 
 def init_module(make: Callable[[nnx.Rngs], nnx.Module], seed: int, *,

@@ -1,4 +1,5 @@
-"""ImageNet ResNet weights from files on the user's disk (nothing is ever downloaded).
+"""ImageNet (or any other) ResNet weights from files on the user's disk (nothing is ever
+downloaded).
 
 Any bottleneck ResNet of the ResNet-50/101/152 family is read; its architecture (blocks per
 stage, base width) is inferred from the file and recorded on `PretrainedWeights`, so the
@@ -12,9 +13,17 @@ Supported files, and the `ResNet` variant their architecture needs:
   `.keras` of `keras.applications.ResNet50/101/152` -> `variant='v1'`. Read with h5py: nothing
   is unpickled.
 
+Files with a 1-channel first conv (a chest-X-ray ResNet, or this project's own classifier
+exported to `.safetensors`) are read as well; they are taken to expect the gray form of their
+family's normalisation (`Preprocess.gray_mean`, `gray_std`).
+
 Grayscale radiographs: `apply_pretrained(..., in_channels=1)` folds the 3-channel first conv into
 a 1-channel one instead of replicating the image (3x cheaper stem, same result), and `normalize`
 gives the matching single-channel input; see `Preprocess.gray_mean` for the exact equivalence.
+The other way, a 1-channel first conv becomes a 3-channel one by replicating its kernel / 3: a
+gray image replicated to R, G, B then gives exactly the 1-channel network's response.
+(`cxr_jax.training.export.classifier_weights` reads this project's classifier exports as
+`PretrainedWeights` too.)
 """
 
 from __future__ import annotations
@@ -100,21 +109,24 @@ def preprocess_from_json(d: Mapping) -> Preprocess:
 
 @dataclasses.dataclass(frozen=True)
 class PretrainedWeights:
-  """A validated ImageNet bottleneck ResNet, converted to this package's layout (HWIO kernels).
+  """A validated bottleneck ResNet, converted to this package's layout (HWIO kernels).
 
   `params` maps our module paths ('stem/conv/kernel', 'stages/0/0/c1/bn/mean', 'fc/kernel', ...)
-  to float32 arrays for 3-channel input; `num_classes` is the ImageNet head's (0 if the file has
-  no head, e.g. Keras `_notop`). Build the model with `ResNet(stage_sizes=w.stage_sizes,
+  to float32 arrays for `in_channels`-channel input; `num_classes` is the head's (0 if the file
+  has no head, e.g. Keras `_notop`), `class_names` its classes when the source names them (this
+  project's exports). Build the model with `ResNet(stage_sizes=w.stage_sizes,
   width=w.width, variant=w.variant, ...)`: (3, 4, 6, 3) and 64 for a ResNet-50.
   """
   path: str
-  family: str  # 'torchvision' (also timm) or 'keras'
+  family: str  # 'torchvision' (also timm), 'keras', or 'cxr-jax' (an export of ours)
   variant: str  # the ResNet variant these weights need: 'v1.5' or 'v1'
   preprocess: Preprocess
   params: Mapping[str, np.ndarray]
   num_classes: int
   stage_sizes: tuple[int, ...]  # bottleneck blocks per stage, inferred from the file
   width: int  # base width: the stem conv's output channels
+  in_channels: int = 3  # the stem conv's input channels: 3 (ImageNet) or 1
+  class_names: tuple[str, ...] | None = None
 
   @property
   def arch(self) -> str:
@@ -134,7 +146,8 @@ def _num_features(stage_sizes: tuple[int, ...], width: int) -> int:
   return width * 2**(len(stage_sizes) - 1) * EXPANSION
 
 
-def _spec(variant: str, stage_sizes: tuple[int, ...], width: int) -> dict[str, tuple[int, ...]]:
+def _spec(variant: str, stage_sizes: tuple[int, ...], width: int,
+          in_channels: int = 3) -> dict[str, tuple[int, ...]]:
   """Backbone parameter shapes of a bottleneck ResNet in our layout, in forward order."""
   spec: dict[str, tuple[int, ...]] = {}
 
@@ -145,7 +158,7 @@ def _spec(variant: str, stage_sizes: tuple[int, ...], width: int) -> dict[str, t
     for n in ("scale", "bias", "mean", "var"):
       spec[f"{prefix}/bn/{n}"] = (cout,)
 
-  conv_bn("stem", 7, 3, width)
+  conv_bn("stem", 7, in_channels, width)
   cin = width
   for s, n in enumerate(stage_sizes):
     w = width * 2**s
@@ -395,8 +408,9 @@ _STAGE_BASE = {"torchvision": (1, 0), "keras": (2, 1)}  # index of the first sta
 
 
 def _infer_arch(p: pathlib.Path, raw: Mapping[str, np.ndarray],
-                family: str) -> tuple[tuple[int, ...], int]:
-  """(stage_sizes, width) from the names of the blocks' first convs and the stem's shape."""
+                family: str) -> tuple[tuple[int, ...], int, int]:
+  """(stage_sizes, width, in_channels) from the names of the blocks' first convs and the stem's
+  shape."""
   to_source = _torch_name if family == "torchvision" else _keras_name
   stem = to_source("stem/conv/kernel")
   if stem not in raw:
@@ -407,6 +421,10 @@ def _infer_arch(p: pathlib.Path, raw: Mapping[str, np.ndarray],
     raise UserError(f"{p}: not a ResNet: the stem conv {stem!r} has shape {shape}, not a 4-D "
                     f"7x7 kernel")
   width = int(shape[0] if family == "torchvision" else shape[3])
+  in_channels = int(shape[1] if family == "torchvision" else shape[2])
+  if in_channels not in (1, 3):
+    raise UserError(f"{p}: the stem conv {stem!r} has shape {shape}: {in_channels} input "
+                    f"channels, not 1 (gray) or 3 (RGB)")
   last: dict[int, int] = {}  # stage -> its last block index
   s0, b0 = _STAGE_BASE[family]
   for key in raw:
@@ -428,7 +446,7 @@ def _infer_arch(p: pathlib.Path, raw: Mapping[str, np.ndarray],
                       f"{k[0]}x{k[1]} conv{'' if c3 in raw else f' and it has no {c3!r}'} "
                       f"(a bottleneck block is 1x1 -> 3x3 -> 1x1): a basic-block ResNet-18/34? "
                       f"Those are not supported")
-  return stage_sizes, width
+  return stage_sizes, width, in_channels
 
 
 def load_imagenet_resnet50(path: str | pathlib.Path) -> PretrainedWeights:
@@ -461,12 +479,12 @@ def load_imagenet_resnet50(path: str | pathlib.Path) -> PretrainedWeights:
   variant = "v1.5" if family == "torchvision" else "v1"
   if family == "torchvision":
     raw = {k: v for k, v in _strip_prefix(raw).items() if not k.endswith("num_batches_tracked")}
-  stage_sizes, width = _infer_arch(p, raw, family)
+  stage_sizes, width, in_channels = _infer_arch(p, raw, family)
   arch = describe_arch(stage_sizes, width)
   to_source = _torch_name if family == "torchvision" else _keras_name
   params: dict[str, np.ndarray] = {}
   used = set()
-  for key, shape in _spec(variant, stage_sizes, width).items():
+  for key, shape in _spec(variant, stage_sizes, width, in_channels).items():
     src = to_source(key)
     if src not in raw:
       raise UserError(f"{p}: not an ImageNet {arch} {family} file (architecture inferred from "
@@ -498,7 +516,7 @@ def load_imagenet_resnet50(path: str | pathlib.Path) -> PretrainedWeights:
   return PretrainedWeights(path=str(p), family=family, variant=variant,
                            preprocess=TORCHVISION if family == "torchvision" else CAFFE,
                            params=params, num_classes=num_classes,
-                           stage_sizes=stage_sizes, width=width)
+                           stage_sizes=stage_sizes, width=width, in_channels=in_channels)
 
 
 load_imagenet_resnet = load_imagenet_resnet50  # the name says ResNet-50, any depth is read
@@ -514,9 +532,10 @@ def apply_pretrained(model: ResNet, weights: PretrainedWeights, *, in_channels: 
                      load_head: bool = False) -> ResNet:
   """Copies the backbone (kernels, biases, BN scale/bias and running statistics) into `model`.
 
-  The ImageNet head is skipped unless `load_head` (the new head stays freshly initialised). For
-  `in_channels=1` the first conv is folded to one input channel (see `Preprocess.gray_mean`):
-  feed it `normalize(images, weights.preprocess, 1)`. Updates `model` in place and returns it.
+  The head is skipped unless `load_head` (the new head stays freshly initialised). The first conv
+  is adapted to the model's input channels: 3 -> 1 folds it (see `Preprocess.gray_mean`), 1 -> 3
+  replicates kernel / 3; feed the model `normalize(images, weights.preprocess, in_channels)`.
+  Updates `model` in place and returns it.
   """
   in_channels = model.in_channels if in_channels is None else in_channels
   if in_channels != model.in_channels:
@@ -533,10 +552,12 @@ def apply_pretrained(model: ResNet, weights: PretrainedWeights, *, in_channels: 
     raise ConfigError(f"load_head: {weights.path} has a {weights.num_classes}-class head, the "
                       f"model {model.num_classes} classes")
   values = {k: v for k, v in weights.params.items() if load_head or k not in _HEAD}
-  if in_channels == 1:
+  if in_channels not in (1, 3):
+    raise ConfigError(f"pretrained ResNet weights need in_channels 1 or 3, got {in_channels}")
+  if (weights.in_channels, in_channels) == (3, 1):
     values.update(_fold_gray_stem(values, weights.preprocess, weights.variant))
-  elif in_channels != 3:
-    raise ConfigError(f"ImageNet weights need in_channels 1 or 3, got {in_channels}")
+  elif (weights.in_channels, in_channels) == (1, 3):
+    values["stem/conv/kernel"] = _replicate_gray_stem(values["stem/conv/kernel"])
   variables = dict(_variables(model))
   for key, value in values.items():
     var = variables.get(key)
@@ -568,6 +589,14 @@ def _fold_gray_stem(values: Mapping[str, np.ndarray], pp: Preprocess,
   else:  # bias-free conv followed by BN: shift the running mean (batch statistics cancel it)
     out["stem/bn/mean"] = (values["stem/bn/mean"] - offset).astype(np.float32)
   return out
+
+
+def _replicate_gray_stem(kernel: np.ndarray) -> np.ndarray:
+  """1-channel stem -> 3-channel stem whose response to a gray image replicated to R, G, B (each
+  channel normalised with its own mean and std) is the 1-channel stem's on the gray input
+  `(p * scale - gray_mean) / gray_std`: exact, border included, since sum_c (x - mean_c) / std_c
+  / 3 = (x - gray_mean) / gray_std for every pixel value x, padding zeros included."""
+  return np.repeat(np.asarray(kernel, np.float32) / 3.0, 3, axis=2)
 
 
 def normalize(images, preprocess: Preprocess, in_channels: int) -> jax.Array:

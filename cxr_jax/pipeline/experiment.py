@@ -160,8 +160,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for train_data in ("original", "enhanced"):
     classifier.validate(sub_config(config, "classifier", train_data=train_data,
                                    synthetic_dir="<synthesized>"))
-  if config.pretrained and not pathlib.Path(config.pretrained).is_file():
-    raise ConfigError(f"config.pretrained: {config.pretrained} is not a file")
+  if config.pretrained and not pathlib.Path(config.pretrained).expanduser().exists():
+    raise ConfigError(f"config.pretrained: {config.pretrained} is neither a weights file nor a "
+                      f"classifier export folder")
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:

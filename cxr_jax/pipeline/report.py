@@ -26,6 +26,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from cxr_jax import provenance
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.data import splits as splits_lib
 from cxr_jax.evaluation import report_classifier
@@ -366,7 +367,7 @@ def write_report(workdir: str | os.PathLike, config, *, rows: Sequence[str],
       "translation_quality": {tag: _quality(pathlib.Path(d), target)
                               for tag, d in synthetic_dirs.items()},
       "skipped": dict(skipped), "stage_seconds": dict(stage_seconds or {}),
-      "software": _versions()}
+      "software": _versions(), "provenance": provenance.provenance(config)}
   if workdir_lib.is_writer():
     files.write_text_atomic(workdir / "report.json",
                             json.dumps(_finite(result), indent=2, default=str, allow_nan=False))

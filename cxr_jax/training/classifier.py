@@ -48,24 +48,47 @@ class State:
   net: NetState
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> tuple[Any, Any, dict]:
-  """The ResNet, with ImageNet weights applied when `config.pretrained` is given (the
-  architecture then follows the weights file). Returns (model, the weights' preprocessing or
-  None, the architecture built)."""
+def load_pretrained(path: str) -> pretrained_lib.PretrainedWeights:
+  """`config.pretrained`: a classifier export of ours (its folder) or a ResNet weight file."""
+  p = pathlib.Path(path).expanduser()
+  return export.classifier_weights(p) if p.is_dir() else pretrained_lib.load_imagenet_resnet50(p)
+
+
+def build_model(config: ml_collections.ConfigDict,
+                class_names: tuple[str, ...]) -> tuple[Any, Any, dict]:
+  """The ResNet, with pretrained weights applied when `config.pretrained` is given (the
+  architecture then follows the weights, the first conv is adapted to `model.in_channels`).
+  The head is loaded only from an export of ours with the same classes, else initialised afresh.
+  Returns (model, the weights' preprocessing or None, the architecture built)."""
   m = config.model
   arch = {"variant": m.variant, "stage_sizes": list(m.stage_sizes), "width": m.width,
           "in_channels": m.in_channels}
   weights = None
   if config.pretrained:
-    weights = pretrained_lib.load_imagenet_resnet50(config.pretrained)
+    weights = load_pretrained(config.pretrained)
     arch.update(variant=weights.variant, stage_sizes=list(weights.stage_sizes),
                 width=weights.width)
-  model = build.build_resnet(arch, num_classes=num_classes, compute_dtype=config.compute_dtype,
-                             seed=config.seed)
+  model = build.build_resnet(arch, num_classes=len(class_names),
+                             compute_dtype=config.compute_dtype, seed=config.seed)
   if weights is None:
     return model, None, arch
-  pretrained_lib.apply_pretrained(model, weights, in_channels=m.in_channels)
-  return model, weights.preprocess, arch
+  load_head = weights.class_names == tuple(class_names)
+  if weights.in_channels != m.in_channels:
+    logging.info("config.pretrained: the first conv of %s is adapted from %d to %d input "
+                 "channel(s) (%s), so that a gray image gets the same response", weights.path,
+                 weights.in_channels, m.in_channels,
+                 "summed" if m.in_channels == 1 else "replicated / 3", extra=console.FILE_ONLY)
+  if not load_head:
+    head = (f"its {weights.num_classes}-class head" if weights.num_classes else "it has no head")
+    named = (f" ({', '.join(weights.class_names)})" if weights.class_names else "")
+    # On the console when the source names its classes (an export of ours): a user may have
+    # expected its head; an ImageNet head is always replaced.
+    logging.info("config.pretrained: %s: %s%s; this run's head (%s) is initialised afresh",
+                 weights.path, head, named, ", ".join(class_names),
+                 extra=None if weights.class_names else console.FILE_ONLY)
+  pretrained_lib.apply_pretrained(model, weights, in_channels=m.in_channels, load_head=load_head)
+  # A scratch-trained export's standardisation is the scratch input: the same input spec.
+  return model, None if weights.preprocess == build.SCRATCH else weights.preprocess, arch
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int):
@@ -133,7 +156,7 @@ class Classifier:
     self.config, self.mesh, self.class_names = config, mesh, tuple(class_names)
     self.num_classes = len(class_names)
     self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
-    model, weights_pre, self.arch = build_model(config, self.num_classes)
+    model, weights_pre, self.arch = build_model(config, self.class_names)
     self.net, params, stats = Functional.split(model)
     self._init = (params, stats)
     self.input_spec = build.InputSpec(config.image_size, config.model.in_channels, weights_pre)
@@ -203,7 +226,8 @@ class Classifier:
                  extra=console.FILE_ONLY)
     meta = dict(self.export_meta(), best_step=int(step), final_step=self.total_steps,
                 **self.run_info)
-    export.save(workdir / CLASSIFIER_DIR, state.net.params, state.net.stats, meta)
+    export.save(workdir / CLASSIFIER_DIR, state.net.params, state.net.stats, meta,
+                self.config)
 
 
 # ------------------------------------------------------------------------------------- task

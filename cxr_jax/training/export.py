@@ -22,13 +22,16 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from cxr_jax import provenance
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.errors import UserError
 from cxr_jax.models import build
+from cxr_jax.models import pretrained as pretrained_lib
 from cxr_jax.training import augment
 from cxr_jax.training import gan
 from cxr_jax.training import mesh as mesh_lib
@@ -41,8 +44,11 @@ CLASSIFIER = "classifier"
 INFERENCE_MODES = ("instance", "eval")
 
 
-def save(directory: str | pathlib.Path, params: nnx.State, stats: nnx.State, meta: dict) -> None:
+def save(directory: str | pathlib.Path, params: nnx.State, stats: nnx.State, meta: dict,
+         config: ml_collections.ConfigDict | None = None) -> None:
+  """Writes an export; `meta` gains the provenance (version, commit, hash of `config`)."""
   directory = pathlib.Path(directory).absolute()
+  meta = dict(meta, provenance=provenance.provenance(config))
   # The metadata first: Orbax's save ends with a barrier, so every process can read both after.
   if workdir_lib.is_writer():
     directory.mkdir(parents=True, exist_ok=True)
@@ -88,6 +94,31 @@ def build_module(meta: dict, *, seed: int = 0, abstract: bool = True) -> nnx.Mod
                                  seed=seed, abstract=abstract)
   return build.build_resnet(meta["arch"], num_classes=len(meta["class_names"]),
                             compute_dtype=meta["compute_dtype"], seed=seed, abstract=abstract)
+
+
+def classifier_weights(directory: str | pathlib.Path) -> pretrained_lib.PretrainedWeights:
+  """A classifier export of ours as pretrained weights (`config.pretrained` = its folder): its
+  architecture, input channels, normalisation (`build.SCRATCH` for a scratch-trained one) and
+  class names, for `pretrained.apply_pretrained`."""
+  directory = pathlib.Path(directory).expanduser()
+  meta = read_meta(directory, CLASSIFIER)
+  try:
+    arch, spec = meta["arch"], build.InputSpec.from_json(meta["input"])
+    module = build_module(meta)
+  except (KeyError, TypeError, ValueError) as e:
+    raise UserError(f"{directory / META_FILE}: not a classifier description this version reads "
+                    f"({type(e).__name__}: {e})") from None
+  net, params, stats = Functional.split(module)
+  restore_into(directory, params, stats)
+  values = {"/".join(str(k) for k in path): np.asarray(node.get_value(), np.float32)
+            for path, node in nnx.iter_graph(net.merge(params, stats))
+            if isinstance(node, nnx.Variable)}
+  return pretrained_lib.PretrainedWeights(
+      path=str(directory), family="cxr-jax", variant=arch["variant"],
+      preprocess=spec.weights_preprocess or build.SCRATCH, params=values,
+      num_classes=len(meta["class_names"]), stage_sizes=tuple(arch["stage_sizes"]),
+      width=int(arch["width"]), in_channels=int(arch["in_channels"]),
+      class_names=tuple(meta["class_names"]))
 
 
 # ------------------------------------------------------------------- pure inference functions

@@ -134,7 +134,7 @@ class Translator:
     meta = dict(self.export_meta(), step=int(step), workdir=str(workdir),
                 split_manifest=str(workdir / "split_manifest.csv"))
     net = self.generator_state(state)
-    export.save(workdir / GENERATOR_DIR, net.params, net.stats, meta)
+    export.save(workdir / GENERATOR_DIR, net.params, net.stats, meta, self.config)
     logging.info("Exported the %s generator to %s", self.name, workdir / GENERATOR_DIR)
 
 
