@@ -108,7 +108,7 @@ def spread(values: Sequence[float], split_of: Sequence[int]) -> dict[str, Any]:
           "n_splits": len(by_split), "n_runs": len(values)}
 
 
-def _calibration(runs: list[dict], target: str) -> dict[str, Any] | None:
+def _calibration(runs: list[dict]) -> dict[str, Any] | None:
   """ECE and Brier per run (mean over runs), the reliability bins pooled over the runs."""
   per_run, labels, probs = [], [], []
   for r in runs:
@@ -123,7 +123,6 @@ def _calibration(runs: list[dict], target: str) -> dict[str, Any] | None:
     return None
   pooled = metrics_lib.calibration(np.concatenate(labels), np.concatenate(probs),
                                    n_bins=CALIBRATION_BINS)
-  del target
   return {"ece": stats.mean_std_ci([c["ece"] for c in per_run]),
           "brier": stats.mean_std_ci([c["brier"] for c in per_run]),
           "pooled_bins": pooled["bins"], "pooled_ece": pooled["ece"], "n_runs": len(per_run)}
@@ -153,7 +152,7 @@ def row_entry(splits: Sequence[SplitRun], row: str, init: str, seeds: Sequence[i
                         for k in ("precision", "recall", "f1")} for c in class_names},
       "target_sensitivity": agg(lambda m: m["per_class"][target]["recall"]["value"]),
       "target_specificity": agg(lambda m: m["per_class"][target]["specificity"]["value"]),
-      "calibration": _calibration(runs, target),
+      "calibration": _calibration(runs),
       "paper": PAPER.get((row, init)),
       "per_seed": [], "figures": {}}
   for r in runs:
