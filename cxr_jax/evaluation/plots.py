@@ -172,7 +172,7 @@ def reliability_png(path: str | os.PathLike, bins: Sequence[Mapping], *, title: 
   ax.set_ylabel("accuracy")
   ax.legend(loc="upper left", fontsize=8)
   ax.grid(alpha=0.3)
-  text = title + ("" if ece is None else f"  ECE {ece:.3f}")
+  text = title + ("" if ece is None else f"  ECE {ece:.3f} (pooled)")
   if text:
     ax.set_title(text.strip(), fontsize=9)
   save_figure(fig, path)
