@@ -361,14 +361,15 @@ def bench_generator_inference(batch: int, steps: int) -> Result:
 
 
 def bench_experiment() -> dict:
-  """Wall time of each stage of experiment:<variant> with one seed, in a fresh workdir.
+  """Wall time of each stage of experiment:<variant> with one seed and one split, in a fresh
+  workdir.
 
   With --experiment_timeout the run is stopped at that point and the stages that finished are
   reported (`complete: false`)."""
   workdir = pathlib.Path(tempfile.mkdtemp(prefix="cxr-bench-exp-"))
   cmd = [sys.executable, str(CONFIGS.parent / "main.py"),
          f"--config={CONFIGS / 'experiment.py'}:{FLAGS.experiment_variant}", "--config.seeds=(0,)",
-         f"--workdir={workdir}", *FLAGS.experiment_args]
+         "--config.splits=1", f"--workdir={workdir}", *FLAGS.experiment_args]
   t0 = time.perf_counter()
   proc = subprocess.Popen(cmd, start_new_session=True)
   try:

@@ -41,6 +41,7 @@ def get_config(variant: str = "scratch") -> ml_collections.ConfigDict:
   config.batch_size = 64
   config.eval_batch_size = 128
   config.num_epochs = 30
+  config.train_steps = 0               # the budget in optimizer steps; 0: num_epochs passes
   config.optimizer = "sgd"             # or "adamw"
   config.learning_rate = 0.05
   config.momentum = 0.9

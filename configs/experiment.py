@@ -12,6 +12,13 @@ rows, the controls and the statistics.
 Keys of its own (the stage blocks pix2pix / cyclegan / synthesize / classifier are those of their
 config files, without their data block: every stage uses config.data):
   seeds                classifier seeds of every row (what else varies: translator_per_seed)
+  splits               number of stratified splits (seeds data.split_seed + k), each with its own
+                       translators and classifiers; with more than one, split k runs in
+                       <workdir>/split<k>/ and the report pools the test images of all of them
+  primary_comparison   (A, B): the two rows whose comparison answers the question, declared
+                       before the run; every other comparison is Holm-corrected
+  classifier.train_steps  0 (default): every row of one initialisation trains the optimizer steps
+                       of num_epochs passes over the original training split; or a fixed count
   translators          translators whose enhanced rows are run, each trained in
                        translators/<name> and synthesising into synthesize/<name>
   translator_per_seed  False: one translator, one synthesis and one set of augmented copies for
@@ -51,6 +58,8 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   config.multihost = False
   config.data = configlib.data_config()
   config.seeds = (0, 1, 2)
+  config.splits = 5 if variant == "paper" else 1
+  config.primary_comparison = ("original", "enhanced-cyclegan")
   config.pretrained = ""               # ImageNet ResNet-50 weights: enables the transfer rows
   config.translators = ("pix2pix", "cyclegan")   # one enhanced row each (pipeline/translators.py)
   config.translator_per_seed = False   # True: re-train each translator and re-synthesise per seed

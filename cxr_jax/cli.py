@@ -223,9 +223,11 @@ def _headline(workdir: pathlib.Path) -> list[str]:
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     return [f"  (cannot read {path}: {e})"]
   seeds = report.get("seeds", [])
+  n_splits = len(report.get("splits") or [None])
   if answer:
     rows = rows + ["Answer:"] + answer
-  return ([f"Test results in %, mean ± std [95 % CI] over {len(seeds)} seed(s):"]
+  over = f"{len(seeds)} seed(s)" + (f" x {n_splits} splits" if n_splits > 1 else "")
+  return ([f"Test results in %, mean ± std [95 % CI] over {over}:"]
           + rows + [f"Report: {workdir / 'report.md'}"])
 
 

@@ -16,7 +16,7 @@ from cxr_jax import workdir as workdir_lib
 from cxr_jax.data import enhanced
 from cxr_jax.data.dataset import ImageSet
 from cxr_jax.data.images import pixel_hash
-from cxr_jax.errors import DataError, UserError
+from cxr_jax.errors import ConfigError, DataError, UserError
 from cxr_jax.pipeline import classify
 from cxr_jax.training import classifier
 from cxr_jax.training import export
@@ -282,3 +282,27 @@ def test_fine_tunes_from_its_own_one_channel_export(tiny_model, tmp_path, caplog
   # A folder that is not a classifier export: one line naming it.
   with pytest.raises(UserError, match=f"{tmp_path}: not an exported classifier"):
     classifier.load_pretrained(str(tmp_path))
+def _images(n: int) -> ImageSet:
+  labels = np.arange(n, dtype=np.int32) % 3
+  images = np.zeros((n, 8, 8, 1), np.uint8)
+  return ImageSet(images=images, labels=labels, files=tuple(f"{i}.png" for i in range(n)),
+                  hashes=tuple(str(i) for i in range(n)), class_names=NAMES)
+
+
+def test_a_fixed_budget_gives_every_training_set_the_same_steps_and_schedule():
+  config = smoke_config(batch_size=4, num_epochs=3, warmup_epochs=1)
+  small, large = _images(16), _images(24)
+  a, b = classifier.run_setup(config, small), classifier.run_setup(config, large)
+  assert (a.steps_per_epoch, b.steps_per_epoch) == (4, 6)
+  assert (a.total_steps, b.total_steps) == (12, 18)          # num_epochs passes over each set
+  config.train_steps = classifier.budget_steps(config, len(small))
+  a, b = classifier.run_setup(config, small), classifier.run_setup(config, large)
+  assert a.total_steps == b.total_steps == 12                # the larger set: 2 epochs of its own
+  assert (a.steps_per_epoch, b.steps_per_epoch) == (4, 6)    # its batch order still covers it
+  assert a.schedule_epoch == b.schedule_epoch == 4
+  schedules = [classifier.make_optimizer(config, s.total_steps, s.schedule_epoch)[1]
+               for s in (a, b)]
+  lr = [[float(f(step)) for step in range(13)] for f in schedules]
+  assert lr[0] == lr[1] and lr[0][4] == pytest.approx(config.learning_rate)   # warm-up: 1 epoch
+  with pytest.raises(ConfigError, match="config.train_steps"):
+    classifier.validate(smoke_config(train_steps=-1))

@@ -11,12 +11,15 @@ import json
 
 import numpy as np
 import pytest
+from scipy import stats as sps
 
 from cxr_jax import configlib
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.errors import ConfigError, DataError
 from cxr_jax.pipeline import controls
+from cxr_jax.evaluation import report_classifier
 from cxr_jax.pipeline import experiment
+from cxr_jax.pipeline import results
 from cxr_jax.training import checkpoint
 
 from conftest import REPO_ROOT
@@ -92,6 +95,10 @@ def test_rows_and_seed_groups():
     (dict(seeds=()), "seeds"),
     (dict(seeds=(1, 1)), "seeds"),
     (dict(pretrained="/nonexistent/weights.safetensors"), "pretrained"),
+    (dict(primary_comparison=("original", "enhanced-stylegan")), "primary_comparison"),
+    (dict(primary_comparison=("original", "original")), "primary_comparison"),
+    (dict(primary_comparison=("original",)), "primary_comparison"),
+    (dict(splits=0), "splits"),
 ])
 def test_bad_configs_are_refused_naming_the_key(overrides, key):
   with pytest.raises(ConfigError, match=f"config.{key}"):
@@ -110,6 +117,18 @@ def test_paper_and_demo_variants():
     assert config.synthesize.num_synthetic == "balance"
     assert config.translator_per_seed is False and "data" not in config.cyclegan
     assert tuple(config.translators) == ("pix2pix", "cyclegan")
+    assert tuple(config.primary_comparison) == ("original", "enhanced-cyclegan")
+    assert config.splits == (5 if variant == "paper" else 1)
+    assert config.classifier.train_steps == 0
+
+
+def test_splits_have_their_own_seed_and_folder(tmp_path):
+  config = smoke_config(splits=3)
+  assert [experiment.split_config(config, k).data.split_seed for k in range(3)] == [
+      config.data.split_seed + k for k in range(3)]
+  assert config.data.split_seed == smoke_config().data.split_seed      # the copy, not config
+  assert results.split_root(tmp_path, 0, 1) == tmp_path                # one split: as before
+  assert results.split_root(tmp_path, 2, 3) == tmp_path / "split2"
 
 
 def _stage_times(workdir):
@@ -150,7 +169,14 @@ def test_smoke_experiment(tmp_path, monkeypatch):
     if key.endswith("/transfer"):
       assert "ImageNet weights" in row["skipped"]
     else:
-      assert "skipped" not in row and 0.0 <= row["accuracy"]["mean"] <= 1.0
+      assert "skipped" not in row
+  # Matched budgets: every row of one initialisation trains the original split's steps (the
+  # oversampled and enhanced rows have more images, so fewer epochs).
+  n_train = sum(report["split_counts"]["train"].values())
+  budget = config.classifier.num_epochs * (n_train // config.classifier.batch_size)
+  assert {report["table"][f"{r}/scratch"]["train_steps"] for r in
+          ["original", "balanced-loss", "oversampled", "enhanced-pix2pix", "enhanced-cyclegan"]} \
+      == {budget}
   # training class counts: the synthetic images and the augmented copies are equally many
   counts = report["train_counts"]
   n_syn = report["translation_quality"]["pix2pix"]["num_synthetic"]
@@ -159,15 +185,35 @@ def test_smoke_experiment(tmp_path, monkeypatch):
   assert counts["enhanced-pix2pix"] == counts["enhanced-cyclegan"] == counts["oversampled"]
   assert counts["oversampled"]["COVID"] == max(counts["original"].values())   # "balance"
   head = report["headline"]
-  assert head["answered"] and head["translator"] in ("pix2pix", "cyclegan")
+  assert report["primary_comparison"] == head["primary_comparison"] == ["original",
+                                                                       "enhanced-cyclegan"]
+  assert head["answered"] and head["init"] == "scratch"
+  # The headline's p agrees with an independent sign-flip test (scipy) on the runs' predictions,
+  # the test image as the unit; its interval agrees with its p.
+  diffs = []
+  for seed in config.seeds:
+    files_a, ca = report_classifier.read_correct(
+        results.run_dir(workdir, "original", "scratch", seed) / "test_predictions.csv")
+    files_b, cb = report_classifier.read_correct(
+        results.run_dir(workdir, "enhanced-cyclegan", "scratch", seed) / "test_predictions.csv")
+    assert files_a == files_b
+    diffs.append(cb.astype(float) - ca.astype(float))
+  d = np.mean(diffs, axis=0)
+  ref = sps.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=20000,
+                             rng=np.random.default_rng(1))
+  assert head["difference"] == pytest.approx(d.mean())
+  assert head["p_value"] == pytest.approx(ref.pvalue, abs=0.02)
+  lo, hi = head["difference_ci"]
+  assert (lo <= 0.0 <= hi) == (head["p_value"] >= 0.05)
   for tag in ("pix2pix", "cyclegan"):     # KID measured with the original row's classifier
     assert report["translation_quality"][tag]["kid"]["train"]["mean"] is not None
   md = (workdir / "report.md").read_text()
-  for needle in ("## The answer", "97.8*", "96.1", "95.6", "## Skipped", "Cochran-Mantel-Haenszel",
-                 "procedural images", "Class counts", "KID", "jax"):
+  for needle in ("## The answer", "97.8*", "96.1", "95.6", "## Skipped", "sign-flip",
+                 "procedural images", "Class counts", "KID", "jax", "## Calibration",
+                 "calibration/original-scratch.png"):
     assert needle in md, needle
   assert "pediatric" not in md and "real test images" not in md
-  assert (workdir / "report.csv").read_text().startswith("training_data,init,seed,class,metric")
+  assert (workdir / "report.csv").read_text().startswith("training_data,init,split,seed,class,metric")
 
   # Every synthetic image traces to a training-split image of the run's manifest.
   with open(workdir / "split_manifest.csv", newline="") as f:

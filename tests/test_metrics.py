@@ -321,3 +321,24 @@ def test_subgroups_from_predictions_files_side_by_side(tmp_path):
   text = subgroups.compare_markdown(tables)
   assert "| Column | Subgroup | Images | original | enhanced |" in text
   assert "| sex | F | 2 | 0.500 [0.013, 0.987] (1/2) | 1.000 [0.158, 1.000] (2/2) |" in text
+def test_calibration_by_hand_and_brier_against_sklearn():
+  labels = np.array([0, 0, 1, 1, 2])
+  probs = np.array([[0.9, 0.05, 0.05],     # right, confidence 0.9
+                    [0.6, 0.3, 0.1],       # right, 0.6
+                    [0.7, 0.2, 0.1],       # wrong, 0.7
+                    [0.1, 0.85, 0.05],     # right, 0.85
+                    [0.2, 0.2, 0.6]])      # right, 0.6
+  c = metrics.calibration(labels, probs, n_bins=5)
+  # bins (0.4, 0.6]: 0.6, 0.6 both right -> |1 - 0.6| * 2/5; (0.6, 0.8]: 0.7 wrong -> 0.7 * 1/5;
+  # (0.8, 1]: 0.9, 0.85 right -> |1 - 0.875| * 2/5
+  assert c["ece"] == pytest.approx(0.4 * 0.4 + 0.7 * 0.2 + 0.125 * 0.4)
+  assert [b["count"] for b in c["bins"]] == [0, 0, 2, 1, 2]
+  assert c["bins"][4]["confidence"] == pytest.approx(0.875) and c["bins"][3]["accuracy"] == 0.0
+  assert c["bins"][0]["accuracy"] is None
+  onehot = np.eye(3)[labels]
+  assert c["brier"] == pytest.approx(np.mean(np.sum((probs - onehot) ** 2, 1)))
+  # for two classes the multi-class Brier score is twice sklearn's binary one
+  p1 = np.array([0.2, 0.7, 0.9, 0.4])
+  y = np.array([0, 1, 1, 0])
+  two = metrics.calibration(y, np.stack([1 - p1, p1], 1))
+  assert two["brier"] == pytest.approx(2 * skm.brier_score_loss(y, p1))

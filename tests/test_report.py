@@ -1,6 +1,7 @@
 """The experiment's report on a constructed run tree (metrics and predictions written as the
-classifier task writes them, no training): the headline answer and its pooled test against hand
-computed values, the paper column, exact intervals, translation quality with KID and no FID,
+classifier task writes them, no training): the headline answer and its image-level test against
+hand-computed values, the declared primary comparison and Holm correction, train steps,
+calibration, splits, the paper column, exact intervals, translation quality with KID and no FID,
 near-duplicates, figures in tables, and the wording with and without real data."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from cxr_jax.evaluation import metrics as metrics_lib
 from cxr_jax.evaluation import report_classifier
 from cxr_jax.evaluation import stats
 from cxr_jax.pipeline import report
+from cxr_jax.pipeline import results
 
 from conftest import REPO_ROOT
 
@@ -26,7 +28,11 @@ N = 60
 SEEDS = (0, 1, 2)
 ROWS = ["original", "balanced-loss", "oversampled", "enhanced-pix2pix", "enhanced-cyclegan"]
 # Images that only the enhanced-pix2pix run of each seed gets right (c) ; it also loses image 0.
+# Per seed (b, c) = (1, 5), (1, 6), (1, 7): exact McNemar p 0.22, 0.13, 0.07, and the pooled
+# Cochran-Mantel-Haenszel test (every image counted once per seed) p = 0.0015. With the image as
+# the unit: one image loses 1, five gain 1, one 2/3 and one 1/3 (mean over seeds).
 PIX2PIX_GAINS = {0: 5, 1: 6, 2: 7}
+STEPS = 12
 
 
 def _labels() -> np.ndarray:
@@ -61,12 +67,16 @@ def _write_run(workdir, row, init, seed):
                                       [f"test/{i}.png" for i in range(N)], labels, probs, NAMES)
   (d / "confusion_matrix.png").write_bytes(b"png")
   (d / "roc_curves.png").write_bytes(b"png")
+  (d / "classifier").mkdir()
+  (d / "classifier" / "model.json").write_text(json.dumps({"kind": "classifier",
+                                                           "final_step": STEPS}))
 
 
-def _config(data_dir: str = ""):
+def _config(data_dir: str = "", primary=("original", "enhanced-pix2pix")):
   config = configlib.load_config_file(REPO_ROOT / "configs/experiment.py", "smoke")
   config.seeds = SEEDS
   config.data.data_dir = data_dir
+  config.primary_comparison = primary
   return config
 
 
@@ -94,85 +104,153 @@ def tree(tmp_path_factory):
   return workdir, syn
 
 
-def _write(tree, data_dir=""):
-  workdir, syn = tree
+def _split(workdir, syn=None):
   train = {"COVID": 10, "NORMAL": 40, "VIRAL_PNEUMONIA": 40}
   counts = {"original": train, "balanced-loss": train,
             **{r: dict(train, COVID=40) for r in ROWS[2:]}}
+  return results.SplitRun(
+      root=workdir, split_seed=42,
+      split_counts={"train": train, "val": {c: 2 for c in NAMES}, "test": {c: 20 for c in NAMES}},
+      train_counts=counts, synthetic_dirs=syn or {}, class_names=NAMES)
+
+
+def _write(tree, data_dir="", primary=("original", "enhanced-pix2pix")):
+  workdir, syn = tree
   skipped = {f"{r}/transfer": "no ImageNet weights configured" for r in ROWS}
   out = report.write_report(
-      workdir, _config(data_dir), rows=ROWS, class_names=NAMES,
-      split_counts={"train": train, "val": {c: 2 for c in NAMES}, "test": {c: 20 for c in NAMES}},
-      train_counts=counts, skipped=skipped, synthetic_dirs=syn, stage_seconds={"split": 1.0})
+      workdir, _config(data_dir, primary), rows=ROWS, class_names=NAMES,
+      splits=[_split(workdir, syn)], skipped=skipped, stage_seconds={"split": 1.0})
   return out, json.loads((workdir / "report.json").read_text()), \
       (workdir / "report.md").read_text()
 
 
-def test_headline_answer_and_pooled_test(tree):
+def _image_differences() -> np.ndarray:
+  """enhanced-pix2pix minus original per image, mean over the three seeds, by hand."""
+  d = np.zeros(N)
+  d[0] = -1.0
+  d[48:53] = 1.0
+  d[53], d[54] = 2 / 3, 1 / 3
+  return d
+
+
+def test_pseudo_replication_fixture_is_no_detectable_difference(tree):
   out, r, md = _write(tree)
   head = r["headline"]
-  assert out["headline"]["verdict"] == head["verdict"] == "yes"
-  assert head["translator"] == "pix2pix" and head["init"] == "scratch"
-  # pooled over 3 seeds: b = 3 (image 0 each seed), c = 5 + 6 + 7 = 18; 21 discordant images <
-  # 25: the exact conditional test, 2 P(X >= 18), X ~ Binomial(21, 1/2)
+  assert r["primary_comparison"] == ["original", "enhanced-pix2pix"]
+  assert out["headline"]["verdict"] == head["verdict"] == "no detectable difference"
+  assert head["init"] == "scratch" and head["n_images"] == N and head["n_seeds"] == 3
+  d = _image_differences()
+  assert head["difference"] == pytest.approx(d.mean()) == pytest.approx(5 / N)
+  # Exact over the 8 images that differ: sum = 7 - 2 (mass of the negative signs); |sum| >= 5
+  # when that mass is <= 1 (10 of 256 sign vectors) or >= 6 (10): p = 20 / 256. Over all 60
+  # images, 20,000 seeded flips estimate it (Monte-Carlo sd 0.002).
+  assert head["p_value"] == pytest.approx(20 / 256, abs=0.008)
+  lo, hi = head["difference_ci"]
+  assert lo <= 0.0 <= hi                      # p >= 0.05: the interval keeps 0
+  # the pooled CMH over seeds (the old headline) stays in the paired tests as detail, p 0.0015
+  primary = next(c for c in r["comparisons"] if c["primary"])
+  assert (primary["a"], primary["b"]) == ("original", "enhanced-pix2pix")
   exact = 2 * sum(math.comb(21, k) for k in range(18, 22)) / 2 ** 21
-  assert head["p_method"] == "exact conditional"
-  assert head["p_value"] == pytest.approx(exact, rel=1e-9) == pytest.approx(1.4896e-3, rel=1e-3)
-  # per-seed differences (c_s - 1) / 60 = 4/60, 5/60, 6/60: mean 5/60, t-interval over 3 seeds
-  d = np.array([4, 5, 6]) / N
-  half = sps.t.ppf(0.975, 2) * d.std(ddof=1) / math.sqrt(3)
-  assert head["difference"] == pytest.approx(5 / N)
-  assert head["difference_ci"] == pytest.approx([5 / N - half, 5 / N + half])
-  primary = next(c for c in r["comparisons"] if (c["a"], c["b"]) == ("original",
-                                                                      "enhanced-pix2pix"))
-  assert (primary["pooled"]["b"], primary["pooled"]["c"]) == (3, 18)
+  assert primary["pooled_cmh"]["exact_p_value"] == pytest.approx(exact)
+  assert "p_holm" not in primary
   # the three lines come first, after the title and the synthetic-data line
   answer = md.split("## The answer\n\n")[1].split("\n\n")[0].splitlines()
   assert len(answer) == 3
-  assert answer[0].startswith("1. **Did enhancement help?** Yes: enhanced-pix2pix 88.3 % against "
-                              "original 80.0 % (scratch), a difference of +8.3 points")
-  assert f"p = {exact:.2g} (exact conditional) over 3 seed(s)" in answer[0]
-  assert "pix2pix" in answer[1] and "enhanced-cyclegan 80.0 %" in answer[1]
-  # oversampled gets 3 of pix2pix's 5-7 extra images: enhanced minus oversampled 2-4 images per seed
+  assert answer[0].startswith("1. **Did enhancement help?** No detectable difference: "
+                              "enhanced-pix2pix 88.3 % against original 80.0 % (scratch), a "
+                              "difference of +8.3 points [95 % CI ")
+  assert f"p = {head['p_value']:.2g}: paired sign-flip test" in answer[0]
+  assert "config.primary_comparison" in answer[0] and "80 % power" in answer[0]
+  assert "enhanced-cyclegan 80.0 %" in answer[1] and "Holm p" in answer[1]
   assert "balanced-loss 80.0 %" in answer[2] and "oversampled 85.0 %" in answer[2]
 
 
-def test_no_detectable_difference_and_no_answer(tree):
-  workdir, _ = tree
-  rows = ["original", "balanced-loss", "oversampled", "enhanced-cyclegan"]
-  table = {f"{row}/scratch": report.row_entry(workdir, row, "scratch", SEEDS, NAMES, "COVID")
-           for row in rows}
-  comps = report.comparisons(workdir, rows, SEEDS)
-  head = report.headline(table, comps, rows)
+def test_secondary_comparisons_are_holm_corrected(tree):
+  _, r, md = _write(tree)
+  secondary = [c for c in r["comparisons"] if not c["primary"]]
+  raw = [c["image_level"]["p_value"] for c in secondary]
+  assert [c["p_holm"] for c in secondary] == pytest.approx(stats.holm(raw))
+  assert all(c["p_holm"] >= c["image_level"]["p_value"] for c in secondary)
+  assert f"The other {len(secondary)} comparisons are secondary" in md
+  assert "Holm-corrected" in md
+
+
+def test_primary_comparison_is_the_declared_one(tree):
+  # Declaring cyclegan answers for cyclegan even though pix2pix scores higher on the test set.
+  _, r, md = _write(tree, primary=("original", "enhanced-cyclegan"))
+  head = r["headline"]
+  assert head["primary_comparison"] == ["original", "enhanced-cyclegan"]
   assert head["verdict"] == "no detectable difference" and head["difference"] == 0.0
-  assert head["p_value"] == 1.0       # b = c = 3
-  missing = report.headline({"original/scratch": table["original/scratch"]}, [], rows)
-  assert not missing["answered"] and missing["lines"][0].startswith("**No answer:**")
+  assert head["p_value"] == 1.0      # one image gained, one lost in every seed: d = 0
+  assert "| original | enhanced-cyclegan **(primary)** | scratch |" in md
+  missing = results.headline({"original/scratch": {"accuracy": {"mean": 0.8}}}, [], ROWS,
+                             ("original", "enhanced-cyclegan"))
+  assert not missing["answered"]
+  r2 = dict(r, headline=dict(missing, primary_comparison=["original", "enhanced-cyclegan"]))
+  assert report.headline_lines(r2)[0].startswith("**No answer:**")
+
+
+def test_rows_carry_their_train_steps_and_calibration(tree):
+  _, r, md = _write(tree)
+  ran = {k: e for k, e in r["table"].items() if "skipped" not in e}
+  assert {e["train_steps"] for e in ran.values()} == {STEPS}
+  assert all(s["train_steps"] == STEPS for e in ran.values() for s in e["per_seed"])
+  # every prediction has confidence 0.8: ECE = |accuracy - 0.8|, Brier by hand
+  e = r["table"]["original/scratch"]
+  acc = 48 / N
+  assert e["calibration"]["ece"]["mean"] == pytest.approx(abs(acc - 0.8))
+  brier = acc * (0.2 ** 2 + 2 * 0.1 ** 2) + (1 - acc) * (0.8 ** 2 + 0.1 ** 2 + 0.9 ** 2)
+  assert e["calibration"]["brier"]["mean"] == pytest.approx(brier)
+  assert (tree[0] / e["figures"]["reliability.png"]).read_bytes()[:4] == b"\x89PNG"
+  labels = _labels()
+  covid_right = _correct("original", 0)[labels == 0].mean()
+  assert e["target_sensitivity"]["mean"] == pytest.approx(covid_right)
+  assert "## Calibration" in md and "COVID sensitivity" in md
+
+
+def test_splits_pool_images_and_separate_the_spread(tmp_path):
+  # Two splits of the same construction: twice the images, the same per-image differences.
+  split_runs = []
+  for k in range(2):
+    root = results.split_root(tmp_path, k, 2)
+    for row in ("original", "enhanced-pix2pix"):
+      for seed in SEEDS:
+        _write_run(root, row, "scratch", seed)
+    split_runs.append(_split(root))
+  d = results.image_differences(split_runs, "original", "enhanced-pix2pix", "scratch", SEEDS)[0]
+  np.testing.assert_allclose(d, np.tile(_image_differences(), 2))
+  entry = results.row_entry(split_runs, "enhanced-pix2pix", "scratch", SEEDS, NAMES, "COVID")
+  accs = np.array([48 + PIX2PIX_GAINS[s] - 1 for s in SEEDS]) / N
+  assert entry["n_runs"] == 6
+  assert entry["accuracy_spread"]["between_seeds"] == pytest.approx(accs.std(ddof=1))
+  assert entry["accuracy_spread"]["between_splits"] == pytest.approx(0.0)
+  assert [(s["split"], s["seed"]) for s in entry["per_seed"]][:4] == [(0, 0), (0, 1), (0, 2),
+                                                                      (1, 0)]
 
 
 def test_paper_column_and_exact_intervals(tree):
   _, r, md = _write(tree)
   lines = md.splitlines()
   row_of = lambda prefix: next(l for l in lines if l.startswith(prefix))  # noqa: E731
-  assert "| 95.6 |" in row_of("| original | scratch | 80.0")
+  assert "| 95.6 |" in row_of(f"| original | scratch | {STEPS} | 80.0")
   assert "| 97.8* |" in row_of("| enhanced-pix2pix | scratch |")
   assert "97.8" not in row_of("| enhanced-cyclegan | scratch |")
-  assert "96.1" in row_of("| original | transfer | skipped")
+  assert "96.1" in row_of("| original | transfer | | skipped")
   assert md.count("does not say which initialisation") == 1
   assert r["table"]["original/scratch"]["paper"] == 0.956
   # per-seed accuracy: Clopper-Pearson of 48 / 60, shown beside the value
   lo, hi = stats.clopper_pearson_interval(48, 60)
-  seed_row = row_of("| original | scratch | 0 |")
+  seed_row = row_of(f"| original | scratch | 0 | 0 | {STEPS} |")
   assert f"80.0 [{100 * lo:.1f}, {100 * hi:.1f}]" in seed_row
   entry = r["table"]["original/scratch"]["per_seed"][0]["accuracy"]
   assert entry["ci_method"] == "clopper-pearson" and entry["ci"] == pytest.approx([lo, hi])
   assert r["table"]["original/scratch"]["per_seed"][0]["macro_f1"]["ci_method"] == \
       "percentile bootstrap"
-  # the mean over seeds keeps the t-interval, labelled
-  assert "mean ± std over seeds [95 % t-interval over seeds]" in md
+  # the mean over runs keeps the t-interval, labelled
+  assert "mean ± std over runs [95 % t-interval over runs]" in md
   csv_text = (tree[0] / "report.csv").read_text().splitlines()
-  assert csv_text[0] == ("training_data,init,seed,class,metric,value,std,ci_low,ci_high,ci_method,"
-                         "n_seeds,paper")
+  assert csv_text[0] == ("training_data,init,split,seed,class,metric,value,std,ci_low,ci_high,"
+                         "ci_method,n_runs,train_steps,paper")
   rows = list(csv.DictReader(csv_text))
   mean_acc = next(x for x in rows if (x["training_data"], x["init"], x["seed"], x["metric"]) ==
                   ("original", "scratch", "mean", "accuracy"))
@@ -183,8 +261,8 @@ def test_paper_column_and_exact_intervals(tree):
       "clopper-pearson"
   # the paired tests: one compact line per comparison, seeds inline, and the primary marked
   primary = row_of("| original | enhanced-pix2pix **(primary)** | scratch |")
-  assert "s0: +6.7" in primary and "s2: +10.0" in primary and "| 3 / 18 |" in primary
-  assert "**Multiplicity.**" in md and "among 2" in md
+  assert "s0: +6.7" in primary and "s2: +10.0" in primary and "| primary |" in primary
+  assert "**Multiplicity.**" in md
 
 
 def test_quality_near_duplicates_counts_and_figures(tree):

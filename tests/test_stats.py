@@ -215,3 +215,88 @@ def test_cmh_matches_statsmodels_stratified_table():
   assert r["odds_ratio"] == pytest.approx(1 / table.oddsratio_pooled)
   lo, hi = table.oddsratio_pooled_confint()
   assert r["odds_ratio_ci"] == pytest.approx([1 / hi, 1 / lo])
+
+
+# --- the test image as the unit: sign-flip test, its interval, power, Holm ----------------------
+
+def test_sign_flip_exact_by_hand():
+  # differences 1, 1, 1, -1 (four images, observed sum 2): over the 16 sign vectors the sum is
+  # 4, 2, 0, -2, -4 with counts 1, 4, 6, 4, 1, so p = P(|sum| >= 2) = (1 + 4 + 4 + 1) / 16.
+  r = stats.sign_flip_test([1.0, 1.0, 1.0, -1.0])
+  assert r["exact"] and r["n_resamples"] == 16
+  assert r["difference"] == 0.5 and r["p_value"] == pytest.approx(10 / 16)
+  # all four positive: only the identity and the full flip reach |mean| = 1: p = 2 / 16
+  assert stats.sign_flip_test([1.0] * 4)["p_value"] == pytest.approx(2 / 16)
+  # nothing differs: p = 1 and the interval is the point 0
+  r = stats.sign_flip_test(np.zeros(30))
+  assert r["p_value"] == 1.0 and r["ci"] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("n", [6, 11, 14])
+def test_sign_flip_exact_equals_scipy_permutation_test(n):
+  from scipy import stats as sps
+  rng = np.random.default_rng(n)
+  d = rng.choice([-1.0, -0.5, 0.0, 0.5, 1.0], size=n, p=[0.1, 0.1, 0.4, 0.2, 0.2])
+  ref = sps.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=2 ** n)
+  r = stats.sign_flip_test(d, n_resamples=2 ** n)
+  assert r["exact"] and r["p_value"] == pytest.approx(ref.pvalue)
+
+
+def test_sign_flip_random_agrees_with_scipy_within_monte_carlo_error():
+  from scipy import stats as sps
+  rng = np.random.default_rng(3)
+  d = rng.choice([-1.0, -1 / 3, 0.0, 1 / 3, 2 / 3, 1.0], size=200,
+                 p=[0.06, 0.04, 0.7, 0.05, 0.05, 0.1])
+  r = stats.sign_flip_test(d, n_resamples=20000, seed=5)
+  ref = sps.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=20000,
+                             rng=np.random.default_rng(6))
+  assert not r["exact"] and r["n_resamples"] == 20001
+  sd = math.sqrt(ref.pvalue * (1 - ref.pvalue) / 20000)
+  assert abs(r["p_value"] - ref.pvalue) < 5 * math.sqrt(2) * sd + 1e-4
+  assert stats.sign_flip_test(d, n_resamples=20000, seed=5) == r        # seeded
+
+
+def test_sign_flip_interval_is_the_inverted_test():
+  # The interval holds exactly the shifts delta whose test of d - delta keeps p >= 0.05, with
+  # the same flips; so it excludes 0 exactly when p < 0.05.
+  rng = np.random.default_rng(0)
+  for trial in range(40):
+    n = int(rng.integers(16, 60))
+    d = rng.choice([-1.0, -0.5, 0.0, 0.5, 1.0], size=n, p=[0.08, 0.05, 0.6, 0.12, 0.15])
+    r = stats.sign_flip_test(d, n_resamples=1000, seed=trial)
+    lo, hi = r["ci"]
+    assert (lo <= 0.0 <= hi) == (r["p_value"] >= 0.05)
+    assert lo <= r["difference"] <= hi
+    for delta in (lo - 1e-6, lo + 1e-6, hi - 1e-6, hi + 1e-6, (lo + hi) / 2):
+      p = stats.sign_flip_test(d - delta, n_resamples=1000, seed=trial)["p_value"]
+      assert (lo <= delta <= hi) == (p >= 0.05), (trial, delta, lo, hi, p)
+
+
+def test_sign_flip_bad_input():
+  with pytest.raises(ValueError, match="at least one"):
+    stats.sign_flip_test([])
+  with pytest.raises(ValueError, match="NaN"):
+    stats.sign_flip_test([0.1, math.nan])
+
+
+def test_minimum_detectable_difference_matches_statsmodels_power():
+  power = pytest.importorskip("statsmodels.stats.power")
+  d = np.array([1.0] * 6 + [-1.0] * 2 + [0.0] * 92)
+  mdd = stats.minimum_detectable_difference(d)
+  # one-sample normal power (ratio=0): the effect size in sd units detected with 80 % power
+  effect = power.NormalIndPower().solve_power(nobs1=100, alpha=0.05, power=0.8, ratio=0)
+  assert mdd == pytest.approx(effect * d.std(ddof=1), rel=1e-4)
+  # by hand: (1.959964 + 0.841621) sd / sqrt(n)
+  assert mdd == pytest.approx(2.801585 * d.std(ddof=1) / 10, rel=1e-5)
+  assert stats.minimum_detectable_difference(np.zeros(10)) is None
+  assert stats.minimum_detectable_difference([0.5]) is None
+
+
+def test_holm_by_hand_and_against_statsmodels():
+  # Holm (1979): sorted 0.01, 0.02, 0.03, 0.04 times 4, 3, 2, 1 -> 0.04, 0.06, 0.06, 0.06
+  assert stats.holm([0.04, 0.01, 0.03, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
+  assert stats.holm([]) == [] and stats.holm([0.7, 0.6]) == pytest.approx([1.0, 1.0])
+  multitest = pytest.importorskip("statsmodels.stats.multitest")
+  p = np.random.default_rng(0).random(12) ** 3
+  ref = multitest.multipletests(p, method="holm")[1]
+  assert stats.holm(p) == pytest.approx(list(ref))

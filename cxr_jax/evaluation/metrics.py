@@ -233,6 +233,39 @@ def classification_report(labels, probs, class_names: Sequence[str], *, n_bootst
   return report
 
 
+def calibration(labels, probs, *, n_bins: int = 10) -> dict[str, Any]:
+  """How far the predicted probabilities are from the frequencies they claim.
+
+  `brier`: the multi-class Brier score, mean over images of sum_k (p_k - [y = k])^2 (Brier
+  1950; 0 is perfect, 2 the worst). `ece`: the expected calibration error of the top label,
+  sum_bins n_b / N |accuracy_b - confidence_b| over `n_bins` equal-width confidence bins (Guo et
+  al. 2017; bins are (lo, hi], the first includes 0). `bins`: per bin its edges, count, mean
+  confidence and accuracy (None when empty): the reliability diagram."""
+  labels = np.asarray(labels)
+  probs = np.asarray(probs, np.float64)
+  if probs.ndim != 2 or labels.shape != (probs.shape[0],) or labels.size == 0:
+    raise ValueError(f"need labels [N] and probs [N, K] with N > 0, got {labels.shape} and "
+                     f"{probs.shape}")
+  n, k = probs.shape
+  onehot = np.eye(k)[labels.astype(np.int64)]
+  brier = float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+  confidence = probs.max(1)
+  correct = probs.argmax(1) == labels
+  edges = np.linspace(0.0, 1.0, n_bins + 1)
+  which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+  bins, ece = [], 0.0
+  for b in range(n_bins):
+    mask = which == b
+    count = int(mask.sum())
+    conf = float(confidence[mask].mean()) if count else None
+    acc = float(correct[mask].mean()) if count else None
+    if count:
+      ece += count / n * abs(acc - conf)
+    bins.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": count,
+                 "confidence": conf, "accuracy": acc})
+  return {"n": int(n), "brier": brier, "ece": float(ece), "n_bins": int(n_bins), "bins": bins}
+
+
 def _nan_to_none(obj: Any) -> Any:
   """Strict JSON has no NaN: undefined metrics become null."""
   if isinstance(obj, float):

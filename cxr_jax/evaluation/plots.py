@@ -151,6 +151,33 @@ def pr_curves_png(path: str | os.PathLike, labels, probs, class_names: Sequence[
   return aps
 
 
+def reliability_png(path: str | os.PathLike, bins: Sequence[Mapping], *, title: str = "",
+                    ece: float | None = None) -> None:
+  """Reliability diagram: per confidence bin (`metrics.calibration`'s `bins`) the accuracy
+  against the mean confidence, with the diagonal of perfect calibration and each bin's count."""
+  fig = new_figure((4.5, 4.5))
+  ax = fig.add_subplot()
+  ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
+  full = [b for b in bins if b["count"]]
+  centres = [(b["low"] + b["high"]) / 2 for b in full]
+  ax.bar(centres, [b["accuracy"] for b in full], width=[b["high"] - b["low"] for b in full],
+         edgecolor="black", alpha=0.6, label="accuracy")
+  ax.plot([b["confidence"] for b in full], [b["accuracy"] for b in full], "o", color="C1",
+          markersize=4, label="mean confidence")
+  for x, b in zip(centres, full):
+    ax.text(x, min(b["accuracy"] + 0.02, 0.97), str(b["count"]), ha="center", fontsize=7)
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1)
+  ax.set_xlabel("confidence (top-class probability)")
+  ax.set_ylabel("accuracy")
+  ax.legend(loc="upper left", fontsize=8)
+  ax.grid(alpha=0.3)
+  text = title + ("" if ece is None else f"  ECE {ece:.3f} (pooled)")
+  if text:
+    ax.set_title(text.strip(), fontsize=9)
+  save_figure(fig, path)
+
+
 def training_curves_png(path: str | os.PathLike,
                         history: Mapping[str, Sequence[tuple[float, float]]], *,
                         title: str = "") -> None:

@@ -41,6 +41,19 @@ def write_predictions(path: pathlib.Path, files, labels, probs, class_names) -> 
        for i, (file, p) in enumerate(zip(files, probs))))
 
 
+def read_predictions(path: pathlib.Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+  """(files, label indices, probabilities [N, K], class names) from a test_predictions.csv."""
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    names = [c[len("p_"):] for c in reader.fieldnames or [] if c.startswith("p_")]
+    rows = list(reader)
+  index = {name: i for i, name in enumerate(names)}
+  labels = np.array([index[r["label"]] for r in rows], np.int64)
+  probs = np.array([[float(r[f"p_{c}"]) for c in names] for r in rows], np.float64).reshape(
+      len(rows), len(names))
+  return [r["file"] for r in rows], labels, probs, names
+
+
 def read_correct(path: pathlib.Path) -> tuple[list[str], np.ndarray]:
   """(files, whether each prediction was right) from a test_predictions.csv."""
   with open(path, newline="") as f:

@@ -1,9 +1,12 @@
 """Paired significance tests between two classifiers on the same test images, and seed averages.
 
 The paper's claim is that GAN-enhanced training beats the original data; both classifiers see the
-same test images, so the comparison is paired: McNemar on the discordant images and a paired
-bootstrap of the accuracy difference. Runs over several seeds are summarised by a t-interval and
-pooled by the Cochran-Mantel-Haenszel test (the stratified McNemar). Proportions (accuracy,
+same test images, so the comparison is paired. Across runs (seeds, splits) the test image is the
+unit: a sign-flip permutation test of per-image differences with the interval that inverts it
+(`sign_flip_test`), the power figure beside it, Holm for the secondary comparisons. Per run:
+McNemar on the discordant images and a paired bootstrap; runs are summarised by a t-interval,
+and the Cochran-Mantel-Haenszel statistic (the stratified McNemar) pools them as detail only: it
+counts each image once per run. Proportions (accuracy,
 recall, ...) get exact Clopper-Pearson or Wilson score intervals: a percentile bootstrap gives
 44/44 the empty-width interval [1, 1].
 """
@@ -204,3 +207,115 @@ def cochran_mantel_haenszel_paired(pairs: Sequence[tuple[Any, Any]], *, correcti
           "difference": summary["mean"], "difference_ci": summary["ci"],
           "difference_method": "mean over seeds of per-seed accuracy B - A, t-interval over seeds",
           "per_seed_difference": diffs, "confidence": float(confidence)}
+
+
+# --------------------------------------------------------------- the test image as the unit
+
+_FLIP_CHUNK = 2000   # sign-flip resamples drawn per block, to bound memory at large N
+
+
+def _sign_matrices(n: int, n_resamples: int, seed: int):
+  """Blocks of sign vectors [b, n]: all 2^n when 2^n <= n_resamples (exact), else the identity
+  followed by `n_resamples` seeded random flips (the observed labelling counts once, Phipson &
+  Smyth 2010, so a p-value is never 0). Yields (signs, exact)."""
+  exact = n < 63 and 2 ** n <= n_resamples
+  if exact:
+    codes = np.arange(2 ** n, dtype=np.int64)
+    for i in range(0, codes.size, _FLIP_CHUNK):
+      bits = (codes[i:i + _FLIP_CHUNK, None] >> np.arange(n)) & 1
+      yield 1.0 - 2.0 * bits, True
+    return
+  yield np.ones((1, n)), False
+  rng = np.random.default_rng(seed)
+  for i in range(0, n_resamples, _FLIP_CHUNK):
+    bits = rng.integers(0, 2, size=(min(_FLIP_CHUNK, n_resamples - i), n), dtype=np.int8)
+    yield 1.0 - 2.0 * bits, False
+
+
+def sign_flip_test(differences, *, n_resamples: int = 20000, seed: int = 0,
+                   confidence: float = 0.95) -> dict[str, Any]:
+  """Paired sign-flip permutation test of the mean of per-unit differences, with the confidence
+  interval that inverts the same test.
+
+  `differences[i]` is one test image's difference B - A (e.g. its mean correctness over seeds
+  under row B minus under row A). Under H0 each difference is symmetric about 0, so its sign is
+  exchangeable: p = share of sign vectors s with |mean(s d)| >= |mean(d)| (two-sided), over all
+  2^n vectors when 2^n <= n_resamples (exact), else over the identity and `n_resamples` seeded
+  random flips. This is `scipy.stats.permutation_test(..., permutation_type='samples')` for one
+  sample (tests/test_stats.py checks it), written out because the interval needs the flips.
+
+  The interval is the set of shifts delta whose test of d - delta keeps p >= 1 - confidence,
+  with the same sign vectors. For each vector the shifts it counts for form one interval
+  containing mean(d) (a concave quadratic in delta is >= 0 there), so that set is an interval
+  too, read off the vectors' roots, and it excludes 0 exactly when p < 1 - confidence.
+  """
+  d = np.asarray(differences, np.float64).ravel()
+  if d.size == 0:
+    raise ValueError("sign_flip_test needs at least one difference")
+  if not np.all(np.isfinite(d)):
+    raise ValueError("differences contain NaN or inf")
+  if not 0.0 < confidence < 1.0:
+    raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+  n = d.size
+  mean = float(d.mean())
+  tol = 1e-9 * max(1.0, float(np.abs(d).max()))    # equal statistics count as equal (ties)
+  lows, highs, counts, total, exact = [], [], 0, 0, False
+  for signs, exact in _sign_matrices(n, n_resamples, seed):
+    m = signs @ d / n                 # the flipped mean
+    s = signs.mean(1)                 # the flipped mean of a constant: shifts move m by -delta s
+    hit = np.abs(m) >= abs(mean) - tol
+    counts += int(hit.sum())
+    total += signs.shape[0]
+    # |m - delta s| >= |mean - delta|  <=>  a delta^2 + b delta + c >= 0, a = s^2 - 1 <= 0
+    a, b, c = s * s - 1.0, 2.0 * (mean - m * s), m * m - mean * mean
+    with np.errstate(divide="ignore", invalid="ignore"):
+      root = np.sqrt(np.maximum(b * b - 4.0 * a * c, 0.0))
+      r1 = np.where(a < -1e-12, (-b + root) / (2.0 * a), -np.inf)
+      r2 = np.where(a < -1e-12, (-b - root) / (2.0 * a), np.inf)
+    # The vectors that hit at delta = 0 contain 0 in their interval, the others do not: the
+    # comparison above decides, not the roots' rounding.
+    r1 = np.where(hit, np.minimum(r1, 0.0), np.where(r1 <= 0.0, np.where(mean > 0, 1e-300, r1),
+                                                     r1))
+    r2 = np.where(hit, np.maximum(r2, 0.0), np.where(r2 >= 0.0, np.where(mean < 0, -1e-300, r2),
+                                                     r2))
+    lows.append(r1)
+    highs.append(r2)
+  alpha = 1.0 - confidence
+  p = counts / total
+  needed = max(1, math.ceil(alpha * total - 1e-9))   # vectors that keep p(delta) >= alpha
+  lo = float(np.sort(np.concatenate(lows))[needed - 1])
+  hi = float(np.sort(np.concatenate(highs))[::-1][needed - 1])
+  return {"difference": mean, "ci": [lo, hi], "p_value": float(min(p, 1.0)), "n": int(n),
+          "exact": bool(exact), "n_resamples": int(total), "seed": int(seed),
+          "confidence": float(confidence),
+          "test": "paired sign-flip permutation test, test image as the unit"
+                  + (" (exact)" if exact else f" ({total - 1} seeded random flips)"),
+          "ci_method": "inversion of the same sign-flip test"}
+
+
+def minimum_detectable_difference(differences, *, alpha: float = 0.05,
+                                  power: float = 0.8) -> float | None:
+  """The smallest true mean difference a two-sided test at `alpha` detects with `power`, at this
+  number of units and their observed spread: (z_{1-alpha/2} + z_power) sd(d) / sqrt(n) (normal
+  approximation of the paired test). None when it is undefined (n < 2 or no spread)."""
+  d = np.asarray(differences, np.float64).ravel()
+  if d.size < 2:
+    return None
+  sd = float(d.std(ddof=1))
+  if sd == 0.0:
+    return None
+  z = float(sps.norm.ppf(1.0 - alpha / 2.0) + sps.norm.ppf(power))
+  return z * sd / math.sqrt(d.size)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+  """Holm's step-down adjusted p-values (Holm 1979): controls the family-wise error rate."""
+  p = np.asarray(p_values, np.float64)
+  m = p.size
+  if m == 0:
+    return []
+  order = np.argsort(p, kind="stable")
+  adjusted = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
+  out = np.empty(m)
+  out[order] = adjusted
+  return [float(v) for v in out]

@@ -9,6 +9,10 @@ split -> each translator (pix2pix, CycleGAN) -> synthesis -> ResNet-50 classifie
   images, as many as the synthetic images: the prior and the count, without a GAN;
 - `enhanced-<translator>`: the training split plus that translator's synthetic images.
 
+All of it runs once per split (`config.splits` stratified splits, seeds `data.split_seed + k`;
+with one split in the workdir itself, else in `<workdir>/split<k>/`), every classifier of one
+initialisation for the same number of optimizer steps (the original training split's budget).
+
 Each stage runs in its own sub-workdir and records its completion in `<workdir>/stages/`; running
 the same command again skips finished stages and resumes an interrupted one from its last
 checkpoint, so a preempted job loses at most one checkpoint interval.
@@ -32,6 +36,7 @@ from cxr_jax.data.dataset import ImageSet
 from cxr_jax.errors import ConfigError
 from cxr_jax.pipeline import controls
 from cxr_jax.pipeline import report
+from cxr_jax.pipeline import results
 from cxr_jax.pipeline import classify
 from cxr_jax.pipeline import synthesize
 from cxr_jax.pipeline import translators
@@ -157,6 +162,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     configlib.require(name in config, name, f"translator {name!r} needs its config block")
     VALIDATE[name](sub_config(config, name))
   synthesize.number_to_make(config.synthesize.num_synthetic, {"a": 1}, "a")
+  configlib.require_positive_int(config, "splits")
+  primary = tuple(config.primary_comparison)
+  configlib.require(len(primary) == 2 and primary[0] != primary[1], "primary_comparison",
+                    f"{primary} must name two different rows (A, B)")
+  for name in primary:
+    configlib.require(name in rows(config), "primary_comparison",
+                      f"{name!r} is not a row of this experiment; the rows are {rows(config)}")
   for train_data in ("original", "enhanced"):
     classifier.validate(sub_config(config, "classifier", train_data=train_data,
                                    synthetic_dir="<synthesized>"))
@@ -165,13 +177,38 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"classifier export folder")
 
 
+def split_config(config: ml_collections.ConfigDict, k: int) -> ml_collections.ConfigDict:
+  """The experiment's config for split k: `data.split_seed + k`."""
+  cfg = config.copy_and_resolve_references()
+  cfg.data.split_seed = int(config.data.split_seed) + k
+  return cfg
+
+
 def run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-  """The `experiment` task."""
+  """The `experiment` task: every split, then the report over all of them."""
   validate(config)
   workdir = pathlib.Path(workdir)
   stages = Stages(workdir)
+  n_splits = int(config.splits)
+  split_runs, skipped = [], {}
+  for k in range(n_splits):
+    prefix = "" if n_splits == 1 else f"split{k}-"
+    split_run, split_skipped = run_split(split_config(config, k),
+                                         results.split_root(workdir, k, n_splits), stages, prefix)
+    split_runs.append(split_run)
+    skipped.update(split_skipped)
+  return report.write_report(
+      workdir, config, rows=rows(config), class_names=split_runs[0].class_names,
+      splits=split_runs, skipped=skipped, stage_seconds=stages.seconds())
+
+
+def run_split(config: ml_collections.ConfigDict, workdir: pathlib.Path, stages: Stages,
+              prefix: str) -> tuple[results.SplitRun, dict[str, str]]:
+  """Split, translators, synthesis, classifiers and translation quality of one split, in
+  `workdir` (its stages named `<prefix><stage>`)."""
+  workdir.mkdir(parents=True, exist_ok=True)
   splits = dataset.load_splits(config.data, workdir)
-  stages.run("split", lambda: {name: s.counts() for name, s in splits.items()})
+  stages.run(f"{prefix}split", lambda: {name: s.counts() for name, s in splits.items()})
   target = config.synthesize.target_class
   per_seed = bool(config.translator_per_seed)
   translator_seeds = [int(s) for s in config.seeds] if per_seed else [None]
@@ -182,13 +219,14 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
       tag = translator_tag(name, seed)
       t_cfg = sub_config(config, name) if seed is None else sub_config(config, name, seed=seed)
       t_dir = workdir_lib.prepare(workdir / "translators" / tag, t_cfg)
-      stages.run(f"translator-{tag}", lambda n=name, c=t_cfg, d=t_dir: train_translator(n, c, d))
-      generator_dir = stages.record(f"translator-{tag}")["result"]["generator"]
+      stages.run(f"{prefix}translator-{tag}",
+                 lambda n=name, c=t_cfg, d=t_dir: train_translator(n, c, d))
+      generator_dir = stages.record(f"{prefix}translator-{tag}")["result"]["generator"]
       syn_seed = config.synthesize.seed if seed is None else seed
       syn_cfg = sub_config(config, "synthesize", generator_dir=generator_dir, seed=syn_seed)
       syn_dir = (workdir_lib.prepare(workdir / "synthesize" / tag, syn_cfg)
                  / synthesize.SYNTHETIC_DIR)
-      stages.run(f"synthesize-{tag}", lambda c=syn_cfg, d=syn_dir: synthesize.synthesize(
+      stages.run(f"{prefix}synthesize-{tag}", lambda c=syn_cfg, d=syn_dir: synthesize.synthesize(
           c.generator_dir, splits, d, num_synthetic=c.num_synthetic, seed=c.seed,
           batch_size=c.batch_size, source_class=c.source_class, target_class=c.target_class,
           quality_images=c.quality_images))
@@ -207,7 +245,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
       aug_seed = config.synthesize.seed if seed_key is None else seed_key
       train_set = None
       for init in INITS:
-        stage = f"classifier-{row}-{init}" + ("" if seed_key is None else f"-seed{seed_key}")
+        stage = (f"{prefix}classifier-{row}-{init}"
+                 + ("" if seed_key is None else f"-seed{seed_key}"))
         if init == "transfer" and not config.pretrained:
           skipped[f"{row}/{init}"] = ("no ImageNet weights configured (set --config.pretrained "
                                       "to a local ResNet-50 weights file)")
@@ -223,10 +262,12 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
         if init == "transfer":
           for key, value in config.transfer.items():
             cfg[key] = value
-        run_dirs = [workdir_lib.prepare(report.run_dir(workdir, row, init, seed),
+        # One budget for every row of this initialisation: the original training split's.
+        cfg.train_steps = classifier.budget_steps(cfg, len(splits["train"]))
+        run_dirs = [workdir_lib.prepare(results.run_dir(workdir, row, init, seed),
                                         fit.seed_config(cfg, seed)) for seed in group]
         record = stages.run(stage, lambda c=cfg, g=group, d=run_dirs, t=train_set: {
-            "train_counts": t.counts(),
+            "train_counts": t.counts(), "train_steps": c.train_steps,
             "seeds": {str(s): r["summary"] for s, r in zip(g, classify.train_and_evaluate_seeds(
                 c, g, d, splits=splits, train_set=t))}})
         train_counts[counts_key] = record["result"]["train_counts"]
@@ -234,12 +275,12 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
   # Translation quality, with the features of a classifier trained on the original data.
   for tag, syn_dir in synthetic_dirs.items():
     seed = int(tag.rsplit("-seed", 1)[1]) if per_seed else int(config.seeds[0])
-    quality_classifier = report.run_dir(workdir, "original", "scratch", seed) / \
+    quality_classifier = results.run_dir(workdir, "original", "scratch", seed) / \
         classifier.CLASSIFIER_DIR
-    stages.run(f"quality-{tag}", lambda d=syn_dir, q=quality_classifier:
+    stages.run(f"{prefix}quality-{tag}", lambda d=syn_dir, q=quality_classifier:
                synthesize.synthesis_quality(d, q, splits, target_class=target))
 
-  return report.write_report(
-      workdir, config, rows=rows(config), class_names=list(splits["train"].class_names),
+  return results.SplitRun(
+      root=workdir, split_seed=int(config.data.split_seed),
       split_counts={name: s.counts() for name, s in splits.items()}, train_counts=train_counts,
-      skipped=skipped, synthetic_dirs=synthetic_dirs, stage_seconds=stages.seconds())
+      synthetic_dirs=synthetic_dirs, class_names=tuple(splits["train"].class_names)), skipped

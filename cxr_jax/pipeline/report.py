@@ -1,43 +1,30 @@
 """The experiment's report: `report.md`, and the same numbers in `report.json` and `report.csv`.
 
-It opens with the answer to the paper's question (did GAN enhancement help, by how much, which
-translator, against the controls that change only the class prior or add classical augmented
-copies), then the table with the paper's figures beside the rows they belong to. Statistics
-(docs/experiment.md): per-seed proportions carry exact Clopper-Pearson intervals (from each run's
-metrics.json), F1 and ROC-AUC their percentile bootstrap, means over seeds a t-interval; rows are
-compared on the same test images by McNemar per seed and Cochran-Mantel-Haenszel pooled over seeds.
-Everything is read from the run directory tree, so the report can be rebuilt without training.
+The numbers come from `results.collect` (plain data read from the run tree, so the report can be
+rebuilt without training); this module renders them. `report.md` is the concatenation of
+`SECTIONS`, one function per section, each `(result, workdir) -> list of lines`: it opens with
+the answer to the declared primary comparison (did GAN enhancement help, by how much, with the
+test image as the unit), then the table with the paper's figures beside the rows they belong to,
+the spread, the paired tests, calibration, class counts, translation quality and figures.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
 import pathlib
-import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax
-import jax
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
 
-from cxr_jax import provenance
 from cxr_jax import workdir as workdir_lib
-from cxr_jax.data import splits as splits_lib
-from cxr_jax.evaluation import report_classifier
-from cxr_jax.evaluation import stats
+from cxr_jax.evaluation import plots
+from cxr_jax.pipeline import results
+from cxr_jax.pipeline.results import ALPHA, INITS, PAPER, SplitRun, run_dir, split_root  # noqa: F401
 from cxr_jax.utils import files
 
-INITS = ("scratch", "transfer")
-ALPHA = 0.05
-# The paper's reported test accuracies (BIBM 2020, 3 classes), beside the rows they belong to.
-PAPER = {("original", "scratch"): 0.956, ("original", "transfer"): 0.961,
-         ("enhanced-pix2pix", "scratch"): 0.978, ("enhanced-pix2pix", "transfer"): 0.978}
 PAPER_NOTE = (
     "Paper column: the accuracies reported by the paper (BIBM 2020): 95.6 % (original data, from "
     "scratch), 96.1 % (original data, transfer) and 97.8 % (pix2pix-enhanced data). The abstract "
@@ -54,17 +41,19 @@ CONFOUND = (
 SYNTHETIC_DATA_NOTE = (
     "**This run shows the pipeline on procedural images (the embedded synthetic default), not a "
     "result:** its numbers say nothing about radiographs or about the paper's claim.")
-_CI_T = "mean ± std over seeds [95 % t-interval over seeds]"
+CALIBRATION_DIR = "calibration"
+
+Section = Callable[[dict, pathlib.Path], list]
 
 
-def run_dir(workdir: str | os.PathLike, row: str, init: str, seed: int) -> pathlib.Path:
-  """Where one classifier of the experiment lives: `classifiers/<row>-<init>-seed<seed>`."""
-  return pathlib.Path(workdir) / "classifiers" / f"{row}-{init}-seed{int(seed)}"
+# ------------------------------------------------------------------------------- formatting
 
 
-def _fmt(agg: dict[str, Any], spread: bool = True) -> str:
+def _fmt(agg: dict[str, Any] | None, spread: bool = True) -> str:
   """'mean ± std [ci]' in %, or just the mean; undefined values (e.g. the precision of a class
   never predicted) as 'n/a'."""
+  if agg is None:
+    return "n/a"
   mean = agg.get("mean", agg.get("value"))
   if mean is None or not np.isfinite(mean):
     return "n/a"
@@ -85,312 +74,15 @@ def _pts(x: float | None) -> str:
 
 
 def _diff_ci(ci) -> str:
-  """A difference of two accuracies lies in [-1, 1]: its t-interval over few seeds is shown
-  clipped to that range (report.json keeps it as computed)."""
-  lo, hi = (min(max(v, -1.0), 1.0) for v in ci)
+  """A difference of two accuracies lies in [-1, 1]: its interval is shown clipped to that
+  range, an unbounded end (too few images to bound it) as -100 / +100 (report.json: null)."""
+  lo, hi = (-1.0 if ci[0] is None else ci[0]), (1.0 if ci[1] is None else ci[1])
+  lo, hi = (min(max(v, -1.0), 1.0) for v in (lo, hi))
   return f"{_pts(lo)}, {_pts(hi)}"
 
 
 def _p(p: float | None) -> str:
   return "n/a" if p is None else f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
-
-
-def _versions() -> dict[str, str]:
-  return {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
-          "optax": optax.__version__, "orbax-checkpoint": getattr(ocp, "__version__", "?"),
-          "numpy": np.__version__,
-          "devices": ", ".join(sorted({f"{jax.device_count()} x {d.device_kind}"
-                                       for d in jax.devices()}))}
-
-
-def _read_json(path: pathlib.Path) -> dict:
-  return json.loads(path.read_text()) if path.is_file() else {}
-
-
-# ------------------------------------------------------------------------------- the numbers
-
-
-def row_entry(workdir: pathlib.Path, row: str, init: str, seeds: Sequence[int],
-              class_names: Sequence[str], target: str) -> dict[str, Any] | None:
-  """One row of the table from its runs' metrics.json; None when no seed finished."""
-  runs = []
-  for seed in seeds:
-    d = run_dir(workdir, row, init, seed)
-    if (d / "metrics.json").is_file():
-      runs.append({"seed": int(seed), "dir": d, "metrics": json.loads((d / "metrics.json")
-                                                                     .read_text())})
-  if not runs:
-    return None
-
-  def agg(get) -> dict:
-    return dict(stats.mean_std_ci([get(r["metrics"]) for r in runs]), method=_CI_T)
-
-  entry: dict[str, Any] = {
-      "row": row, "init": init, "seeds": [r["seed"] for r in runs],
-      "accuracy": agg(lambda m: m["accuracy"]["value"]),
-      "macro_f1": agg(lambda m: m["macro_f1"]["value"]),
-      "macro_roc_auc": agg(lambda m: m["macro_roc_auc"]["value"]),
-      "per_class": {c: {k: agg(lambda m, c=c, k=k: m["per_class"][c][k]["value"])
-                        for k in ("precision", "recall", "f1")} for c in class_names},
-      "paper": PAPER.get((row, init)),
-      "per_seed": [], "figures": {}}
-  for r in runs:
-    m = r["metrics"]
-    entry["per_seed"].append({
-        "seed": r["seed"], "n_test": m.get("n"),
-        "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "macro_roc_auc": m["macro_roc_auc"],
-        "target_recall": m["per_class"][target]["recall"],
-        "target_precision": m["per_class"][target]["precision"]})
-  first = runs[0]["dir"]
-  for name in ("confusion_matrix.png", "roc_curves.png", "gradcam.png"):
-    if (first / name).is_file():
-      entry["figures"][name] = os.path.relpath(first / name, workdir)
-  return entry
-
-
-def _correct(workdir: pathlib.Path, row: str, init: str, seed: int):
-  path = run_dir(workdir, row, init, seed) / "test_predictions.csv"
-  return report_classifier.read_correct(path) if path.is_file() else None
-
-
-def compare(workdir: pathlib.Path, a: str, b: str, init: str, seeds: Sequence[int], *,
-            n_bootstrap: int = 2000) -> dict[str, Any] | None:
-  """Row b against row a at one initialisation, on the same test images: McNemar and a paired
-  bootstrap per seed, Cochran-Mantel-Haenszel pooled over the seeds where both finished."""
-  per_seed, pairs = [], []
-  for seed in seeds:
-    ca, cb = _correct(workdir, a, init, seed), _correct(workdir, b, init, seed)
-    if ca is None or cb is None or ca[0] != cb[0]:
-      continue
-    pairs.append((ca[1], cb[1]))
-    per_seed.append({"seed": int(seed), "mcnemar": stats.mcnemar(ca[1], cb[1]),
-                     "paired_bootstrap": stats.paired_bootstrap(ca[1], cb[1],
-                                                                n_bootstrap=n_bootstrap,
-                                                                seed=int(seed))})
-  if not pairs:
-    return None
-  return {"a": a, "b": b, "init": init, "per_seed": per_seed,
-          "pooled": stats.cochran_mantel_haenszel_paired(pairs)}
-
-
-def comparisons(workdir: pathlib.Path, rows: Sequence[str], seeds: Sequence[int]) -> list[dict]:
-  """Every enhanced row and control against `original`, and every enhanced row against each
-  control, at each initialisation."""
-  enhanced_rows = [r for r in rows if r.startswith("enhanced-")]
-  controls = [r for r in rows if r not in enhanced_rows and r != "original"]
-  wanted = [("original", r) for r in enhanced_rows + controls]
-  wanted += [(c, e) for e in enhanced_rows for c in controls]
-  out = []
-  for init in INITS:
-    for a, b in wanted:
-      c = compare(workdir, a, b, init, seeds)
-      if c is not None:
-        out.append(c)
-  return out
-
-
-def _find(comps: list[dict], a: str, b: str, init: str) -> dict | None:
-  return next((c for c in comps if (c["a"], c["b"], c["init"]) == (a, b, init)), None)
-
-
-def pooled_p(pooled: dict) -> tuple[float, str]:
-  """The pooled test's p-value: the conditional exact test below 25 discordant images (where the
-  chi-square approximation is poor, as for McNemar), else the continuity-corrected CMH
-  chi-square."""
-  if pooled["b"] + pooled["c"] < 25:
-    return pooled["exact_p_value"], "exact conditional"
-  return pooled["p_value"], "chi-square"
-
-
-def _difference_ci(comp: dict) -> tuple[list[float] | None, str]:
-  """The pooled comparison's CI of the accuracy difference: the t-interval over seeds, or with
-  one seed that seed's paired bootstrap."""
-  pooled = comp["pooled"]
-  if pooled.get("difference_ci") is not None:
-    return pooled["difference_ci"], "t-interval over seeds"
-  boot = comp["per_seed"][0]["paired_bootstrap"]
-  return boot["ci"], "paired bootstrap over test images, one seed"
-
-
-def _verdict(diff: float, p: float) -> str:
-  if p < ALPHA:
-    return "yes" if diff > 0 else "no, it hurt"
-  return "no detectable difference"
-
-
-def headline(table: dict[str, dict], comps: list[dict], rows: Sequence[str]) -> dict[str, Any]:
-  """The answer: the best translator's enhanced row against `original` at the same
-  initialisation (transfer when it ran, else scratch), and that row against each control."""
-  enhanced_rows = [r for r in rows if r.startswith("enhanced-")]
-  ran = lambda row, init: "accuracy" in table.get(f"{row}/{init}", {})  # noqa: E731
-  inits = [i for i in ("transfer", "scratch")
-           if ran("original", i) and any(ran(r, i) for r in enhanced_rows)]
-  if not inits:
-    return {"answered": False, "lines": [
-        "**No answer:** the original row or every enhanced row is missing (not run or not "
-        "finished), so enhancement cannot be judged."]}
-  init = inits[0]
-  candidates = [r for r in enhanced_rows if ran(r, init)]
-  best = max(candidates, key=lambda r: table[f"{r}/{init}"]["accuracy"]["mean"])
-  acc = lambda row: table[f"{row}/{init}"]["accuracy"]["mean"]  # noqa: E731
-  primary = _find(comps, "original", best, init)
-  out: dict[str, Any] = {"answered": primary is not None, "init": init, "best_row": best,
-                         "translator": best[len("enhanced-"):]}
-  if primary is None:
-    out["lines"] = [f"**No answer:** {best} and original ({init}) share no seed with matching "
-                    "test predictions."]
-    return out
-  pooled = primary["pooled"]
-  ci, ci_method = _difference_ci(primary)
-  p, p_method = pooled_p(pooled)
-  verdict = _verdict(pooled["difference"], p)
-  out.update(verdict=verdict, difference=pooled["difference"], difference_ci=ci,
-             difference_ci_method=ci_method, p_value=p, p_method=p_method,
-             n_seeds=pooled["n_seeds"])
-  ci_text = "" if ci is None else f" [95 % CI {_diff_ci(ci)}; {ci_method}]"
-  line1 = (f"**Did enhancement help?** {verdict.capitalize()}: {best} {100 * acc(best):.1f} % "
-           f"against original {100 * acc('original'):.1f} % ({init}), a difference of "
-           f"{_pts(pooled['difference'])} points{ci_text}; pooled Cochran-Mantel-Haenszel "
-           f"p = {_p(p)} ({p_method}) over {pooled['n_seeds']} seed(s) ({pooled['b']} test "
-           f"images right only with original, {pooled['c']} only with {best}).")
-  others = [f"{r} {100 * acc(r):.1f} %" for r in candidates if r != best]
-  line2 = (f"**Which translator:** {out['translator']}, the best enhanced row by mean test "
-           f"accuracy ({init})" + (f"; the others: {', '.join(others)}." if others else
-                                   "; it is the only translator run."))
-  parts, beats = [], []
-  for control in ("balanced-loss", "oversampled"):
-    comp = _find(comps, control, best, init)
-    if comp is None:
-      continue
-    cp = comp["pooled"]
-    cp_p = pooled_p(cp)[0]
-    parts.append(f"{control} {100 * acc(control):.1f} % ({best} minus {control}: "
-                 f"{_pts(cp['difference'])} points, p = {_p(cp_p)})")
-    beats.append(cp_p < ALPHA and cp["difference"] > 0)
-  if parts:
-    summary = ("the synthetic images beat every control" if all(beats) else
-               "the synthetic images do not beat " + " or ".join(
-                   c for c, b in zip(("balanced-loss", "oversampled"), beats) if not b)
-               + ", so the gain (if any) is not shown to come from the translation")
-    line3 = f"**Against the controls:** {'; '.join(parts)}: {summary}."
-  else:
-    line3 = "**Against the controls:** no control row finished."
-  out["lines"] = [line1, line2, line3]
-  return out
-
-
-def _near_duplicates(workdir: pathlib.Path) -> dict[str, Any]:
-  summary = _read_json(workdir / splits_lib.SUMMARY)
-  if not summary:
-    return {}
-  return {"pairs": summary.get("near_duplicate_pairs"),
-          "dropped": summary.get("totals", {}).get(splits_lib.DROPPED),
-          "drop_near_duplicates": summary.get("drop_near_duplicates")}
-
-
-def _kid_entries(q: dict) -> dict[str, dict]:
-  """KID against the real target-class training images (which the translator saw) and, when
-  synthesis measured it, against the validation ones (which it did not)."""
-  out = {}
-  for split in ("train", "val"):
-    k = q.get(f"kid_{split}")
-    if isinstance(k, dict):
-      out[split] = {"mean": k.get("mean"), "std": k.get("std"), "n_real": k.get("n_real"),
-                    "seen_by_translator": bool(k.get("seen_by_generator", split == "train")),
-                    "note": k.get("note")}
-  if "train" not in out and q.get("kid") is not None:
-    out["train"] = {"mean": q["kid"], "std": q.get("kid_std"),
-                    "n_real": q.get("n_real_target", q.get("num_real")),
-                    "seen_by_translator": True, "note": None}
-  return out
-
-
-def _quality(synthetic_dir: pathlib.Path, target: str) -> dict[str, Any]:
-  """One translator's synthesis summary and translation-quality figures, KID first, FID left
-  out (at these sample sizes its bias dominates: see docs/experiment.md)."""
-  syn = _read_json(synthetic_dir / "synthesis.json")
-  q = _read_json(synthetic_dir / "quality.json")
-  return {"num_synthetic": syn.get("num_synthetic"), "num_sources": syn.get("num_sources"),
-          "kid": _kid_entries(q),
-          "input_dependence": q.get("input_dependence"),
-          "relative_diversity": q.get("relative_diversity"),
-          "target_share": q.get("target_share", q.get(f"share_called_{target}")),
-          "features": q.get("features"), "note": q.get("note")}
-
-
-def _what_varies(config) -> str:
-  if getattr(config, "translator_per_seed", False):
-    return ("Across seeds: each classifier's initialisation, batch order and augmentation, and "
-            "each translator's training, its synthesis and the oversampled row's augmented "
-            "copies (translator_per_seed=True), so the GAN's own variance counts. The split is "
-            "fixed (data.split_seed).")
-  return ("Across seeds: each classifier's initialisation, batch order and augmentation only; "
-          "each translator is trained once and synthesises once, and the oversampled row's "
-          "augmented copies are made once, for all seeds (set translator_per_seed=True to vary "
-          "them too). The split is fixed (data.split_seed).")
-
-
-def write_report(workdir: str | os.PathLike, config, *, rows: Sequence[str],
-                 class_names: Sequence[str], split_counts: Mapping[str, Mapping[str, int]],
-                 train_counts: Mapping[str, Mapping[str, int]], skipped: Mapping[str, str],
-                 synthetic_dirs: Mapping[str, str | os.PathLike],
-                 stage_seconds: Mapping[str, float] | None = None) -> dict:
-  """Builds the report from the run directory tree under `workdir`; returns the table's
-  accuracies and the headline. `train_counts` maps a row (or `row/seed<s>`) to its training
-  class counts, `synthetic_dirs` a translator (or `translator-seed<s>`) to its synthesis folder."""
-  workdir = pathlib.Path(workdir)
-  class_names = list(class_names)
-  target = config.synthesize.target_class
-  seeds = [int(s) for s in config.seeds]
-  table: dict[str, Any] = {}
-  for row in rows:
-    for init in INITS:
-      key = f"{row}/{init}"
-      entry = row_entry(workdir, row, init, seeds, class_names, target)
-      table[key] = entry if entry is not None else {"skipped": skipped.get(key, "not run")}
-      table[key].setdefault("paper", PAPER.get((row, init)))
-  comps = comparisons(workdir, rows, seeds)
-  head = headline(table, comps, rows)
-  real = bool(config.data.data_dir) or bool(config.data.get("labels_csv", ""))
-  result = {
-      "created": datetime.datetime.now().isoformat(timespec="seconds"),
-      "data": str(config.data.data_dir or config.data.get("labels_csv", "")) if real
-              else "embedded synthetic default (procedural images)",
-      "real_data": real, "image_size": config.data.image_size, "seeds": seeds,
-      "translator_per_seed": bool(getattr(config, "translator_per_seed", False)),
-      "what_varies": _what_varies(config), "num_synthetic": str(config.synthesize.num_synthetic),
-      "class_names": class_names, "target_class": target, "headline": head, "table": table,
-      "comparisons": comps, "paper": {f"{r}/{i}": v for (r, i), v in PAPER.items()},
-      "split_counts": {k: dict(v) for k, v in split_counts.items()},
-      "train_counts": {k: dict(v) for k, v in train_counts.items()},
-      "near_duplicates": _near_duplicates(workdir),
-      "translation_quality": {tag: _quality(pathlib.Path(d), target)
-                              for tag, d in synthetic_dirs.items()},
-      "skipped": dict(skipped), "stage_seconds": dict(stage_seconds or {}),
-      "software": _versions(), "provenance": provenance.provenance(config)}
-  if workdir_lib.is_writer():
-    files.write_text_atomic(workdir / "report.json",
-                            json.dumps(_finite(result), indent=2, default=str, allow_nan=False))
-    files.write_text_atomic(workdir / "report.md",
-                            markdown(result, workdir, synthetic_dirs=synthetic_dirs))
-    write_csv(workdir / "report.csv", table, class_names, target)
-  return {"table": {k: v.get("accuracy", v) for k, v in table.items()}, "headline": head}
-
-
-def _finite(obj: Any) -> Any:
-  """Strict JSON: NaN / inf (an undefined metric) become null."""
-  if isinstance(obj, float):
-    return obj if math.isfinite(obj) else None
-  if isinstance(obj, dict):
-    return {k: _finite(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_finite(v) for v in obj]
-  if isinstance(obj, pathlib.Path):
-    return str(obj)
-  return obj
-
-
-# ------------------------------------------------------------------------------- the words
 
 
 def _img(path: str | None, width: int = 240) -> str:
@@ -404,120 +96,234 @@ def _counts_cells(counts: Mapping[str, int], names: Sequence[str], target: str) 
           + f" | {total} | {100 * share:.1f} %")
 
 
-def _seed_cell(p: dict) -> str:
-  m, b = p["mcnemar"], p["paired_bootstrap"]
-  return f"s{p['seed']}: {_pts(b['difference'])} (p {_p(m['p_value'])})"
+def _ran(r: dict) -> list[tuple[str, str, dict]]:
+  return [(*key.split("/"), e) for key, e in r["table"].items() if "skipped" not in e]
 
 
-def markdown(r: dict, workdir: pathlib.Path, *, synthetic_dirs: Mapping[str, Any]) -> str:
-  names, target = r["class_names"], r["target_class"]
-  real = r["real_data"]
+# ------------------------------------------------------------------------------- the answer
+
+
+def headline_lines(r: dict) -> list[str]:
+  """The answer in three lines: the primary comparison, the other rows, the controls."""
+  head, comps = r["headline"], r["comparisons"]
+  a, b = head["primary_comparison"]
+  if not head.get("answered"):
+    return [f"**No answer:** the primary comparison ({b} against {a}, "
+            f"config.primary_comparison) has no initialisation where both rows finished on the "
+            "same test images, so it cannot be judged."]
+  init = head["init"]
+  ci = head["difference_ci"]
+  units = f"{head['n_images']} test images"
+  if head["n_splits"] > 1:
+    units += f" of {head['n_splits']} splits"
+  mdd = ("n/a (no image differs)" if head["mdd"] is None else
+         f"{100 * head['mdd']:.1f} points")
+  question = ("Did enhancement help?" if a == "original" and b.startswith("enhanced-")
+              else "Primary comparison:")
+  line1 = (f"**{question}** {head['verdict'].capitalize()}: {b} {100 * head['accuracy_b']:.1f} % "
+           f"against {a} {100 * head['accuracy_a']:.1f} % ({init}), a difference of "
+           f"{_pts(head['difference'])} points [95 % CI {_diff_ci(ci)}], p = "
+           f"{_p(head['p_value'])}: paired sign-flip test with the test image as the unit "
+           f"({units}, each image's correctness averaged over {head['n_seeds']} seed(s)); the "
+           f"interval inverts the same test. The comparison was fixed before the run "
+           f"(config.primary_comparison). At this size and spread the test detects a difference "
+           f"of {mdd} with {100 * head['power']:.0f} % power.")
+  others = []
+  for o in head.get("other_rows", []):
+    c = results.find(comps, a, o["row"], init)
+    extra = "" if c is None else (f" ({o['row']} minus {a}: {_pts(c['image_level']['difference'])}"
+                                  f" points, Holm p = {_p(c.get('p_holm'))})")
+    others.append(f"{o['row']} {100 * o['accuracy']:.1f} %{extra}")
+  line2 = (f"**The other rows** ({init}; secondary, Holm-corrected over every secondary "
+           f"comparison; no row was chosen by test accuracy): "
+           + ("; ".join(others) if others else "none ran") + ".")
+  parts = [f"{c['control']} {100 * c['accuracy']:.1f} % ({b} minus {c['control']}: "
+           f"{_pts(c['difference'])} points, Holm p = {_p(c['p_holm'])})"
+           for c in head.get("controls", [])]
+  if parts:
+    beaten = all(c["beats"] for c in head["controls"])
+    summary = (f"{b} beats every control" if beaten else
+               f"{b} does not beat " + " or ".join(c["control"] for c in head["controls"]
+                                                    if not c["beats"])
+               + ", so a gain (if any) is not shown to come from the synthetic images")
+    line3 = f"**Against the controls:** {'; '.join(parts)}: {summary}."
+  else:
+    line3 = "**Against the controls:** no control comparison with the primary row finished."
+  return [line1, line2, line3]
+
+
+def section_answer(r: dict, workdir: pathlib.Path) -> list[str]:
   lines = ["# GAN-enhanced COVID-19 chest X-ray classification: report", ""]
-  if not real:
+  if not r["real_data"]:
     lines += [SYNTHETIC_DATA_NOTE, ""]
   lines += ["## The answer", ""]
   lines += [f"{i + 1}. {line}" for i, line in enumerate(r["headline"]["lines"])]
-  test_words = "real test images" if real else "test images (procedural)"
+  test_words = "real test images" if r["real_data"] else "test images (procedural)"
   n_test = sum(r["split_counts"].get("test", {}).values())
+  n_splits = len(r["splits"])
+  split_words = (f"the same {n_test} {test_words}" if n_splits == 1 else
+                 f"its split's {n_test} {test_words} (split 0; {n_splits} splits, seeds "
+                 f"{[s['split_seed'] for s in r['splits']]})")
   lines += ["", f"Created {r['created']}. Data: {r['data']} at {r['image_size']} px; every model "
-            f"is evaluated on the same {n_test} {test_words}. Seeds: {r['seeds']}. "
-            f"{r['what_varies']} Synthetic images per translator: num_synthetic = "
-            f"{r['num_synthetic']}.", ""]
-  if real:
+            f"is evaluated on {split_words}. Seeds: {r['seeds']}. {r['what_varies']} Synthetic "
+            f"images per translator: num_synthetic = {r['num_synthetic']}.", ""]
+  if r["real_data"]:
     lines += [CONFOUND, ""]
+  return lines
 
-  lines += ["## Results", "",
-            f"Accuracy and macro-F1 in %, {_CI_T}. Per-seed figures with exact (Clopper-Pearson) "
-            "intervals follow below.", "",
-            f"| training data | init | accuracy | paper | macro-F1 | macro ROC-AUC | {target} "
-            f"recall | {target} precision |", "|---|---|---|---|---|---|---|---|"]
+
+# ------------------------------------------------------------------------------- the tables
+
+
+def section_results(r: dict, workdir: pathlib.Path) -> list[str]:
+  target = r["target_class"]
+  lines = ["## Results", "",
+           f"Accuracy and macro-F1 in %, {results.CI_OVER_RUNS}. Every row of one initialisation "
+           "trains the same number of optimizer steps (column steps: the budget of the original "
+           "training split), so a larger training set sees fewer epochs. Per-run figures with "
+           "exact (Clopper-Pearson) intervals follow below.", "",
+           f"| training data | init | steps | accuracy | paper | macro-F1 | macro ROC-AUC | "
+           f"{target} sensitivity | {target} specificity | {target} precision |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for key, e in r["table"].items():
     row, init = key.split("/")
     paper = "" if e.get("paper") is None else f"{100 * e['paper']:.1f}" + (
         "*" if row.startswith("enhanced-") else "")
     if "skipped" in e:
-      lines.append(f"| {row} | {init} | skipped: {e['skipped']} | {paper} | | | | |")
+      lines.append(f"| {row} | {init} | | skipped: {e['skipped']} | {paper} | | | | | |")
       continue
     pc = e["per_class"][target]
-    lines.append(f"| {row} | {init} | {_fmt(e['accuracy'])} | {paper} | {_fmt(e['macro_f1'])} | "
-                 f"{_fmt(e['macro_roc_auc'], spread=False)} | {_fmt(pc['recall'], spread=False)}"
-                 f" | {_fmt(pc['precision'], spread=False)} |")
+    lines.append(f"| {row} | {init} | {e.get('train_steps', 'n/a')} | {_fmt(e['accuracy'])} | "
+                 f"{paper} | {_fmt(e['macro_f1'])} | {_fmt(e['macro_roc_auc'], spread=False)} | "
+                 f"{_fmt(e.get('target_sensitivity'), spread=False)} | "
+                 f"{_fmt(e.get('target_specificity'), spread=False)} | "
+                 f"{_fmt(pc['precision'], spread=False)} |")
   lines += ["", PAPER_NOTE, "",
             "Rows: `original` the training split as it is; `balanced-loss` the same data with a "
             "class-weighted loss (changes only the class prior); `oversampled` the target class "
             "topped up with classical augmented copies of its own training images, as many as "
             "the synthetic images (the prior and the count without a GAN); `enhanced-<translator>` "
-            "the training split plus that translator's synthetic images. See docs/experiment.md.",
-            ""]
+            "the training split plus that translator's synthetic images. Sensitivity and "
+            "specificity at the argmax rule. See docs/experiment.md.", ""]
+  return lines
 
-  lines += ["### Per class (mean over seeds, precision / recall / F1, %)", "",
-            "| training data | init | " + " | ".join(names) + " |",
-            "|---|---|" + "---|" * len(names)]
-  for key, e in r["table"].items():
-    if "skipped" in e:
-      continue
-    row, init = key.split("/")
+
+def section_spread(r: dict, workdir: pathlib.Path) -> list[str]:
+  """The accuracy's spread between seeds (training runs on one split) and between splits."""
+  lines = ["### Spread of the accuracy", "",
+           "Between seeds: the std over seeds within a split, averaged over splits; between "
+           "splits: the std over splits of each split's mean (in points; n/a with one seed or "
+           "one split).", "",
+           "| training data | init | runs | between seeds | between splits |", "|---|---|---|---|---|"]
+  for row, init, e in _ran(r):
+    s = e["accuracy_spread"]
+    cell = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    lines.append(f"| {row} | {init} | {s['n_runs']} | {cell(s['between_seeds'])} | "
+                 f"{cell(s['between_splits'])} |")
+  return lines + [""]
+
+
+def section_per_class(r: dict, workdir: pathlib.Path) -> list[str]:
+  names = r["class_names"]
+  lines = ["### Per class (mean over runs, precision / recall / F1, %)", "",
+           "| training data | init | " + " | ".join(names) + " |",
+           "|---|---|" + "---|" * len(names)]
+  for row, init, e in _ran(r):
     lines.append(f"| {row} | {init} | " + " | ".join(
         " / ".join(_fmt(e["per_class"][c][m], spread=False) for m in ("precision", "recall", "f1"))
         for c in names) + " |")
+  return lines + [""]
 
-  lines += ["", "### Per seed", "",
-            "Accuracy and the target class's recall and precision with exact Clopper-Pearson 95 % "
-            "intervals; macro-F1 and macro ROC-AUC with percentile-bootstrap 95 % intervals (each "
-            "run's metrics.json).", "",
-            f"| training data | init | seed | accuracy | {target} recall | {target} precision | "
-            "macro-F1 | macro ROC-AUC |", "|---|---|---|---|---|---|---|---|"]
-  for key, e in r["table"].items():
-    if "skipped" in e:
-      continue
-    row, init = key.split("/")
+
+def section_per_run(r: dict, workdir: pathlib.Path) -> list[str]:
+  target = r["target_class"]
+  lines = ["### Per run", "",
+           "Accuracy and the target class's recall and precision with exact Clopper-Pearson 95 % "
+           "intervals; macro-F1 and macro ROC-AUC with percentile-bootstrap 95 % intervals (each "
+           "run's metrics.json).", "",
+           f"| training data | init | split | seed | steps | accuracy | {target} recall | "
+           f"{target} precision | macro-F1 | macro ROC-AUC |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for row, init, e in _ran(r):
     for s in e["per_seed"]:
-      lines.append(f"| {row} | {init} | {s['seed']} | " + " | ".join(
-          _fmt(s[k]) for k in ("accuracy", "target_recall", "target_precision", "macro_f1",
-                               "macro_roc_auc")) + " |")
+      lines.append(f"| {row} | {init} | {s['split']} | {s['seed']} | {s['train_steps']} | "
+                   + " | ".join(_fmt(s[k]) for k in ("accuracy", "target_recall",
+                                                     "target_precision", "macro_f1",
+                                                     "macro_roc_auc")) + " |")
+  return lines + [""]
 
-  lines += ["", "## Paired tests on the same test images", ""]
+
+def _run_cell(s: dict) -> str:
+  tag = f"s{s['seed']}" if s["split"] == 0 else f"k{s['split']}s{s['seed']}"
+  return f"{tag}: {_pts(s['difference'])} (p {_p(s['mcnemar']['p_value'])})"
+
+
+def section_paired_tests(r: dict, workdir: pathlib.Path) -> list[str]:
+  lines = ["## Paired tests on the same test images", ""]
   comps = r["comparisons"]
+  if not comps:
+    return lines + ["No pair of rows finished on the same test images.", ""]
   head = r["headline"]
-  if comps:
-    n_tests = len(comps)
-    lines += [
-        f"Difference = accuracy of B minus A in points. Per seed: McNemar p (exact binomial below "
-        f"25 discordant images). Pooled: Cochran-Mantel-Haenszel over seeds (the stratified "
-        f"McNemar; its conditional exact p below 25 discordant images, else the continuity-"
-        f"corrected chi-square), with the mean per-seed difference and its t-interval over "
-        f"seeds.", "",
-        "| A | B | init | per seed: difference (McNemar p) | pooled: only A / only B right | "
-        "pooled p | mean difference [95 % CI] |", "|---|---|---|---|---|---|---|"]
-    for c in comps:
-      p = c["pooled"]
-      ci = p.get("difference_ci")
-      ci_text = "" if ci is None else f" [{_diff_ci(ci)}]"
-      primary = head.get("answered") and (c["a"], c["b"], c["init"]) == (
-          "original", head.get("best_row"), head.get("init"))
-      mark = " **(primary)**" if primary else ""
-      lines.append(f"| {c['a']} | {c['b']}{mark} | {c['init']} | "
-                   + "; ".join(_seed_cell(s) for s in c["per_seed"])
-                   + f" | {p['b']} / {p['c']} | {_p(pooled_p(p)[0])} | {_pts(p['difference'])}"
-                   f"{ci_text} |")
-    n_translators = len({k.split("/")[0] for k in r["table"] if k.startswith("enhanced-")})
-    picked = (f"The translator is picked by test accuracy among {n_translators}, which favours "
-              f"it (Bonferroni for the pick: p < {ALPHA / n_translators:.2g}). "
-              if n_translators > 1 else "")
-    lines += ["", f"**Multiplicity.** The primary comparison is the best translator's enhanced "
-              f"row against original at the answer's initialisation (marked); it alone is read "
-              f"at p < {ALPHA}. {picked}The other {n_tests - 1} comparisons are secondary, "
-              f"uncorrected "
-              f"(Bonferroni over all {n_tests} would ask p < {ALPHA / n_tests:.2g}), and the "
-              f"per-seed p-values are descriptive: the pooled test is the test."]
-  else:
-    lines.append("No pair of rows finished on the same test images.")
+  a, b = r["primary_comparison"]
+  lines += [
+      "Unit = the test image (within its split). Per image, its correctness averaged over the "
+      "seeds where both rows finished, under row B minus under row A; the difference is the "
+      "mean over images (in points), p the paired sign-flip permutation test of it (exact below "
+      f"15 images, else {results.N_FLIPS} seeded flips), the 95 % interval the shifts that "
+      "test does not reject (so it excludes 0 exactly when p < 0.05), MDD the smallest "
+      f"difference it detects with {100 * results.POWER:.0f} % power at this size and spread. "
+      "Per run: the accuracy difference and McNemar's p; the pooled Cochran-Mantel-Haenszel p "
+      "counts every image once per run although the runs score the same images, so it and the "
+      "per-run p are descriptive only.", "",
+      "| A | B | init | difference [95 % CI] | p | Holm p | MDD | per run: difference (McNemar p) "
+      "| pooled CMH p (detail) |", "|---|---|---|---|---|---|---|---|---|"]
+  for c in comps:
+    t = c["image_level"]
+    mark = " **(primary)**" if c["primary"] else ""
+    mdd = "n/a" if t["mdd"] is None else f"{100 * t['mdd']:.1f}"
+    cmh = c["pooled_cmh"]
+    cmh_p = cmh["exact_p_value"] if cmh["b"] + cmh["c"] < 25 else cmh["p_value"]
+    lines.append(f"| {c['a']} | {c['b']}{mark} | {c['init']} | {_pts(t['difference'])} "
+                 f"[{_diff_ci(t['ci'])}] | {_p(t['p_value'])} | "
+                 f"{'primary' if c['primary'] else _p(c.get('p_holm'))} | {mdd} | "
+                 + "; ".join(_run_cell(s) for s in c["per_seed"]) + f" | {_p(cmh_p)} |")
+  n_secondary = sum(not c["primary"] for c in comps)
+  primary_words = (f"{b} against {a} at {head['init']}" if head.get("answered") else
+                   f"{b} against {a}")
+  lines += ["", f"**Multiplicity.** The primary comparison ({primary_words}, marked; "
+            f"config.primary_comparison, declared before the run) alone answers the question, "
+            f"read at p < {ALPHA}. The other {n_secondary} comparisons are secondary: their "
+            f"p-values are Holm-corrected over those {n_secondary} (column Holm p, read at "
+            f"p < {ALPHA}).", ""]
+  return lines
 
-  lines += ["", "## Class counts", "",
-            "Training class counts of each row (`num_synthetic` = "
-            f"{r['num_synthetic']}), and the splits.", "",
-            "| training set | " + " | ".join(names) + f" | total | {target} share |",
-            "|---|" + "---|" * (len(names) + 2)]
+
+def section_calibration(r: dict, workdir: pathlib.Path) -> list[str]:
+  target = r["target_class"]
+  lines = ["## Calibration", "",
+           f"Expected calibration error (top-class confidence, {results.CALIBRATION_BINS} "
+           "equal-width bins) and multi-class Brier score, mean ± std over runs (lower is "
+           f"better); {target} sensitivity and specificity at the argmax rule (%, mean over "
+           "runs). The reliability diagrams (pooled over a row's runs) are among the figures.",
+           "", f"| training data | init | ECE | Brier | {target} sensitivity | {target} "
+           "specificity |", "|---|---|---|---|---|---|"]
+  num = lambda agg: "n/a" if agg is None or agg.get("mean") is None else (  # noqa: E731
+      f"{agg['mean']:.3f}" + ("" if agg.get("std") is None else f" ± {agg['std']:.3f}"))
+  for row, init, e in _ran(r):
+    cal = e.get("calibration") or {}
+    lines.append(f"| {row} | {init} | {num(cal.get('ece'))} | {num(cal.get('brier'))} | "
+                 f"{_fmt(e.get('target_sensitivity'), spread=False)} | "
+                 f"{_fmt(e.get('target_specificity'), spread=False)} |")
+  return lines + [""]
+
+
+def section_class_counts(r: dict, workdir: pathlib.Path) -> list[str]:
+  names, target = r["class_names"], r["target_class"]
+  lines = ["## Class counts", "",
+           f"Training class counts of each row (`num_synthetic` = {r['num_synthetic']}), and the "
+           "splits" + (" (split 0)." if len(r["splits"]) > 1 else "."), "",
+           "| training set | " + " | ".join(names) + f" | total | {target} share |",
+           "|---|" + "---|" * (len(names) + 2)]
   for name, counts in r["train_counts"].items():
     lines.append(f"| {name} | {_counts_cells(counts, names, target)} |")
   for split, counts in r["split_counts"].items():
@@ -528,82 +334,110 @@ def markdown(r: dict, workdir: pathlib.Path, *, synthetic_dirs: Mapping[str, Any
               f"{nd['pairs']}; " + (f"their test images are dropped ({nd['dropped']} dropped)."
                                     if nd["drop_near_duplicates"] else
                                     "kept in the test split (data.drop_near_duplicates=False).")]
+  return lines + [""]
 
-  lines += ["", "## Translation quality", ""]
+
+def section_quality(r: dict, workdir: pathlib.Path) -> list[str]:
+  target = r["target_class"]
+  lines = ["## Translation quality", ""]
   quality = r["translation_quality"]
-  if quality:
-    lines += ["KID (kernel inception distance, unbiased; ± its std over subsets) of the "
-              "synthetic images against real target-class images (training images, which the "
-              "translator saw, and validation images, which it did not), on pooled features of "
-              "a classifier trained on the original data, with the number of real images; "
-              "input dependence = mean SSIM to the own source minus to another "
-              "source (~0: the output ignores its input); relative diversity = diversity of the "
-              "synthetic images over that of real ones; share called target = fraction a "
-              "classifier of the original data calls the target class. FID is not shown: at "
-              "these sample sizes its bias exceeds the differences it would measure.", "",
-              f"| translator | synthetic (sources) | KID vs training {target} (n; seen) | KID vs "
-              f"validation {target} (n; seen) | input dependence | relative diversity | share "
-              f"called {target} |", "|---|---|---|---|---|---|---|"]
-    for tag, q in quality.items():
-      kids = []
-      for split in ("train", "val"):
-        k = q["kid"].get(split)
-        if k is None:
-          kids.append("n/a")
-          continue
-        seen = "seen" if k["seen_by_translator"] else "not seen"
-        value = "n/a" if k["mean"] is None else (
-            f"{k['mean']:.4g}" + ("" if k["std"] is None else f" ± {k['std']:.2g}"))
-        kids.append(f"{value} ({k['n_real'] if k['n_real'] is not None else '?'}; {seen})")
-      num = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-      share = "n/a" if q["target_share"] is None else f"{100 * q['target_share']:.1f} %"
-      lines.append(f"| {tag} | {q['num_synthetic']} ({q['num_sources']}) | {kids[0]} | "
-                   f"{kids[1]} | {num(q['input_dependence'])} | {num(q['relative_diversity'])} "
-                   f"| {share} |")
-  else:
-    lines.append("No translator ran.")
+  if not quality:
+    return lines + ["No translator ran.", ""]
+  lines += ["KID (kernel inception distance, unbiased; ± its std over subsets) of the "
+            "synthetic images against real target-class images (training images, which the "
+            "translator saw, and validation images, which it did not), on pooled features of "
+            "a classifier trained on the original data, with the number of real images; "
+            "input dependence = mean SSIM to the own source minus to another "
+            "source (~0: the output ignores its input); relative diversity = diversity of the "
+            "synthetic images over that of real ones; share called target = fraction a "
+            "classifier of the original data calls the target class. FID is not shown: at "
+            "these sample sizes its bias exceeds the differences it would measure.", "",
+            f"| translator | synthetic (sources) | KID vs training {target} (n; seen) | KID vs "
+            f"validation {target} (n; seen) | input dependence | relative diversity | share "
+            f"called {target} |", "|---|---|---|---|---|---|---|"]
+  for tag, q in quality.items():
+    kids = []
+    for split in ("train", "val"):
+      k = q["kid"].get(split)
+      if k is None:
+        kids.append("n/a")
+        continue
+      seen = "seen" if k["seen_by_translator"] else "not seen"
+      value = "n/a" if k["mean"] is None else (
+          f"{k['mean']:.4g}" + ("" if k["std"] is None else f" ± {k['std']:.2g}"))
+      kids.append(f"{value} ({k['n_real'] if k['n_real'] is not None else '?'}; {seen})")
+    num = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    share = "n/a" if q["target_share"] is None else f"{100 * q['target_share']:.1f} %"
+    lines.append(f"| {tag} | {q['num_synthetic']} ({q['num_sources']}) | {kids[0]} | "
+                 f"{kids[1]} | {num(q['input_dependence'])} | {num(q['relative_diversity'])} "
+                 f"| {share} |")
+  return lines + [""]
 
-  lines += ["", "## Figures", ""]
+
+def section_figures(r: dict, workdir: pathlib.Path) -> list[str]:
+  lines = ["## Figures", ""]
   grid_cells = []
-  for tag, d in synthetic_dirs.items():
-    grid_png = pathlib.Path(d) / "grid.png"
-    samples = sorted((workdir / "translators" / tag / "samples").glob("*.png"))
-    curves = workdir / "translators" / tag / "training_curves.png"
-    grid_cells.append((tag, os.path.relpath(grid_png, workdir) if grid_png.is_file() else None,
-                       os.path.relpath(samples[-1], workdir) if samples else None,
-                       os.path.relpath(curves, workdir) if curves.is_file() else None))
+  for tag, dirs in r["translator_dirs"].items():
+    grid_png = workdir / dirs["synthetic"] / "grid.png"
+    samples = sorted((workdir / dirs["translator"] / "samples").glob("*.png"))
+    curves = workdir / dirs["translator"] / "training_curves.png"
+    rel = lambda p: os.path.relpath(p, workdir)  # noqa: E731
+    grid_cells.append((tag, rel(grid_png) if grid_png.is_file() else None,
+                       rel(samples[-1]) if samples else None,
+                       rel(curves) if curves.is_file() else None))
   if grid_cells:
     lines += ["| translator | training normal -> synthetic | last training samples | training "
               "curves |", "|---|---|---|---|"]
     lines += [f"| {t} | {_img(g, 320)} | {_img(s, 320)} | {_img(c, 320)} |"
               for t, g, s, c in grid_cells]
     lines.append("")
-  ran_inits = [i for i in INITS if any(k.endswith("/" + i) and "skipped" not in e
-                                       for k, e in r["table"].items())]
+  ran_inits = [i for i in INITS if any(init == i for _, init, _ in _ran(r))]
   if ran_inits:
-    lines += ["Confusion matrices and ROC curves of each row's first seed.", "",
-              "| training data | " + " | ".join(f"{i}: confusion | {i}: ROC" for i in ran_inits)
-              + " |", "|---|" + "---|---|" * len(ran_inits)]
+    lines += ["Confusion matrices and ROC curves of each row's first run; reliability diagrams "
+              "pooled over its runs.", "",
+              "| training data | " + " | ".join(f"{i}: confusion | {i}: ROC | {i}: reliability"
+                                                for i in ran_inits)
+              + " |", "|---|" + "---|---|---|" * len(ran_inits)]
     row_names = list(dict.fromkeys(k.split("/")[0] for k in r["table"]))
     for row in row_names:
       cells = []
       for init in ran_inits:
         figs = r["table"][f"{row}/{init}"].get("figures", {})
         cells += [_img(figs.get("confusion_matrix.png"), 220),
-                  _img(figs.get("roc_curves.png"), 220)]
+                  _img(figs.get("roc_curves.png"), 220), _img(figs.get("reliability.png"), 220)]
       lines.append(f"| {row} | " + " | ".join(cells) + " |")
+  return lines + [""]
+
+
+def section_appendix(r: dict, workdir: pathlib.Path) -> list[str]:
+  lines = []
   if r["skipped"]:
-    lines += ["", "## Skipped", ""] + [f"- {k}: {v}" for k, v in r["skipped"].items()]
+    lines += ["## Skipped", ""] + [f"- {k}: {v}" for k, v in r["skipped"].items()] + [""]
   if r["stage_seconds"]:
-    lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.0f} |" for k, v in r["stage_seconds"].items()]
-  lines += ["", "## Software and devices", ""]
-  lines += [f"- {k}: {v}" for k, v in r["software"].items()]
+    lines += ["## Time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in r["stage_seconds"].items()] + [""]
+  lines += ["## Software and devices", ""]
+  return lines + [f"- {k}: {v}" for k, v in r["software"].items()]
+
+
+SECTIONS: tuple[Section, ...] = (
+    section_answer, section_results, section_spread, section_per_class, section_per_run,
+    section_paired_tests, section_calibration, section_class_counts, section_quality,
+    section_figures, section_appendix)
+
+
+def markdown(r: dict, workdir: pathlib.Path,
+             sections: Sequence[Section] = SECTIONS) -> str:
+  lines = []
+  for section in sections:
+    lines += section(r, pathlib.Path(workdir))
+  while lines and lines[-1] == "":
+    lines.pop()
   return "\n".join(lines) + "\n"
 
 
 def write_csv(path: pathlib.Path, table: dict, class_names: Sequence[str], target: str) -> None:
-  """One line per row, init, seed ('mean' for the mean over seeds), class and metric."""
+  """One line per row, init, run ('mean' for the mean over runs), class and metric."""
   out = []
   for key, e in table.items():
     if "skipped" in e:
@@ -611,19 +445,77 @@ def write_csv(path: pathlib.Path, table: dict, class_names: Sequence[str], targe
     data, init = key.split("/")
     paper = e.get("paper")
     items = [("all", "accuracy", e["accuracy"]), ("all", "macro_f1", e["macro_f1"]),
-             ("all", "macro_roc_auc", e["macro_roc_auc"])]
+             ("all", "macro_roc_auc", e["macro_roc_auc"]),
+             (target, "sensitivity", e["target_sensitivity"]),
+             (target, "specificity", e["target_specificity"])]
+    if e.get("calibration"):
+      items += [("all", "ece", e["calibration"]["ece"]),
+                ("all", "brier", e["calibration"]["brier"])]
     items += [(c, m, e["per_class"][c][m]) for c in class_names
               for m in ("precision", "recall", "f1")]
     for cls, metric, agg in items:
       ci = agg.get("ci") or (None, None)
-      out.append([data, init, "mean", cls, metric, agg.get("mean"), agg.get("std"), ci[0], ci[1],
-                  "t-interval over seeds", agg.get("n"), paper if metric == "accuracy" else ""])
+      out.append([data, init, "all", "mean", cls, metric, agg.get("mean"), agg.get("std"),
+                  ci[0], ci[1], "t-interval over runs", agg.get("n"), e.get("train_steps"),
+                  paper if metric == "accuracy" else ""])
     for s in e["per_seed"]:
       for metric in ("accuracy", "macro_f1", "macro_roc_auc", "target_recall",
                      "target_precision"):
         v = s[metric]
-        out.append([data, init, s["seed"], target if metric.startswith("target") else "all",
+        out.append([data, init, s["split"], s["seed"],
+                    target if metric.startswith("target") else "all",
                     metric.replace("target_", ""), v.get("value"), "", v["ci"][0], v["ci"][1],
-                    v.get("ci_method", ""), 1, paper if metric == "accuracy" else ""])
-  files.write_csv_atomic(path, ["training_data", "init", "seed", "class", "metric", "value", "std",
-                                "ci_low", "ci_high", "ci_method", "n_seeds", "paper"], out)
+                    v.get("ci_method", ""), 1, s["train_steps"],
+                    paper if metric == "accuracy" else ""])
+  files.write_csv_atomic(path, ["training_data", "init", "split", "seed", "class", "metric",
+                                "value", "std", "ci_low", "ci_high", "ci_method", "n_runs",
+                                "train_steps", "paper"], out)
+
+
+def reliability_figures(r: dict, workdir: pathlib.Path) -> None:
+  """A reliability diagram per row and initialisation, `calibration/<row>-<init>.png`, its
+  path added to the row's figures."""
+  out = workdir / CALIBRATION_DIR
+  for row, init, e in _ran(r):
+    cal = e.get("calibration")
+    if not cal:
+      continue
+    path = out / f"{row}-{init}.png"
+    if workdir_lib.is_writer():
+      out.mkdir(parents=True, exist_ok=True)
+      plots.reliability_png(path, cal["pooled_bins"], title=f"{row} ({init})",
+                            ece=cal["pooled_ece"])
+    e.setdefault("figures", {})["reliability.png"] = os.path.relpath(path, workdir)
+
+
+def _finite(obj: Any) -> Any:
+  """Strict JSON: NaN / inf (an undefined metric, an unbounded interval) become null."""
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {k: _finite(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite(v) for v in obj]
+  if isinstance(obj, pathlib.Path):
+    return str(obj)
+  return obj
+
+
+def write_report(workdir: str | os.PathLike, config, *, rows: Sequence[str],
+                 class_names: Sequence[str], splits: Sequence[SplitRun],
+                 skipped: Mapping[str, str],
+                 stage_seconds: Mapping[str, float] | None = None) -> dict:
+  """Builds the report from the run tree under `workdir` (`results.collect`), writes report.json
+  / .md / .csv and the reliability diagrams; returns the table's accuracies and the headline."""
+  workdir = pathlib.Path(workdir)
+  r = _finite(results.collect(workdir, config, rows=rows, class_names=class_names,
+                              splits=splits, skipped=skipped, stage_seconds=stage_seconds))
+  r["headline"]["lines"] = headline_lines(r)
+  reliability_figures(r, workdir)
+  if workdir_lib.is_writer():
+    files.write_text_atomic(workdir / "report.json",
+                            json.dumps(r, indent=2, default=str, allow_nan=False))
+    files.write_text_atomic(workdir / "report.md", markdown(r, workdir))
+    write_csv(workdir / "report.csv", r["table"], r["class_names"], r["target_class"])
+  return {"table": {k: v.get("accuracy", v) for k, v in r["table"].items()},
+          "headline": r["headline"]}

@@ -11,7 +11,7 @@ validation is real images only. The test evaluation is the task layer's
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -152,15 +152,19 @@ class Classifier:
   def __init__(self, config: ml_collections.ConfigDict, *, class_names: tuple[str, ...],
                steps_per_epoch: int, total_steps: int, mesh: jax.sharding.Mesh,
                weights: np.ndarray | None = None, val: ImageSet | None = None,
-               run_info: dict | None = None):
+               run_info: dict | None = None, schedule_epoch: int | None = None):
+    """`steps_per_epoch` is one pass over the training images (batch order); `schedule_epoch`
+    (default: the same) the steps the learning-rate schedule and the freezing count as an epoch,
+    which a fixed training budget makes equal for every training set (`run_setup`)."""
     self.config, self.mesh, self.class_names = config, mesh, tuple(class_names)
     self.num_classes = len(class_names)
     self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+    schedule_epoch = schedule_epoch or steps_per_epoch
     model, weights_pre, self.arch = build_model(config, self.class_names)
     self.net, params, stats = Functional.split(model)
     self._init = (params, stats)
     self.input_spec = build.InputSpec(config.image_size, config.model.in_channels, weights_pre)
-    self.tx, self.schedule = make_optimizer(config, total_steps, steps_per_epoch)
+    self.tx, self.schedule = make_optimizer(config, total_steps, schedule_epoch)
     self.augment = augment_lib.AugmentSpec.from_config(config.augment, config.image_size)
     self.class_w = None if weights is None else jnp.asarray(weights)
     self._batch_sharding = mesh_lib.batch_sharding(mesh)
@@ -244,6 +248,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     "synthesize task (its manifest.csv)")
   configlib.require(0.0 <= config.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
   configlib.require(config.learning_rate > 0, "learning_rate", "must be > 0")
+  train_steps = config.get("train_steps", 0)
+  configlib.require(isinstance(train_steps, int) and not isinstance(train_steps, bool)
+                    and train_steps >= 0, "train_steps",
+                    f"must be a whole number of optimizer steps >= 0 (0: num_epochs passes over "
+                    f"the training set), got {train_steps!r}")
   configlib.require(0 <= config.freeze_backbone_epochs <= config.num_epochs,
                     "freeze_backbone_epochs", "must be between 0 and num_epochs")
   configlib.require(config.model.in_channels in (1, 3), "model.in_channels", "must be 1 or 3")
@@ -254,27 +263,46 @@ def validate(config: ml_collections.ConfigDict) -> None:
   fit.seeds_mode(config)
 
 
-def run_setup(config: ml_collections.ConfigDict, train_set: ImageSet):
-  """(steps per epoch, total steps, class weights or None) of a run on `train_set`."""
+class RunSetup(NamedTuple):
+  """How long a run trains: `steps_per_epoch` passes the batch order over the training images,
+  `total_steps` optimizer steps, `schedule_epoch` steps per epoch of the learning-rate schedule,
+  freezing, validation and checkpoints; class weights or None."""
+  steps_per_epoch: int
+  total_steps: int
+  weights: np.ndarray | None
+  schedule_epoch: int
+
+
+def budget_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
+  """The training budget in optimizer steps: `config.train_steps`, or (0) `num_epochs` passes
+  over `num_train` images. The experiment sets it from the original training split so that every
+  row of one initialisation trains as many steps (a larger set sees fewer epochs)."""
+  return int(config.get("train_steps", 0)) or config.num_epochs * (num_train //
+                                                                   config.batch_size)
+
+
+def run_setup(config: ml_collections.ConfigDict, train_set: ImageSet) -> RunSetup:
+  """The steps and class weights of a run of `config` on `train_set`."""
   if len(train_set) < config.batch_size:
     raise UserError(f"config.batch_size: {config.batch_size} is larger than the training set "
                     f"({len(train_set)} images)")
   steps_per_epoch = len(train_set) // config.batch_size
-  total_steps = config.num_epochs * steps_per_epoch
-  logging.info("classifier (%s, %s): %d training images %s, %d steps/epoch, %d steps",
-               config.train_data, "transfer" if config.pretrained else "scratch", len(train_set),
-               train_set.counts(), steps_per_epoch, total_steps)
+  total_steps = budget_steps(config, len(train_set))
+  schedule_epoch = max(1, total_steps // config.num_epochs)
+  logging.info("%s (%s): %d training images %s, %d steps/epoch, %d steps (%.1f epochs)",
+               config.name, "transfer" if config.pretrained else "scratch", len(train_set),
+               train_set.counts(), steps_per_epoch, total_steps, total_steps / steps_per_epoch)
   names = train_set.class_names
   weights = class_weights(train_set.labels, len(names)) if config.class_weighted_loss else None
-  return steps_per_epoch, total_steps, weights
+  return RunSetup(steps_per_epoch, total_steps, weights, schedule_epoch)
 
 
 def make_trainer(config: ml_collections.ConfigDict, workdir: pathlib.Path, train_set: ImageSet,
-             val_set: ImageSet, mesh: jax.sharding.Mesh, setup) -> Classifier:
-  steps_per_epoch, total_steps, weights = setup
+             val_set: ImageSet, mesh: jax.sharding.Mesh, setup: RunSetup) -> Classifier:
   return Classifier(
-      config, class_names=train_set.class_names, steps_per_epoch=steps_per_epoch,
-      total_steps=total_steps, mesh=mesh, weights=weights, val=val_set,
+      config, class_names=train_set.class_names, steps_per_epoch=setup.steps_per_epoch,
+      total_steps=setup.total_steps, mesh=mesh, weights=setup.weights, val=val_set,
+      schedule_epoch=setup.schedule_epoch,
       run_info={"train_data": config.train_data, "pretrained": config.pretrained,
                 "train_counts": train_set.counts(), "workdir": str(workdir),
                 "data_image_size": config.data.image_size})
@@ -282,12 +310,13 @@ def make_trainer(config: ml_collections.ConfigDict, workdir: pathlib.Path, train
 
 def fit_trainer(config: ml_collections.ConfigDict, trainer, workdir: pathlib.Path,
                 train_set: ImageSet,
-         setup, *, seeds: int = 1, best_metric: str | None = "macro_f1") -> None:
-  steps_per_epoch, total_steps, _ = setup
+         setup: RunSetup, *, seeds: int = 1, best_metric: str | None = "macro_f1") -> None:
   fit.fit(trainer, workdir, data=(train_set.images, train_set.labels.astype(np.int32)),
-          schedule=loop.Schedule(total_steps=total_steps, steps_per_call=config.steps_per_call,
-                                 log_every=config.log_every, checkpoint_every=steps_per_epoch,
-                                 eval_every=steps_per_epoch),
+          schedule=loop.Schedule(total_steps=setup.total_steps,
+                                 steps_per_call=config.steps_per_call,
+                                 log_every=config.log_every,
+                                 checkpoint_every=setup.schedule_epoch,
+                                 eval_every=setup.schedule_epoch),
           keep_checkpoints=config.keep_checkpoints, images_per_step=config.batch_size * seeds,
           best_metric=best_metric,
           memory_hint=f"lower config.batch_size (now {config.batch_size}) or config.image_size "
