@@ -195,6 +195,9 @@ def test_lungs_hidden_reading_and_wording():
   near = shortcuts.lungs_hidden(_table(0.90, 0.52), counts, 0.8)
   assert near["by_init"]["scratch"]["points_without_lungs"] == pytest.approx(2.0)
   assert shortcuts.reading(near, None)["measures_more_than_lungs"] is False
+  at_chance = shortcuts.lungs_hidden(_table(0.55, 0.50), counts, 0.8)
+  assert shortcuts.reading(at_chance, None)["measures_more_than_lungs"] is None
+  assert "Not measurable" in shortcuts.reading(at_chance, None)["lines"][0]
   # an external set far below the in-distribution accuracy says so too
   ext = {"set": {}, "rows": {"original/scratch": {
       "external_accuracy": {"mean": 0.55}, "in_distribution_accuracy": 0.9, "far_below": True}}}

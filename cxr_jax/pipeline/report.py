@@ -30,6 +30,7 @@ from cxr_jax import workdir as workdir_lib
 from cxr_jax.data import splits as splits_lib
 from cxr_jax.evaluation import report_classifier
 from cxr_jax.evaluation import stats
+from cxr_jax.pipeline import shortcuts
 from cxr_jax.utils import files
 
 INITS = ("scratch", "transfer")
@@ -176,7 +177,9 @@ def comparisons(workdir: pathlib.Path, rows: Sequence[str], seeds: Sequence[int]
   """Every enhanced row and control against `original`, and every enhanced row against each
   control, at each initialisation."""
   enhanced_rows = [r for r in rows if r.startswith("enhanced-")]
-  controls = [r for r in rows if r not in enhanced_rows and r != "original"]
+  # The lungs-hidden row answers another question (shortcuts.py): not a control of enhancement.
+  controls = [r for r in rows if r not in enhanced_rows
+              and r not in ("original", shortcuts.LUNGS_HIDDEN)]
   wanted = [("original", r) for r in enhanced_rows + controls]
   wanted += [(c, e) for e in enhanced_rows for c in controls]
   out = []
@@ -350,6 +353,8 @@ def write_report(workdir: str | os.PathLike, config, *, rows: Sequence[str],
       table[key].setdefault("paper", PAPER.get((row, init)))
   comps = comparisons(workdir, rows, seeds)
   head = headline(table, comps, rows)
+  reading_lungs = shortcuts.numbers(workdir, config, table, rows, split_counts, class_names,
+                                    run_dir=run_dir)
   real = bool(config.data.data_dir) or bool(config.data.get("labels_csv", ""))
   result = {
       "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -366,7 +371,7 @@ def write_report(workdir: str | os.PathLike, config, *, rows: Sequence[str],
       "translation_quality": {tag: _quality(pathlib.Path(d), target)
                               for tag, d in synthetic_dirs.items()},
       "skipped": dict(skipped), "stage_seconds": dict(stage_seconds or {}),
-      "software": _versions()}
+      "software": _versions(), **reading_lungs}
   if workdir_lib.is_writer():
     files.write_text_atomic(workdir / "report.json",
                             json.dumps(_finite(result), indent=2, default=str, allow_nan=False))
@@ -416,6 +421,7 @@ def markdown(r: dict, workdir: pathlib.Path, *, synthetic_dirs: Mapping[str, Any
     lines += [SYNTHETIC_DATA_NOTE, ""]
   lines += ["## The answer", ""]
   lines += [f"{i + 1}. {line}" for i, line in enumerate(r["headline"]["lines"])]
+  lines += shortcuts.answer_markdown(r)
   test_words = "real test images" if real else "test images (procedural)"
   n_test = sum(r["split_counts"].get("test", {}).values())
   lines += ["", f"Created {r['created']}. Data: {r['data']} at {r['image_size']} px; every model "
@@ -475,6 +481,7 @@ def markdown(r: dict, workdir: pathlib.Path, *, synthetic_dirs: Mapping[str, Any
           _fmt(s[k]) for k in ("accuracy", "target_recall", "target_precision", "macro_f1",
                                "macro_roc_auc")) + " |")
 
+  lines += shortcuts.section_markdown(r)
   lines += ["", "## Paired tests on the same test images", ""]
   comps = r["comparisons"]
   head = r["headline"]
