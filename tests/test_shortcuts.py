@@ -175,8 +175,9 @@ def test_external_metrics_hand_computed():
 # ------------------------------------------------------------------------------ report numbers
 
 
-def _table(original: float, hidden: float) -> dict:
-  entry = lambda a: {"accuracy": {"mean": a}, "per_seed": [{"accuracy": {"value": a}}]}  # noqa
+def _table(original: float, hidden: float, half_width: float = 0.05) -> dict:
+  entry = lambda a: {"accuracy": {"mean": a}, "per_seed": [{"accuracy": {  # noqa: E731
+      "value": a, "ci": [a - half_width, a + half_width]}}]}
   return {"original/scratch": entry(original), "lungs-hidden/scratch": entry(hidden),
           "original/transfer": {"skipped": "no weights"}}
 
@@ -192,6 +193,9 @@ def test_lungs_hidden_reading_and_wording():
   assert words["measures_more_than_lungs"] is True
   assert "30.0 of the 40.0 points" in words["lines"][0]
   assert "measures more than lung findings" in words["lines"][0]
+  # 30 points above chance on so few test images that the exact interval reaches chance: not far
+  few = shortcuts.lungs_hidden(_table(0.90, 0.80, half_width=0.35), counts, 0.8)
+  assert not few["by_init"]["scratch"]["far_above_chance"]
   near = shortcuts.lungs_hidden(_table(0.90, 0.52), counts, 0.8)
   assert near["by_init"]["scratch"]["points_without_lungs"] == pytest.approx(2.0)
   assert shortcuts.reading(near, None)["measures_more_than_lungs"] is False

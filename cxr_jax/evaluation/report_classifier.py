@@ -99,10 +99,10 @@ def gradcam_center_share(trained, images_u8: np.ndarray, class_index: np.ndarray
         f"not measured: the last feature map is {fmap[1]} x {fmap[2]} cells (a larger "
         f"classifier.image_size gives {MIN_CAM_SIDE} x {MIN_CAM_SIDE} or more)"))
 
-  def shares(params, stats, x_u8, cls):
-    features_fn = lambda x: net.apply(params, stats, x, train=False,  # noqa: E731
+  def shares(params, batch_stats, x_u8, cls):
+    features_fn = lambda x: net.apply(params, batch_stats, x, train=False,  # noqa: E731
                                       method="features")[0]
-    head_fn = lambda f: net.apply(params, stats, f, method="head")[0]  # noqa: E731
+    head_fn = lambda f: net.apply(params, batch_stats, f, method="head")[0]  # noqa: E731
     heat = gradcam_lib.gradcam(features_fn, head_fn, trained.network_input(x_u8), cls)
     return gradcam_lib.center_share(heat, fraction)
 

@@ -28,7 +28,8 @@ from cxr_jax.pipeline import classify
 LUNGS_HIDDEN = "lungs-hidden"
 INITS = ("scratch", "transfer")
 # "Far" in the report's wording: the lungs-hidden row this many points above chance, or the
-# external accuracy this many points below the in-distribution one.
+# external accuracy this many points below the in-distribution one, and beyond the exact 95 %
+# intervals of every seed (a few test images cannot make a shortcut).
 FAR = 0.10
 
 
@@ -38,6 +39,15 @@ RunDir = Callable[[pathlib.Path, str, str, int], pathlib.Path]
 
 def _read(path: pathlib.Path) -> dict:
   return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _ci_bound(per_seed: Sequence[dict], side: int) -> float | None:
+  """The lowest lower (side 0) or highest upper (side 1) exact interval bound over seeds."""
+  bounds = [s["accuracy"]["ci"][side] for s in per_seed
+            if s.get("accuracy", {}).get("ci") and s["accuracy"]["ci"][side] is not None]
+  if not bounds:
+    return None
+  return min(bounds) if side == 0 else max(bounds)
 
 
 def _mean(values: Sequence[float | None]) -> dict[str, Any] | None:
@@ -81,12 +91,14 @@ def lungs_hidden(table: Mapping[str, dict], split_counts: Mapping[str, Mapping[s
       continue
     a_orig, a_hidden = orig["accuracy"]["mean"], hidden["accuracy"]["mean"]
     above = a_orig - chance
+    lower = _ci_bound(hidden.get("per_seed", []), 0)
     no_lungs = min(max(a_hidden - chance, 0.0), max(above, 0.0))
     out["by_init"][init] = {
         "original": a_orig, "lungs_hidden": a_hidden,
         "lungs_hidden_per_seed": [s["accuracy"] for s in hidden.get("per_seed", [])],
         "points_above_chance": 100 * above, "points_without_lungs": 100 * no_lungs,
-        "far_above_chance": a_hidden - chance >= FAR}
+        "far_above_chance": bool(a_hidden - chance >= FAR
+                                 and (lower is None or lower > chance))}
   return out
 
 
@@ -105,8 +117,10 @@ def external(run_dir: RunDir, workdir: pathlib.Path, table: Mapping[str, dict],
       runs = [r for r in runs if r]
       if not runs:
         continue
-      in_dist = table.get(f"{row}/{init}", {}).get("accuracy", {}).get("mean")
+      entry = table.get(f"{row}/{init}", {})
+      in_dist = entry.get("accuracy", {}).get("mean")
       acc = _mean([r["accuracy"]["value"] for r in runs])
+      in_lower, ext_upper = _ci_bound(entry.get("per_seed", []), 0), _ci_bound(runs, 1)
       present = [c for c in class_names if runs[0]["per_class"][c]["n"]]
       out["rows"][f"{row}/{init}"] = {
           "row": row, "init": init, "seeds": len(runs), "n": runs[0]["n"],
@@ -116,7 +130,8 @@ def external(run_dir: RunDir, workdir: pathlib.Path, table: Mapping[str, dict],
                      for c in present},
           "called": {c: {p: float(np.mean([r["called"][c][p] for r in runs]))
                          for p in class_names} for c in present},
-          "far_below": in_dist is not None and in_dist - acc["mean"] >= FAR}
+          "far_below": bool(in_dist is not None and in_dist - acc["mean"] >= FAR
+                            and (None in (in_lower, ext_upper) or ext_upper < in_lower))}
   return out
 
 
@@ -172,14 +187,14 @@ def reading(hidden: dict | None, ext: dict | None) -> dict[str, Any]:
           f"**Does the accuracy measure lung findings?** Not measurable here: the original row is "
           f"not {100 * FAR:.0f} points above chance, so the lungs-hidden row has nothing to "
           "explain."]}
-    seen.append(f"the lungs-hidden row stays within {100 * FAR:.0f} points of chance")
+    seen.append("the lungs-hidden row is not clearly above chance")
   if ext is not None and ext["rows"]:
-    seen.append(f"external accuracy stays within {100 * FAR:.0f} points of the in-distribution "
-                "accuracy")
+    seen.append("external accuracy is not clearly below the in-distribution accuracy")
   if not seen:
     return {"measures_more_than_lungs": None, "lines": []}
   line = ("**Does the accuracy measure lung findings?** No sign of a shortcut here: "
-          + " and ".join(seen) + ". A box is not a lung mask and one external set is not every "
+          + " and ".join(seen) + f" (clearly: by {100 * FAR:.0f} points or more and beyond the "
+          "exact 95 % intervals). A box is not a lung mask and one external set is not every "
           "hospital (docs/shortcuts.md).")
   return {"measures_more_than_lungs": False, "lines": [line]}
 
