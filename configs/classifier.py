@@ -64,6 +64,13 @@ def get_config(variant: str = "scratch") -> ml_collections.ConfigDict:
   config.log_every = 50
   config.keep_checkpoints = 2
   config.num_gradcam = 4               # test images per class shown with Grad-CAM
+  # Share of Grad-CAM mass inside this central fraction of the image, averaged over the test
+  # images (metrics.json: gradcam_center_share; docs/shortcuts.md); 0: not measured.
+  config.saliency_center = 0.8
+  # Radiographs from elsewhere (a folder / zip / labels CSV in any layout config.data.data_dir
+  # takes), with the run's classes: only predicted (external_metrics.json), never split, trained
+  # on or used to choose anything; images also in the run's data are left out. Empty: none.
+  config.external_test_dir = ""
   config.n_bootstrap = 1000
   # Metadata columns whose subgroups get their own accuracy and recall with exact CIs in the test
   # report, e.g. ("sex", "age_band", "view", "source"); age_band is age by decade.

@@ -4,6 +4,8 @@
   python main.py --config=configs/experiment.py:paper --config.data.data_dir=/data/COVID-19_Radiography_Database \
       --config.pretrained=/weights/resnet50-11ad3fa6.safetensors     # GPU / TPU
   python main.py --config=configs/experiment.py:smoke    # seconds; used by the tests
+  python main.py --config=configs/experiment.py:matched --config.data.data_dir=../shared/data/cxr-real-dev
+      # one population per comparison: :demo with only COVID and NORMAL (docs/shortcuts.md)
 
 Re-running the same command skips finished stages and resumes an interrupted one.
 The report is <workdir>/report.md (and report.json, report.csv); docs/experiment.md explains the
@@ -25,6 +27,13 @@ config files, without their data block: every stage uses config.data):
                        all seeds; True: re-trained and re-synthesised per seed (translators/
                        <name>-seed<s>), so the GAN's own variance counts in the spread
   pretrained           ImageNet ResNet-50 weights file: enables the transfer rows (else skipped)
+  lungs_hidden         the lungs-hidden control row: the original row with this central fraction
+                       of width and height blacked out in every training and test image
+                       (data.hide_center); 0: no such row (docs/shortcuts.md)
+  external_test_dir    radiographs from elsewhere (folder, zip or labels CSV, the run's classes):
+                       every row's classifiers are also evaluated on them (report: "external");
+                       never split, trained on or used to choose anything
+  classifier.saliency_center  the central fraction whose Grad-CAM share each row reports
   transfer             what the transfer rows change relative to the scratch rows
   synthesize.num_synthetic  "balance" (default in every variant: the target class topped up to
                        the largest class, the paper's stated aim) or a count, e.g. the paper's
@@ -40,7 +49,7 @@ from cxr_jax import configlib
 
 
 # The variants (`--config=...:<variant>`), the default first; `cxr-jax --help` lists them.
-VARIANTS = ("paper", "demo", "smoke")
+VARIANTS = ("paper", "demo", "smoke", "matched")
 
 
 def _sibling(name: str, variant: str) -> ml_collections.ConfigDict:
@@ -48,7 +57,7 @@ def _sibling(name: str, variant: str) -> ml_collections.ConfigDict:
 
 
 def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
-  base = {"paper": "", "demo": "", "smoke": "smoke"}
+  base = {"paper": "", "demo": "", "smoke": "smoke", "matched": ""}
   if variant not in base:
     raise ValueError(f"unknown variant {variant!r} of configs/experiment.py; use "
                      f"{', '.join(map(repr, VARIANTS))}")
@@ -63,8 +72,11 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   config.pretrained = ""               # ImageNet ResNet-50 weights: enables the transfer rows
   config.translators = ("pix2pix", "cyclegan")   # one enhanced row each (pipeline/translators.py)
   config.translator_per_seed = False   # True: re-train each translator and re-synthesise per seed
+  config.lungs_hidden = 0.8            # the lungs-hidden row's hidden central fraction; 0: no row
+  config.external_test_dir = ""        # an external test set (docs/shortcuts.md); empty: none
   config.pix2pix = _sibling("pix2pix", base[variant])
-  config.cyclegan = _sibling("cyclegan", {"paper": "", "demo": "cpu", "smoke": "smoke"}[variant])
+  config.cyclegan = _sibling("cyclegan", {"paper": "", "demo": "cpu", "smoke": "smoke",
+                                         "matched": "cpu"}[variant])
   config.synthesize = _sibling("synthesize", base[variant])
   config.synthesize.num_synthetic = "balance"   # the paper's aim; its literal count: "1100"
   config.classifier = _sibling("classifier", "smoke" if variant == "smoke" else "scratch")
@@ -75,10 +87,11 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
       freeze_backbone_epochs=transfer.freeze_backbone_epochs))
   for block in (config.pix2pix, config.cyclegan, config.synthesize, config.classifier):
     del block["data"]                  # every stage uses config.data
+  del config.classifier["external_test_dir"]    # config.external_test_dir, loaded once
 
   if variant == "paper":
     config.data.drop_near_duplicates = True   # near copies across train / test inflate accuracy
-  elif variant == "demo":
+  elif variant in ("demo", "matched"):
     # Every row on 2 CPU cores in <= 15 minutes (README): 64 px data (the U-Net needs a power of
     # two), 48 px classifier input, small networks, few epochs.
     config.data.image_size = 64
@@ -98,6 +111,12 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     c.steps_per_call, c.log_every = 10, 50
     c.n_bootstrap, c.num_gradcam = 300, 2
     config.transfer.num_epochs = 4
+    if variant == "matched":
+      # One population per comparison: only classes whose images come from the same population
+      # (e.g. cxr-real-dev: adult COVID and adult RSNA normals; its pediatric viral pneumonia
+      # is left out), so the translator changes the lungs, not the age. Which classes qualify
+      # is the data's to say: nothing here can check it (docs/shortcuts.md).
+      config.data.classes = ("COVID", "NORMAL")
   elif variant == "smoke":
     config.data.image_size = 32
     config.data.synthetic_scale = 0.02

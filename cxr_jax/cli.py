@@ -219,7 +219,8 @@ def _headline(workdir: pathlib.Path) -> list[str]:
                     f"{_fmt(entry['macro_f1'])}")
     rows += [f"  {', '.join(keys)}: skipped: {reason}" for reason, keys in skipped.items()]
     answer = [f"  {line.replace('**', '')}"
-              for line in (report.get("headline") or {}).get("lines", [])]
+              for line in ((report.get("headline") or {}).get("lines", [])
+                           + (report.get("reading_lungs") or {}).get("lines", []))]
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     return [f"  (cannot read {path}: {e})"]
   seeds = report.get("seeds", [])

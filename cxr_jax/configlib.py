@@ -58,6 +58,9 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
   # `synthetic_scale`, rendered at `image_size`.
   cfg.synthetic_scale = 1.0
   cfg.synthetic_seed = 0
+  # Fraction of width and height blacked out in the centre of every image the classifier sees
+  # (training and test alike, on the device; the lungs-hidden control row): 0 = nothing hidden.
+  cfg.hide_center = 0.0
   cfg.update(overrides)
   return cfg
 

@@ -217,7 +217,8 @@ def test_closing_summary_shows_the_headline_table(tmp_path):
       "original/scratch": {"accuracy": agg, "macro_f1": {"mean": 0.5, "std": None, "ci": None}},
       "original/transfer": {"skipped": "no ImageNet weights"},
       "enhanced/transfer": {"skipped": "no ImageNet weights"}},
-      "headline": {"lines": ["**Enhancement did not help.** -0.5 points", "second line"]}}))
+      "headline": {"lines": ["**Enhancement did not help.** -0.5 points", "second line"]},
+      "reading_lungs": {"lines": ["**Does the accuracy measure lung findings?** Not only"]}}))
   (tmp_path / "report.md").write_text("# report")
   text = cli.closing_summary("experiment", tmp_path, 3725.0, tmp_path / "x.log", 2)
   lines = text.splitlines()
@@ -227,8 +228,9 @@ def test_closing_summary_shows_the_headline_table(tmp_path):
   # the CI's upper end is clipped to 100 %; a macro-F1 without spread shows only its mean
   assert lines[5].split() == ["original/scratch", "95.0", "±", "1.0", "[90.0,", "100.0]", "50.0"]
   assert lines[6].strip() == "original/transfer, enhanced/transfer: skipped: no ImageNet weights"
-  assert [l.strip() for l in lines[7:10]] == [
-      "Answer:", "Enhancement did not help. -0.5 points", "second line"]
+  assert [l.strip() for l in lines[7:11]] == [
+      "Answer:", "Enhancement did not help. -0.5 points", "second line",
+      "Does the accuracy measure lung findings? Not only"]
   assert lines[-2:] == [f"Report: {tmp_path / 'report.md'}",
                         f"Full log: {tmp_path / 'x.log'} (2 Python warning(s) there)"]
 

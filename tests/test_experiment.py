@@ -1,19 +1,24 @@
 """The experiment's rows: the control rows' training sets (counts, provenance, no leakage), the
 rows and seed groups a config asks for, its checks, and the whole pipeline at smoke size (every
 row from scratch, the transfer rows listed as skipped without weights, an interrupted run that
-resumes, a re-run that skips everything). Transfer training itself is tested in
+resumes, a re-run that skips everything, the lungs-hidden row and an external test set rendered
+with another synthetic seed). Transfer training itself is tested in
 test_classifier.py / test_pretrained.py; here it would double the time of the end-to-end test."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
+
+import pathlib
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
 from cxr_jax import configlib
+from cxr_jax.data import dataset
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.errors import ConfigError, DataError
 from cxr_jax.pipeline import controls
@@ -77,16 +82,21 @@ def test_oversampled_row_refuses_leaked_sources(splits):
                                 seed=0)
 
 
-def test_rows_and_seed_groups():
+def test_rows_and_seed_groups(splits):
   config = smoke_config(seeds=(0, 1, 2))
-  assert experiment.rows(config) == ["original", "balanced-loss", "oversampled",
+  assert experiment.rows(config) == ["original", "balanced-loss", "oversampled", "lungs-hidden",
                                      "enhanced-pix2pix", "enhanced-cyclegan"]
+  assert experiment.row_training_set("lungs-hidden", splits, count=3, target_class="COVID",
+                                     seed=0) is splits["train"]
+  assert experiment.seed_groups(config, "lungs-hidden") == [(0, 1, 2)]
   assert experiment.seed_groups(config, "enhanced-pix2pix") == [(0, 1, 2)]
   config.translator_per_seed = True
   assert experiment.seed_groups(config, "enhanced-pix2pix") == [(0,), (1,), (2,)]
   assert experiment.seed_groups(config, "oversampled") == [(0,), (1,), (2,)]
   assert experiment.seed_groups(config, "balanced-loss") == [(0, 1, 2)]
+  assert experiment.seed_groups(config, "lungs-hidden") == [(0, 1, 2)]
   assert experiment.translator_tag("pix2pix", 2) == "pix2pix-seed2"
+  assert "lungs-hidden" not in experiment.rows(smoke_config(lungs_hidden=0.0))
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -99,6 +109,7 @@ def test_rows_and_seed_groups():
     (dict(primary_comparison=("original", "original")), "primary_comparison"),
     (dict(primary_comparison=("original",)), "primary_comparison"),
     (dict(splits=0), "splits"),
+    (dict(lungs_hidden=1.0), "lungs_hidden"),
 ])
 def test_bad_configs_are_refused_naming_the_key(overrides, key):
   with pytest.raises(ConfigError, match=f"config.{key}"):
@@ -112,14 +123,20 @@ def test_bad_configs_are_refused_naming_the_key(overrides, key):
 def test_paper_and_demo_variants():
   paper = configlib.load_config_file(REPO_ROOT / "configs/experiment.py", "paper")
   assert paper.data.drop_near_duplicates is True
-  for variant in ("paper", "demo", "smoke"):
+  for variant in ("paper", "demo", "smoke", "matched"):
     config = configlib.load_config_file(REPO_ROOT / "configs/experiment.py", variant)
+    experiment.validate(config)
     assert config.synthesize.num_synthetic == "balance"
     assert config.translator_per_seed is False and "data" not in config.cyclegan
     assert tuple(config.translators) == ("pix2pix", "cyclegan")
     assert tuple(config.primary_comparison) == ("original", "enhanced-cyclegan")
     assert config.splits == (5 if variant == "paper" else 1)
     assert config.classifier.train_steps == 0
+    assert config.lungs_hidden == 0.8 and config.external_test_dir == ""
+  matched = configlib.load_config_file(REPO_ROOT / "configs/experiment.py", "matched")
+  demo = configlib.load_config_file(REPO_ROOT / "configs/experiment.py", "demo")
+  assert tuple(matched.data.classes) == ("COVID", "NORMAL")
+  assert configlib.diff(matched, demo) == ["data.classes", "name"]
 
 
 def test_splits_have_their_own_seed_and_folder(tmp_path):
@@ -135,8 +152,22 @@ def _stage_times(workdir):
   return {p.name: p.stat().st_mtime_ns for p in (workdir / "stages").glob("*.json")}
 
 
+def _external_set(config, tmp_path):
+  """The smoke data rendered with another synthetic seed, plus an exact copy of one of the run's
+  own images (to be left out) and an unreadable file (to be skipped and named)."""
+  other = dataset.resolve_source(configlib.data_config(**dict(config.data.to_dict(),
+                                                              synthetic_seed=1)))
+  root = pathlib.Path(shutil.copytree(other.root_path, tmp_path / "external"))
+  own = dataset.resolve_source(config.data)
+  first = next(e for e in own.entries if e.label == "NORMAL")
+  shutil.copy(pathlib.Path(own.root_path) / first.file, root / "NORMAL" / "copy-of-own.png")
+  (root / "NORMAL" / "broken.png").write_bytes(b"not an image")
+  return root
+
+
 def test_smoke_experiment(tmp_path, monkeypatch):
   config = smoke_config()
+  config.external_test_dir = str(_external_set(config, tmp_path))
   workdir = workdir_lib.prepare(tmp_path / "exp", config)
 
   # Preempt the last classifier right after its first checkpoint.
@@ -163,7 +194,8 @@ def test_smoke_experiment(tmp_path, monkeypatch):
   assert "classifier-enhanced-pix2pix-scratch.json" in after
 
   report = json.loads((workdir / "report.json").read_text())
-  rows = ["original", "balanced-loss", "oversampled", "enhanced-pix2pix", "enhanced-cyclegan"]
+  rows = ["original", "balanced-loss", "oversampled", "lungs-hidden", "enhanced-pix2pix",
+          "enhanced-cyclegan"]
   assert set(report["table"]) == {f"{r}/{i}" for r in rows for i in ("scratch", "transfer")}
   for key, row in report["table"].items():
     if key.endswith("/transfer"):
@@ -184,6 +216,43 @@ def test_smoke_experiment(tmp_path, monkeypatch):
   assert counts["oversampled"]["COVID"] == counts["original"]["COVID"] + n_syn
   assert counts["enhanced-pix2pix"] == counts["enhanced-cyclegan"] == counts["oversampled"]
   assert counts["oversampled"]["COVID"] == max(counts["original"].values())   # "balance"
+  assert counts["lungs-hidden"] == counts["original"]
+
+  # The lungs-hidden row: hidden in training and in its export; beside chance and original.
+  n_test = sum(report["split_counts"]["test"].values())
+  hidden = report["lungs_hidden"]
+  assert hidden["chance"] == max(report["split_counts"]["test"].values()) / n_test
+  by_init = hidden["by_init"]["scratch"]
+  assert by_init["lungs_hidden"] == report["table"]["lungs-hidden/scratch"]["accuracy"]["mean"]
+  assert by_init["points_above_chance"] == pytest.approx(
+      100 * (report["table"]["original/scratch"]["accuracy"]["mean"] - hidden["chance"]))
+  for row, hide in (("lungs-hidden", 0.8), ("original", 0.0)):
+    run = workdir / f"classifiers/{row}-scratch-seed0"
+    assert json.loads((run / "config.json").read_text())["data"]["hide_center"] == hide
+    assert json.loads((run / "classifier/model.json").read_text())["input"]["hide_center"] == hide
+  # Grad-CAM's share of the centre: the smoke ResNet's 1 x 1 feature map cannot say where it
+  # looked, and the report says so (the share itself: test_shortcuts.py)
+  for key, row in report["table"].items():
+    if "skipped" not in row:
+      share = row["gradcam_center_share"]
+      assert share["fraction"] == 0.8 and share["feature_map"] == [1, 1]
+      assert share["mean"] is None and "feature map is 1 x 1" in share["note"]
+
+  # The external set: own image and unreadable file out; every row evaluated on the rest.
+  ext = report["external"]
+  assert ext["set"]["n_exact_duplicates"] == 1 and ext["set"]["n_skipped"] == 1
+  assert ext["set"]["skipped"][0]["file"] == "NORMAL/broken.png"
+  assert ext["set"]["overlap"][0]["file"] == "NORMAL/copy-of-own.png"
+  assert set(ext["rows"]) == {f"{r}/scratch" for r in rows}
+  for key, row in ext["rows"].items():
+    assert row["n"] == ext["set"]["n_kept"] == sum(ext["set"]["kept"].values())
+    assert row["in_distribution_accuracy"] == report["table"][key]["accuracy"]["mean"]
+    with open(workdir / f"classifiers/{key.replace('/', '-')}-seed0/external_predictions.csv",
+              newline="") as f:
+      predicted = list(csv.DictReader(f))
+    assert len(predicted) == row["n"] and row["external_accuracy"]["mean"] == pytest.approx(
+        np.mean([p["label"] == p["predicted"] for p in predicted]))
+    assert "copy-of-own.png" not in {p["file"] for p in predicted}
   head = report["headline"]
   assert report["primary_comparison"] == head["primary_comparison"] == ["original",
                                                                        "enhanced-cyclegan"]
@@ -210,7 +279,8 @@ def test_smoke_experiment(tmp_path, monkeypatch):
   md = (workdir / "report.md").read_text()
   for needle in ("## The answer", "97.8*", "96.1", "95.6", "## Skipped", "sign-flip",
                  "procedural images", "Class counts", "KID", "jax", "## Calibration",
-                 "calibration/original-scratch.png"):
+                 "calibration/original-scratch.png", "## Is the classifier reading the lungs?",
+                 "**Lungs hidden.**", "External test set", "Grad-CAM share"):
     assert needle in md, needle
   assert "pediatric" not in md and "real test images" not in md
   assert (workdir / "report.csv").read_text().startswith("training_data,init,split,seed,class,metric")

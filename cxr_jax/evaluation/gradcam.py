@@ -18,6 +18,7 @@ import numpy as np
 from matplotlib import colormaps
 
 from cxr_jax.evaluation.plots import new_figure, save_figure
+from cxr_jax.training import augment
 
 
 def gradcam(features_fn: Callable[[jax.Array], jax.Array], head_fn: Callable[[jax.Array], jax.Array],
@@ -47,6 +48,19 @@ def gradcam(features_fn: Callable[[jax.Array], jax.Array], head_fn: Callable[[ja
   span = jnp.max(cam, axis=(1, 2), keepdims=True) - lo
   ok = span > 1e-12
   return jnp.where(ok, (cam - lo) / jnp.where(ok, span, 1.0), 0.0)
+
+
+def center_share(heatmaps: jax.Array, fraction: float) -> jax.Array:
+  """[N] share of each heatmap's mass inside the central `fraction` of its height and width (the
+  box `augment.hide_center` blacks out); NaN for a map without mass. A map spread evenly scores
+  about fraction ** 2."""
+  _, h, w = heatmaps.shape
+  r0, r1 = augment.center_box(h, fraction)
+  c0, c1 = augment.center_box(w, fraction)
+  heat = heatmaps.astype(jnp.float32)
+  total = jnp.sum(heat, axis=(1, 2))
+  inside = jnp.sum(heat[:, r0:r1, c0:c1], axis=(1, 2))
+  return jnp.where(total > 0, inside / jnp.where(total > 0, total, 1.0), jnp.nan)
 
 
 def overlay(images_uint8, heatmaps, *, alpha: float = 0.4, cmap: str = "jet") -> np.ndarray:

@@ -103,6 +103,9 @@ class InputSpec:
   image_size: int
   in_channels: int
   weights_preprocess: Any = None  # pretrained_lib.Preprocess, or None for scratch
+  # Central fraction of the stored image blacked out before anything else (config.data.hide_center:
+  # the lungs-hidden control), so training and inference hide the same pixels; 0: none.
+  hide_center: float = 0.0
 
   def __call__(self, x01: jax.Array) -> jax.Array:
     """float [B, S, S, 1] in [0, 1] -> normalised network input."""
@@ -114,10 +117,12 @@ class InputSpec:
   def to_json(self) -> dict:
     pre = self.weights_preprocess
     return {"image_size": self.image_size, "in_channels": self.in_channels,
-            "weights_preprocess": None if pre is None else pretrained_lib.preprocess_to_json(pre)}
+            "weights_preprocess": None if pre is None else pretrained_lib.preprocess_to_json(pre),
+            "hide_center": self.hide_center}
 
   @classmethod
   def from_json(cls, d: dict) -> "InputSpec":
     pre = d.get("weights_preprocess")
     return cls(d["image_size"], d["in_channels"],
-               pretrained_lib.preprocess_from_json(pre) if pre else None)
+               pretrained_lib.preprocess_from_json(pre) if pre else None,
+               float(d.get("hide_center", 0.0)))

@@ -7,7 +7,10 @@ split -> each translator (pix2pix, CycleGAN) -> synthesis -> ResNet-50 classifie
 - `balanced-loss`: the same data, class-weighted loss: changes only the class prior;
 - `oversampled`: the target class topped up with classical augmented copies of its own training
   images, as many as the synthetic images: the prior and the count, without a GAN;
-- `enhanced-<translator>`: the training split plus that translator's synthetic images.
+- `enhanced-<translator>`: the training split plus that translator's synthetic images;
+- `lungs-hidden`: the original row's data and recipe with the central
+  `config.lungs_hidden` of every image blacked out (`config.data.hide_center`), training and test:
+  what the classifier scores without lung pixels (docs/shortcuts.md).
 
 All of it runs once per split (`config.splits` stratified splits, seeds `data.split_seed + k`;
 with one split in the workdir itself, else in `<workdir>/split<k>/`), every classifier of one
@@ -47,6 +50,9 @@ from cxr_jax.training import pix2pix
 from cxr_jax.utils import files
 
 CONTROL_ROWS = ("original", "balanced-loss", "oversampled")
+LUNGS_HIDDEN = "lungs-hidden"
+# Rows trained on the training split as it is: one training set for all seeds.
+SPLIT_ROWS = ("original", "balanced-loss", LUNGS_HIDDEN)
 INITS = ("scratch", "transfer")
 # How each translator's config is checked before any stage starts.
 VALIDATE = {"pix2pix": pix2pix.validate, "cyclegan": cyclegan.validate}
@@ -97,14 +103,16 @@ def sub_config(config: ml_collections.ConfigDict, key: str,
 
 
 def rows(config: ml_collections.ConfigDict) -> list[str]:
-  """The training-data rows of the results table, controls first."""
-  return [*CONTROL_ROWS, *(f"enhanced-{t}" for t in config.translators)]
+  """The training-data rows of the results table, controls first (`lungs-hidden` when
+  `config.lungs_hidden` > 0)."""
+  hidden = [LUNGS_HIDDEN] if config.get("lungs_hidden", 0.0) else []
+  return [*CONTROL_ROWS, *hidden, *(f"enhanced-{t}" for t in config.translators)]
 
 
 def seed_groups(config: ml_collections.ConfigDict, row: str) -> list[tuple[int, ...]]:
   """Seeds that share one training set: all of them, or each alone when the row's training set
   is re-made per seed (`translator_per_seed`: the GAN rows and the oversampled row's copies)."""
-  if config.translator_per_seed and row not in ("original", "balanced-loss"):
+  if config.translator_per_seed and row not in SPLIT_ROWS:
     return [(int(s),) for s in config.seeds]
   return [tuple(int(s) for s in config.seeds)]
 
@@ -126,7 +134,7 @@ def row_training_set(row: str, splits: dict[str, ImageSet], *, count: int, targe
   copied only from training images of `target_class`, refused if one equals a held-out image);
   the synthetic images of `synthetic_dir` for `enhanced-*` (leakage-checked on loading)."""
   train = splits["train"]
-  if row in ("original", "balanced-loss"):
+  if row in SPLIT_ROWS:
     return train
   if row == "oversampled":
     return controls.oversampled_training_set(train, target_class, count, seed,
@@ -154,6 +162,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Every stage's config is checked now, not hours later when the stage starts."""
   configlib.require(len(config.seeds) > 0, "seeds", "list at least one seed")
   configlib.require(len(set(config.seeds)) == len(config.seeds), "seeds", "seeds repeat")
+  hidden = config.get("lungs_hidden", 0.0)
+  configlib.require(isinstance(hidden, (int, float)) and not isinstance(hidden, bool)
+                    and 0.0 <= hidden < 1.0, "lungs_hidden",
+                    f"must be a fraction in [0, 1) (0: no lungs-hidden row), got {hidden!r}")
   names = tuple(config.translators)
   configlib.require(len(set(names)) == len(names), "translators", f"{names} repeats a name")
   for name in names:
@@ -209,6 +221,7 @@ def run_split(config: ml_collections.ConfigDict, workdir: pathlib.Path, stages: 
   workdir.mkdir(parents=True, exist_ok=True)
   splits = dataset.load_splits(config.data, workdir)
   stages.run(f"{prefix}split", lambda: {name: s.counts() for name, s in splits.items()})
+  external = classify.load_external(config, splits, workdir)   # None without external_test_dir
   target = config.synthesize.target_class
   per_seed = bool(config.translator_per_seed)
   translator_seeds = [int(s) for s in config.seeds] if per_seed else [None]
@@ -237,7 +250,7 @@ def run_split(config: ml_collections.ConfigDict, workdir: pathlib.Path, stages: 
   train_counts: dict[str, dict[str, int]] = {}
   for row in rows(config):
     for group in seed_groups(config, row):
-      seed_key = group[0] if per_seed and row not in ("original", "balanced-loss") else None
+      seed_key = group[0] if per_seed and row not in SPLIT_ROWS else None
       counts_key = row if seed_key is None else f"{row}/seed{seed_key}"
       syn_dir = None
       if row.startswith("enhanced-"):
@@ -262,6 +275,8 @@ def run_split(config: ml_collections.ConfigDict, workdir: pathlib.Path, stages: 
         if init == "transfer":
           for key, value in config.transfer.items():
             cfg[key] = value
+        if row == LUNGS_HIDDEN:
+          cfg.data.hide_center = float(config.lungs_hidden)
         # One budget for every row of this initialisation: the original training split's.
         cfg.train_steps = classifier.budget_steps(cfg, len(splits["train"]))
         run_dirs = [workdir_lib.prepare(results.run_dir(workdir, row, init, seed),
@@ -269,7 +284,7 @@ def run_split(config: ml_collections.ConfigDict, workdir: pathlib.Path, stages: 
         record = stages.run(stage, lambda c=cfg, g=group, d=run_dirs, t=train_set: {
             "train_counts": t.counts(), "train_steps": c.train_steps,
             "seeds": {str(s): r["summary"] for s, r in zip(g, classify.train_and_evaluate_seeds(
-                c, g, d, splits=splits, train_set=t))}})
+                c, g, d, splits=splits, train_set=t, external=external))}})
         train_counts[counts_key] = record["result"]["train_counts"]
 
   # Translation quality, with the features of a classifier trained on the original data.

@@ -22,6 +22,7 @@ import numpy as np
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.evaluation import plots
 from cxr_jax.pipeline import results
+from cxr_jax.pipeline import shortcuts
 from cxr_jax.pipeline.results import ALPHA, INITS, PAPER, SplitRun, run_dir, split_root  # noqa: F401
 from cxr_jax.utils import files
 
@@ -158,6 +159,7 @@ def section_answer(r: dict, workdir: pathlib.Path) -> list[str]:
     lines += [SYNTHETIC_DATA_NOTE, ""]
   lines += ["## The answer", ""]
   lines += [f"{i + 1}. {line}" for i, line in enumerate(r["headline"]["lines"])]
+  lines += shortcuts.answer_markdown(r)
   test_words = "real test images" if r["real_data"] else "test images (procedural)"
   n_test = sum(r["split_counts"].get("test", {}).values())
   n_splits = len(r["splits"])
@@ -256,6 +258,10 @@ def section_per_run(r: dict, workdir: pathlib.Path) -> list[str]:
 def _run_cell(s: dict) -> str:
   tag = f"s{s['seed']}" if s["split"] == 0 else f"k{s['split']}s{s['seed']}"
   return f"{tag}: {_pts(s['difference'])} (p {_p(s['mcnemar']['p_value'])})"
+
+
+def section_reading_lungs(r: dict, workdir: pathlib.Path) -> list[str]:
+  return shortcuts.section_markdown(r)
 
 
 def section_paired_tests(r: dict, workdir: pathlib.Path) -> list[str]:
@@ -422,7 +428,7 @@ def section_appendix(r: dict, workdir: pathlib.Path) -> list[str]:
 
 SECTIONS: tuple[Section, ...] = (
     section_answer, section_results, section_spread, section_per_class, section_per_run,
-    section_paired_tests, section_calibration, section_class_counts, section_quality,
+    section_reading_lungs, section_paired_tests, section_calibration, section_class_counts, section_quality,
     section_figures, section_appendix)
 
 

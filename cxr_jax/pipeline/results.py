@@ -37,6 +37,7 @@ from cxr_jax.data import splits as splits_lib
 from cxr_jax.evaluation import metrics as metrics_lib
 from cxr_jax.evaluation import report_classifier
 from cxr_jax.evaluation import stats
+from cxr_jax.pipeline import shortcuts
 from cxr_jax.training import export
 
 INITS = ("scratch", "transfer")
@@ -223,7 +224,9 @@ def wanted_comparisons(rows: Sequence[str], primary: tuple[str, str]) -> list[tu
   """Every enhanced row and control against `original`, every enhanced row against each
   control, and the primary comparison whatever its rows."""
   enhanced_rows = [r for r in rows if r.startswith("enhanced-")]
-  controls = [r for r in rows if r not in enhanced_rows and r != "original"]
+  # The lungs-hidden row answers another question (shortcuts.py): not a control of enhancement.
+  controls = [r for r in rows if r not in enhanced_rows
+              and r not in ("original", shortcuts.LUNGS_HIDDEN)]
   wanted = [("original", r) for r in enhanced_rows + controls]
   wanted += [(c, e) for e in enhanced_rows for c in controls]
   if tuple(primary) not in wanted:
@@ -399,6 +402,10 @@ def collect(workdir: str | os.PathLike, config, *, rows: Sequence[str],
   comps = comparisons(splits, rows, seeds, primary, init)
   real = bool(config.data.data_dir) or bool(config.data.get("labels_csv", ""))
   first = splits[0]
+  # The external set is the same for every split; its summary (overlap, skipped) is split 0's.
+  reading_lungs = shortcuts.numbers(
+      first.root, config, table, rows, first.split_counts, class_names,
+      run_dirs=lambda row, i: [r["dir"] for r in _runs(splits, row, i, seeds)])
   result = {
       "created": datetime.datetime.now().isoformat(timespec="seconds"),
       "data": str(config.data.data_dir or config.data.get("labels_csv", "")) if real
@@ -426,5 +433,5 @@ def collect(workdir: str | os.PathLike, config, *, rows: Sequence[str],
           "synthetic": pathlib.Path(d), "translator": sp.root / "translators" / tag}
           for k, sp in enumerate(splits) for tag, d in sp.synthetic_dirs.items()},
       "skipped": dict(skipped), "stage_seconds": dict(stage_seconds or {}),
-      "software": versions(), "provenance": provenance.provenance(config)}
+      "software": versions(), "provenance": provenance.provenance(config), **reading_lungs}
   return _relative(result, workdir)

@@ -163,7 +163,8 @@ class Classifier:
     model, weights_pre, self.arch = build_model(config, self.class_names)
     self.net, params, stats = Functional.split(model)
     self._init = (params, stats)
-    self.input_spec = build.InputSpec(config.image_size, config.model.in_channels, weights_pre)
+    self.input_spec = build.InputSpec(config.image_size, config.model.in_channels, weights_pre,
+                                      float(config.data.get("hide_center", 0.0)))
     self.tx, self.schedule = make_optimizer(config, total_steps, schedule_epoch)
     self.augment = augment_lib.AugmentSpec.from_config(config.augment, config.image_size)
     self.class_w = None if weights is None else jnp.asarray(weights)
@@ -177,7 +178,9 @@ class Classifier:
                  net=NetState.create(params, stats, self.tx))
 
   def inputs(self, images_u8: jax.Array, key: jax.Array) -> jax.Array:
-    """Augmented and normalised network input."""
+    """Augmented and normalised network input; the hidden centre (if any) is blacked out on the
+    stored image first, as at inference (`export._network_input`)."""
+    images_u8 = augment_lib.hide_center(images_u8, self.input_spec.hide_center)
     return self.input_spec(augment_lib.augment(images_u8, key, self.augment))
 
   def sample_batch(self, step: jax.Array, rng: jax.Array, images: jax.Array,
@@ -260,6 +263,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f"must not exceed the prepared data's size (data.image_size="
                     f"{config.data.image_size})")
   configlib.compute_dtype(config.compute_dtype)
+  hide = config.data.get("hide_center", 0.0)
+  configlib.require(isinstance(hide, (int, float)) and not isinstance(hide, bool)
+                    and 0.0 <= hide < 1.0, "data.hide_center",
+                    f"must be a fraction in [0, 1) (0: nothing hidden), got {hide!r}")
   fit.seeds_mode(config)
 
 

@@ -138,7 +138,7 @@ def translate_images(net: Functional, inference: str, params, stats, images_u8, 
 
 
 def _network_input(spec: build.InputSpec, images_u8: jax.Array) -> jax.Array:
-  return spec(augment.resize(images_u8, spec.image_size))
+  return spec(augment.resize(augment.hide_center(images_u8, spec.hide_center), spec.image_size))
 
 
 def _probabilities(net: Functional, spec: build.InputSpec, params, stats, images_u8):
