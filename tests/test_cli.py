@@ -275,12 +275,17 @@ def test_pyproject_lists_every_package_and_admits_the_pins():
   pins = {norm(k): tuple(int(x) for x in v.split(".")) for k, v in pins.items()}
   names = {norm(re.match(r"[A-Za-z0-9_.-]+", spec).group()) for spec in
            project["project"]["dependencies"]}
-  # jax brings its jaxlib; the `test` extra's packages are test-only; pydicom is the `dicom` extra
-  test_only = {norm(re.match(r"[A-Za-z0-9_.-]+", spec).group()) for spec in
-               project["project"]["optional-dependencies"]["test"]}
-  assert {"keras", "pytest"} <= test_only
-  assert names == set(pins) - {"jaxlib", "pydicom"} - test_only
-  assert any(spec.startswith("pydicom") for spec in project["project"]["optional-dependencies"]["dicom"])
+  # jax brings its jaxlib; the `test` extra's packages are test-only; the other extras' packages
+  # (pydicom, openpyxl) are pinned for the tests but optional at run time
+  extras = project["project"]["optional-dependencies"]
+  name_of = lambda spec: norm(re.match(r"[A-Za-z0-9_.-]+", spec).group())  # noqa: E731
+  test_only = {name_of(spec) for spec in extras["test"]}
+  optional = {name_of(spec) for extra, specs in extras.items() if extra != "test"
+              for spec in specs} - names
+  assert {"keras", "pytest"} <= test_only and {"pydicom", "openpyxl"} <= optional
+  assert names == set(pins) - {"jaxlib"} - test_only - optional
+  assert any(spec.startswith("pydicom") for spec in extras["dicom"])
+  assert any(spec.startswith("openpyxl") for spec in extras["xlsx"])
   for spec in project["project"]["dependencies"]:
     name, bounds = re.match(r"([A-Za-z0-9_.-]+)(.*)", spec.split(";")[0]).groups()
     version = pins[norm(name)]
