@@ -205,8 +205,10 @@ def section_results(r: dict, workdir: pathlib.Path) -> list[str]:
             "class-weighted loss (changes only the class prior); `oversampled` the target class "
             "topped up with classical augmented copies of its own training images, as many as "
             "the synthetic images (the prior and the count without a GAN); `enhanced-<translator>` "
-            "the training split plus that translator's synthetic images. Sensitivity and "
-            "specificity at the argmax rule. See docs/experiment.md.", ""]
+            "the training split plus that translator's synthetic images; `lungs-hidden` the "
+            "original row with the central box of every training and test image blacked out "
+            "(what needs no lung pixels). Sensitivity and specificity at the argmax rule. See "
+            "docs/experiment.md and docs/shortcuts.md.", ""]
   return lines
 
 
@@ -261,7 +263,8 @@ def _run_cell(s: dict) -> str:
 
 
 def section_reading_lungs(r: dict, workdir: pathlib.Path) -> list[str]:
-  return shortcuts.section_markdown(r)
+  lines = shortcuts.section_markdown(r)
+  return lines + [""] if lines and lines[-1] else lines
 
 
 def section_paired_tests(r: dict, workdir: pathlib.Path) -> list[str]:
