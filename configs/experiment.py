@@ -9,10 +9,12 @@ Re-running the same command skips finished stages and resumes an interrupted one
 The report is <workdir>/report.md (and report.json, report.csv); docs/experiment.md explains the
 rows, the controls and the statistics.
 
-Keys of its own (the stage blocks pix2pix / cyclegan / synthesize / classifier are those of their
-config files, without their data block: every stage uses config.data):
+Keys of its own (the stage blocks synthesize / classifier and one block per translator config file
+-- configs/<name>.py built on configlib.translator_config() -- are those of their config files,
+without their data block: every stage uses config.data):
   seeds                classifier seeds of every row (what else varies: translator_per_seed)
-  translators          translators whose enhanced rows are run, each trained in
+  translators          translators whose enhanced rows are run (any translator config's name, e.g.
+                       --config.translators='("pix2pix","cyclegan","cut")'), each trained in
                        translators/<name> and synthesising into synthesize/<name>
   translator_per_seed  False: one translator, one synthesis and one set of augmented copies for
                        all seeds; True: re-trained and re-synthesised per seed (translators/
@@ -36,6 +38,15 @@ def _sibling(name: str, variant: str) -> ml_collections.ConfigDict:
   return configlib.load_config_file(pathlib.Path(__file__).with_name(f"{name}.py"), variant)
 
 
+def _translator_blocks(variant: str) -> dict[str, ml_collections.ConfigDict]:
+  """configs/<name>.py's `variant` for every translator config file in this folder."""
+  blocks = {}
+  for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+    if path.stem != "experiment" and configlib.load_config_file(path).get("task") == "translator":
+      blocks[path.stem] = configlib.load_config_file(path, variant)
+  return blocks
+
+
 def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   base = {"paper": "", "demo": "", "smoke": "smoke"}
   if variant not in base:
@@ -48,10 +59,10 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   config.data = configlib.data_config()
   config.seeds = (0, 1, 2)
   config.pretrained = ""               # ImageNet ResNet-50 weights: enables the transfer rows
-  config.translators = ("pix2pix", "cyclegan")   # one enhanced row each (pipeline/translators.py)
+  config.translators = ("pix2pix", "cyclegan")   # one enhanced row each (cxr_jax/training/<name>)
   config.translator_per_seed = False   # True: re-train each translator and re-synthesise per seed
-  config.pix2pix = _sibling("pix2pix", base[variant])
-  config.cyclegan = _sibling("cyclegan", {"paper": "", "demo": "cpu", "smoke": "smoke"}[variant])
+  translator_blocks = _translator_blocks({"paper": "", "demo": "cpu", "smoke": "smoke"}[variant])
+  config.update(translator_blocks)
   config.synthesize = _sibling("synthesize", base[variant])
   config.synthesize.num_synthetic = "balance"   # the paper's aim; its literal count: "1100"
   config.classifier = _sibling("classifier", "smoke" if variant == "smoke" else "scratch")
@@ -60,7 +71,8 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   config.transfer = ml_collections.ConfigDict(dict(
       learning_rate=transfer.learning_rate, num_epochs=transfer.num_epochs,
       freeze_backbone_epochs=transfer.freeze_backbone_epochs))
-  for block in (config.pix2pix, config.cyclegan, config.synthesize, config.classifier):
+  for block in (*(config[name] for name in translator_blocks), config.synthesize,
+                config.classifier):
     del block["data"]                  # every stage uses config.data
 
   if variant == "paper":

@@ -15,7 +15,8 @@ from cxr_jax.errors import ConfigError, UserError
 
 from conftest import REPO_ROOT
 
-VARIANTS = {"pix2pix": ["", "cpu", "smoke"], "classifier": ["scratch", "transfer", "smoke"],
+VARIANTS = {"pix2pix": ["", "cpu", "smoke"], "cyclegan": ["", "cpu", "smoke"],
+            "classifier": ["scratch", "transfer", "smoke"],
             "synthesize": ["", "smoke"], "experiment": ["paper", "demo", "smoke"],
             "predict": ["", "smoke"], "prepare_data": ["", "smoke"],
             "translate": ["", "smoke"], "export": [""]}
@@ -41,7 +42,7 @@ def test_every_config_variant_builds_and_names_a_known_task(name):
 
 
 def test_unknown_task_lists_known_ones():
-  with pytest.raises(ConfigError, match="known tasks: prepare_data, pix2pix"):
+  with pytest.raises(ConfigError, match="known tasks: prepare_data, translator"):
     tasks.get("nope")
 
 
@@ -79,7 +80,7 @@ def test_main_unknown_task_and_writes_config(tmp_path):
   result = _main("--config=" + str(REPO_ROOT / "configs/pix2pix.py:smoke"), "--config.task=nope",
                  f"--workdir={tmp_path / 'run'}", cwd=tmp_path)
   assert result.returncode == 2
-  assert "unknown task 'nope'" in result.stderr and "pix2pix" in result.stderr
+  assert "unknown task 'nope'" in result.stderr and "translator" in result.stderr
 
 
 def _cfg(**kw):
