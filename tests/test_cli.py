@@ -16,6 +16,7 @@ from cxr_jax.errors import ConfigError, UserError
 from conftest import REPO_ROOT
 
 VARIANTS = {"pix2pix": ["", "cpu", "smoke"], "cyclegan": ["", "cpu", "smoke"],
+            "cut": ["", "fast", "cpu", "smoke"],
             "classifier": ["scratch", "transfer", "smoke"],
             "synthesize": ["", "smoke"], "experiment": ["paper", "demo", "smoke"],
             "predict": ["", "smoke"], "prepare_data": ["", "smoke"],
@@ -209,7 +210,7 @@ def test_closing_summary_shows_the_headline_table(tmp_path):
   # the CI's upper end is clipped to 100 %; a macro-F1 without spread shows only its mean
   assert lines[5].split() == ["original/scratch", "95.0", "±", "1.0", "[90.0,", "100.0]", "50.0"]
   assert lines[6].strip() == "original/transfer, enhanced/transfer: skipped: no ImageNet weights"
-  assert [l.strip() for l in lines[7:10]] == [
+  assert [line.strip() for line in lines[7:10]] == [
       "Answer:", "Enhancement did not help. -0.5 points", "second line"]
   assert lines[-2:] == [f"Report: {tmp_path / 'report.md'}",
                         f"Full log: {tmp_path / 'x.log'} (2 Python warning(s) there)"]

@@ -19,6 +19,7 @@ from cxr_jax import configlib
 from cxr_jax.errors import ConfigError
 from cxr_jax.errors import UserError
 from cxr_jax.models import pretrained as pretrained_lib
+from cxr_jax.models.patch_mlp import PatchMLP
 from cxr_jax.models.patchgan import PatchGAN
 from cxr_jax.models.resnet import ResNet
 from cxr_jax.models.resnet_generator import ResnetGenerator
@@ -105,6 +106,14 @@ def build_patchgan(*, in_channels: int, ndf: int, n_layers: int, norm: str, comp
   dtype = configlib.compute_dtype(compute_dtype)
   return init_module(lambda rngs: PatchGAN(in_channels=in_channels, ndf=ndf, n_layers=n_layers,
                                            norm=norm, rngs=rngs, dtype=dtype), seed,
+                     abstract=abstract)
+
+
+def build_patch_mlp(*, channels: tuple[int, ...], dim: int, compute_dtype: str, seed: int,
+                    abstract: bool = False) -> nnx.Module:
+  """CUT's patch projection head: one MLP per encoder layer of `channels` channels."""
+  dtype = configlib.compute_dtype(compute_dtype)
+  return init_module(lambda rngs: PatchMLP(channels, dim=dim, rngs=rngs, dtype=dtype), seed,
                      abstract=abstract)
 
 
