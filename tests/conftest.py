@@ -12,6 +12,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_ROOT / ".cache" / "jax-tests"))
 
+import jax  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 from cxr_jax import runtime  # pylint: disable=wrong-import-position
@@ -56,3 +58,13 @@ def train_interrupted_and_resumed(cls, config, root: pathlib.Path, *, stop_after
   finally:
     checkpoint.Checkpointer.save = original_save
   return full_dir, full, run, translator.train(cls, config, run)
+
+
+def assert_resumed_equals_uninterrupted(full, resumed, run: pathlib.Path, steps: int) -> None:
+  """The resumed run's export is the uninterrupted one's, bit for bit, after `steps` steps, and
+  the resumed run wrote its sample grids."""
+  assert full.meta["step"] == resumed.meta["step"] == steps
+  for a, b in zip(jax.tree.leaves((full.params, full.stats)),
+                  jax.tree.leaves((resumed.params, resumed.stats))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert list((run / "samples").glob("step_*.png"))
