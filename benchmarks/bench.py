@@ -31,6 +31,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import signal
 import statistics
 import subprocess
@@ -53,11 +54,10 @@ from cxr_jax import configlib
 from cxr_jax import runtime
 from cxr_jax.models import layers
 from cxr_jax.training import classifier
-from cxr_jax.training import cyclegan
 from cxr_jax.training import export
 from cxr_jax.training import fit
 from cxr_jax.training import mesh as mesh_lib
-from cxr_jax.training import pix2pix
+from cxr_jax.training import translator
 
 STEP_WORKLOADS = ("pix2pix_b1", "pix2pix_b16", "resnet50_rgb", "resnet50_gray",
                   "generator_inference", "cyclegan_b1", "resnet50_seeds1", "resnet50_seeds3",
@@ -68,7 +68,8 @@ SEED_COUNTS = {"resnet50_seeds1": 1, "resnet50_seeds3": 3, "resnet50_seeds5": 5}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("only", [], f"Workloads to run (default: {DEFAULT_WORKLOADS}; also "
-                  f"{STEP_WORKLOADS[5:]}); "
+                  f"{STEP_WORKLOADS[5:]}, and <translator>_b<batch> or demo_<translator> for "
+                  "any translator); "
                   "'experiment' times experiment:paper with one seed.")
 flags.DEFINE_integer("blocks", 5, "Timed chunks per workload (the median is reported).")
 flags.DEFINE_integer("steps", 0, "Steps per chunk (default: 50 on accelerators, 2 on a CPU).")
@@ -264,10 +265,22 @@ def bench_translator(name: str, batch: int, steps: int) -> Result:
   rng = np.random.default_rng(0)
   normal = rng.integers(0, 256, (939, 256, 256, 1), dtype=np.uint8)   # the paper's train split
   covid = rng.integers(0, 256, (153, 256, 256, 1), dtype=np.uint8)
-  cls = {"pix2pix": pix2pix.Pix2Pix, "cyclegan": cyclegan.CycleGAN}[name]
-  model = cls(config, image_size=256, steps_per_epoch=len(normal) // batch, mesh=mesh)
+  model = translator.find(name)(config, image_size=256, steps_per_epoch=len(normal) // batch,
+                                mesh=mesh)
   return _time_trainer(f"{name}_b{batch}", _variant(FLAGS.pix2pix_dtype), batch, steps, model,
                        (normal, covid))
+
+
+def translator_workload(name: str, steps: int) -> Callable[[], Result] | None:
+  """Any translator, by name: `<translator>_b<batch>` (configs/<translator>.py's default at
+  256 px) or `demo_<translator>` (its experiment:demo block); None for other names."""
+  match = re.fullmatch(r"([a-z][a-z0-9_]*?)_b(\d+)", name)
+  if match and (CONFIGS / f"{match[1]}.py").exists():
+    return lambda: bench_translator(match[1], int(match[2]), steps)
+  stage = name.removeprefix("demo_")
+  if stage != name and (CONFIGS / f"{stage}.py").exists():
+    return lambda: bench_demo(stage, steps)
+  return None
 
 
 def bench_demo(stage: str, steps: int) -> Result:
@@ -287,8 +300,7 @@ def bench_demo(stage: str, steps: int) -> Result:
                                   mesh=mesh)
     data = (images(640), rng.integers(0, 3, 640).astype(np.int32))
   else:
-    cls = pix2pix.Pix2Pix if stage == "pix2pix" else cyclegan.CycleGAN
-    model = cls(block, image_size=size, steps_per_epoch=58, mesh=mesh)
+    model = translator.find(stage)(block, image_size=size, steps_per_epoch=58, mesh=mesh)
     data = (images(234), images(234))
   return _time_trainer(f"demo_{stage}", _variant(block.compute_dtype), block.batch_size, steps,
                        model, data)
@@ -342,7 +354,7 @@ def bench_generator_inference(batch: int, steps: int) -> Result:
   config = configlib.load_config_file(CONFIGS / "pix2pix.py")
   config.compute_dtype = FLAGS.pix2pix_dtype
   mesh = mesh_lib.make_mesh()
-  model = pix2pix.Pix2Pix(config, image_size=256, steps_per_epoch=1, mesh=mesh)
+  model = translator.find("pix2pix")(config, image_size=256, steps_per_epoch=1, mesh=mesh)
   state = model.init_state()
   inference = model.export_meta()["inference"]
   images = mesh_lib.put_batch(np.random.default_rng(0).integers(
@@ -505,7 +517,8 @@ def main(argv):
       pathlib.Path(FLAGS.out).write_text(json.dumps(dict(results, goals=goals(results)), indent=2))
     return
   chosen = FLAGS.only or list(DEFAULT_WORKLOADS)
-  unknown = sorted(set(chosen) - set(STEP_WORKLOADS) - {"experiment"})
+  unknown = sorted(name for name in set(chosen) - set(STEP_WORKLOADS) - {"experiment"}
+                   if translator_workload(name, 0) is None)
   if unknown:
     raise app.UsageError(f"unknown workloads {unknown}; choose from "
                          f"{list(STEP_WORKLOADS) + ['experiment']}")
@@ -537,7 +550,7 @@ def main(argv):
                           f"({jax.default_backend()})")
     out["steps_per_chunk"] = steps
     for name in steps_chosen:
-      r = workloads[name]()
+      r = (workloads.get(name) or translator_workload(name, steps))()
       out["results"].append(r.to_json())
       print(f"{r.name} [{r.variant}]: {r.steps_per_s:.2f} steps/s, {r.images_per_s:.1f} images/s "
             f"(compile {r.compile_s:.1f} s)", flush=True)

@@ -11,8 +11,9 @@ Re-running the same command skips finished stages and resumes an interrupted one
 The report is <workdir>/report.md (and report.json, report.csv); docs/experiment.md explains the
 rows, the controls and the statistics.
 
-Keys of its own (the stage blocks pix2pix / cyclegan / synthesize / classifier are those of their
-config files, without their data block: every stage uses config.data):
+Keys of its own (the stage blocks synthesize / classifier and one block per translator config file
+-- configs/<name>.py built on configlib.translator_config() -- are those of their config files,
+without their data block: every stage uses config.data):
   seeds                classifier seeds of every row (what else varies: translator_per_seed)
   splits               number of stratified splits (seeds data.split_seed + k), each with its own
                        translators and classifiers; with more than one, split k runs in
@@ -21,7 +22,8 @@ config files, without their data block: every stage uses config.data):
                        before the run; every other comparison is Holm-corrected
   classifier.train_steps  0 (default): every row of one initialisation trains the optimizer steps
                        of num_epochs passes over the original training split; or a fixed count
-  translators          translators whose enhanced rows are run, each trained in
+  translators          translators whose enhanced rows are run (any translator config's name, e.g.
+                       --config.translators='("pix2pix","cyclegan","cut")'), each trained in
                        translators/<name> and synthesising into synthesize/<name>
   translator_per_seed  False: one translator, one synthesis and one set of augmented copies for
                        all seeds; True: re-trained and re-synthesised per seed (translators/
@@ -56,6 +58,15 @@ def _sibling(name: str, variant: str) -> ml_collections.ConfigDict:
   return configlib.load_config_file(pathlib.Path(__file__).with_name(f"{name}.py"), variant)
 
 
+def _translator_blocks(variant: str) -> dict[str, ml_collections.ConfigDict]:
+  """configs/<name>.py's `variant` for every translator config file in this folder."""
+  blocks = {}
+  for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+    if path.stem != "experiment" and configlib.load_config_file(path).get("task") == "translator":
+      blocks[path.stem] = configlib.load_config_file(path, variant)
+  return blocks
+
+
 def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   base = {"paper": "", "demo": "", "smoke": "smoke", "matched": ""}
   if variant not in base:
@@ -70,13 +81,13 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   config.splits = 5 if variant == "paper" else 1
   config.primary_comparison = ("original", "enhanced-cyclegan")
   config.pretrained = ""               # ImageNet ResNet-50 weights: enables the transfer rows
-  config.translators = ("pix2pix", "cyclegan")   # one enhanced row each (pipeline/translators.py)
+  config.translators = ("pix2pix", "cyclegan")   # one enhanced row each (cxr_jax/training/<name>)
   config.translator_per_seed = False   # True: re-train each translator and re-synthesise per seed
   config.lungs_hidden = 0.8            # the lungs-hidden row's hidden central fraction; 0: no row
   config.external_test_dir = ""        # an external test set (docs/shortcuts.md); empty: none
-  config.pix2pix = _sibling("pix2pix", base[variant])
-  config.cyclegan = _sibling("cyclegan", {"paper": "", "demo": "cpu", "smoke": "smoke",
-                                         "matched": "cpu"}[variant])
+  translator_blocks = _translator_blocks({"paper": "", "demo": "cpu", "smoke": "smoke",
+                                          "matched": "cpu"}[variant])
+  config.update(translator_blocks)
   config.synthesize = _sibling("synthesize", base[variant])
   config.synthesize.num_synthetic = "balance"   # the paper's aim; its literal count: "1100"
   config.classifier = _sibling("classifier", "smoke" if variant == "smoke" else "scratch")
@@ -85,7 +96,8 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
   config.transfer = ml_collections.ConfigDict(dict(
       learning_rate=transfer.learning_rate, num_epochs=transfer.num_epochs,
       freeze_backbone_epochs=transfer.freeze_backbone_epochs))
-  for block in (config.pix2pix, config.cyclegan, config.synthesize, config.classifier):
+  for block in (*(config[name] for name in translator_blocks), config.synthesize,
+                config.classifier):
     del block["data"]                  # every stage uses config.data
   del config.classifier["external_test_dir"]    # config.external_test_dir, loaded once
 

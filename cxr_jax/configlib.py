@@ -65,6 +65,87 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
   return cfg
 
 
+def translator_config(name: str) -> ml_collections.ConfigDict:
+  """What every translator's config holds (`configs/<name>.py` extends it): the `translator` task
+  of `cxr_jax.training.<name>`, normal -> COVID, the reference's optimiser, schedule and
+  PatchGAN, mild augmentation, logging and checkpoints. A translator's file sets its own keys and
+  its variants with `translator_variant`."""
+  config = ml_collections.ConfigDict()
+  config.task = "translator"
+  config.translator = name             # the module cxr_jax/training/<name>.py
+  config.name = name
+  config.seed = 0
+  config.data = data_config()
+  config.source_class = "NORMAL"       # domain A
+  config.target_class = "COVID"        # domain B
+
+  config.model = ml_collections.ConfigDict()
+  config.model.generator = "resnet"    # or "unet" (models/build.py)
+  config.model.ngf = 64
+  config.model.ndf = 64
+  config.model.n_layers_d = 3          # 70x70 PatchGAN
+  config.model.norm = "instance"       # or "batch"
+  config.model.use_dropout = False
+  config.compute_dtype = "float32"     # "bfloat16": bf16 compute, float32 parameters
+
+  config.batch_size = 1                # global, split over all devices
+  config.num_epochs = 200              # in all: num_epochs - decay_epochs constant, then decay
+  config.decay_epochs = 100
+  config.learning_rate = 2e-4
+  config.beta1 = 0.5
+  config.beta2 = 0.999
+  config.gan_loss = "lsgan"            # or "bce"
+
+  # Mild on-device jitter (random crop-and-resize, small shift); no flips (chest radiographs are
+  # not left-right symmetric), no intensity changes.
+  config.augment = ml_collections.ConfigDict(dict(
+      enabled=True, crop_scale=(0.85, 1.0), max_rotate_deg=0.0, max_translate=0.03,
+      brightness=0.0, contrast=0.0, hflip=False))
+
+  config.num_devices = 0               # 0: all devices
+  config.multihost = False
+  config.steps_per_call = 100          # steps per compiled call
+  config.log_every = 1000
+  config.sample_every = 5000
+  config.checkpoint_every = 10000
+  config.keep_checkpoints = 3
+  config.num_samples = 4
+  return config
+
+
+# The variants every translator has: `cpu` learns on 2 CPU cores at 64 px (synthetic default at
+# scale 0.25, or real data), `smoke` runs in seconds for the tests.
+TRANSLATOR_VARIANTS = {
+    "cpu": {"data.image_size": 64, "data.synthetic_scale": 0.25, "model.ngf": 16,
+            "model.ndf": 16, "batch_size": 4, "num_epochs": 20, "decay_epochs": 10,
+            "log_every": 100, "sample_every": 500, "checkpoint_every": 500},
+    "smoke": {"data.image_size": 32, "data.synthetic_scale": 0.02, "model.ngf": 4,
+              "model.ndf": 4, "batch_size": 4, "num_epochs": 3, "decay_epochs": 1,
+              "steps_per_call": 2, "log_every": 4, "sample_every": 4, "checkpoint_every": 4,
+              "keep_checkpoints": 2, "num_samples": 2},
+}
+
+
+def translator_variant(config: ml_collections.ConfigDict, variant: str,
+                       **own: dict[str, Any]) -> ml_collections.ConfigDict:
+  """`config` with variant `variant` applied: the shared settings of `TRANSLATOR_VARIANTS` (if
+  any), then the file's own `{dotted key: value}` for that variant (`own[variant]`). '' is the
+  default; a variant neither shared nor the file's own is refused."""
+  if not variant:
+    return config
+  if variant not in TRANSLATOR_VARIANTS and variant not in own:
+    known = ", ".join(repr(v) for v in ("", *TRANSLATOR_VARIANTS, *own))
+    raise ValueError(f"unknown variant {variant!r} of configs/{config.translator}.py; use {known}")
+  config.name = f"{config.translator}-{variant}"
+  for key, value in {**TRANSLATOR_VARIANTS.get(variant, {}), **own.get(variant, {})}.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
 def load_config_module(path: str | os.PathLike) -> types.ModuleType:
   """A config file as a module: its `get_config(variant)` and `VARIANTS` (the default first)."""
   path = pathlib.Path(path)

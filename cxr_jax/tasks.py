@@ -11,8 +11,7 @@ from cxr_jax.errors import ConfigError
 # task name -> "module:function"; each function takes (config, workdir: pathlib.Path).
 TASKS = {
     "prepare_data": "cxr_jax.data.dataset:prepare_task",
-    "pix2pix": "cxr_jax.pipeline.translators:pix2pix_task",
-    "cyclegan": "cxr_jax.pipeline.translators:cyclegan_task",
+    "translator": "cxr_jax.pipeline.translators:translator_task",   # config.translator's
     "classifier": "cxr_jax.pipeline.classify:train_and_evaluate",
     "synthesize": "cxr_jax.pipeline.synthesize:synthesize_task",
     "predict": "cxr_jax.evaluation.predict:predict_task",

@@ -32,7 +32,7 @@ from cxr_jax import workdir as workdir_lib
 from cxr_jax.training import checkpoint
 from cxr_jax.training import export
 from cxr_jax.training import fit
-from cxr_jax.training import pix2pix
+from cxr_jax.training import translator
 from cxr_jax.training.checkpoint import Checkpointer
 
 
@@ -44,7 +44,7 @@ def smoke_config():
 
 def dump_generator(path: pathlib.Path, run: pathlib.Path) -> None:
   """This process's view of the exported generator, flattened to {key path: array}."""
-  gen = export.load_generator(run / pix2pix.GENERATOR_DIR)
+  gen = export.load_generator(run / translator.GENERATOR_DIR)
   leaves = jax.tree_util.tree_flatten_with_path({"params": gen.params, "stats": gen.stats})[0]
   np.savez(path, **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves})
 

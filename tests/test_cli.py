@@ -60,7 +60,7 @@ def test_help_and_a_bare_run_list_every_task_and_variant(tmp_path):
 
 
 def test_unknown_task_lists_known_ones():
-  with pytest.raises(ConfigError, match="known tasks: prepare_data, pix2pix"):
+  with pytest.raises(ConfigError, match="known tasks: prepare_data, translator"):
     tasks.get("nope")
 
 
@@ -98,7 +98,7 @@ def test_main_unknown_task_and_writes_config(tmp_path):
   result = _main("--config=" + str(REPO_ROOT / "configs/pix2pix.py:smoke"), "--config.task=nope",
                  f"--workdir={tmp_path / 'run'}", cwd=tmp_path)
   assert result.returncode == 2
-  assert "unknown task 'nope'" in result.stderr and "pix2pix" in result.stderr
+  assert "unknown task 'nope'" in result.stderr and "translator" in result.stderr
 
 
 def _cfg(**kw):
@@ -228,7 +228,7 @@ def test_closing_summary_shows_the_headline_table(tmp_path):
   # the CI's upper end is clipped to 100 %; a macro-F1 without spread shows only its mean
   assert lines[5].split() == ["original/scratch", "95.0", "±", "1.0", "[90.0,", "100.0]", "50.0"]
   assert lines[6].strip() == "original/transfer, enhanced/transfer: skipped: no ImageNet weights"
-  assert [l.strip() for l in lines[7:11]] == [
+  assert [line.strip() for line in lines[7:11]] == [
       "Answer:", "Enhancement did not help. -0.5 points", "second line",
       "Does the accuracy measure lung findings? Not only"]
   assert lines[-2:] == [f"Report: {tmp_path / 'report.md'}",

@@ -10,11 +10,13 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from cxr_jax import configlib
 from cxr_jax.errors import ConfigError
+from cxr_jax.models import build
 from cxr_jax.models import resnet_generator as rg
 from cxr_jax.models.resnet_generator import ResnetGenerator
 from cxr_jax.training import cyclegan
@@ -22,9 +24,11 @@ from cxr_jax.training import export
 from cxr_jax.training import fit
 from cxr_jax.training import gan
 from cxr_jax.training import mesh as mesh_lib
+from cxr_jax.training import pixels
+from cxr_jax.training import translator
 from cxr_jax.training.functional import Functional
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, assert_resumed_equals_uninterrupted, train_interrupted_and_resumed
 
 
 def abstract(ctor):
@@ -307,19 +311,38 @@ def test_generator_loss_by_hand():
                             d_a_fake_a_logits=jnp.ones(2), kind="lsgan")
 
 
-def test_discriminator_losses_are_halved_by_hand():
-  d_a, d_b = cyclegan.discriminator_losses(
-      d_a_real_logits=jnp.array([1.0, 0.0]),   # vs 1: (0 + 1) / 2
-      d_a_fake_logits=jnp.array([0.5]),        # vs 0: 0.25
-      d_b_real_logits=jnp.array([3.0]),        # vs 1: 4
-      d_b_fake_logits=jnp.array([-1.0, 1.0]),  # vs 0: 1
-      kind="lsgan")
-  assert float(d_a) == pytest.approx(0.5 * (0.5 + 0.25))
-  assert float(d_b) == pytest.approx(0.5 * (4.0 + 1.0))
-  d_a, _ = cyclegan.discriminator_losses(d_a_real_logits=jnp.zeros(2), d_a_fake_logits=jnp.zeros(2),
-                                         d_b_real_logits=jnp.zeros(2), d_b_fake_logits=jnp.zeros(2),
-                                         kind="bce")
-  assert float(d_a) == pytest.approx(np.log(2.0), rel=1e-6)  # 0.5 * (log 2 + log 2)
+def test_discriminator_loss_is_halved_by_hand():
+  """The one discriminator loss every translator's discriminators use (gan.update_discriminator)."""
+  # vs 1: (0 + 1) / 2; vs 0: 0.25
+  d = gan.discriminator_loss(jnp.array([1.0, 0.0]), jnp.array([0.5]), "lsgan")
+  assert float(d) == pytest.approx(0.5 * (0.5 + 0.25))
+  d = gan.discriminator_loss(jnp.zeros(2), jnp.zeros(2), "bce")
+  assert float(d) == pytest.approx(np.log(2.0), rel=1e-6)  # 0.5 * (log 2 + log 2)
+
+
+def test_one_discriminator_update_is_a_step_on_the_halved_loss():
+  """gan.update_discriminator: Adam's first step on 0.5 * (lsgan(D(real), 1) + lsgan(D(fake), 0)),
+  fakes constant; its metrics by hand."""
+  config = load("smoke")
+  disc = build.build_patchgan(in_channels=1, ndf=4, n_layers=1, norm="instance",
+                              compute_dtype="float32", seed=0)
+  net, params, stats = Functional.split(disc)
+  state = fit.NetState.create(params, stats, optax.sgd(0.1))
+  rng = np.random.default_rng(0)
+  real, fake = (jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 1)), jnp.float32) for _ in range(2))
+  new, metrics = gan.update_discriminator(net, state, real, fake, config.gan_loss, prefix="d_x_")
+
+  def loss(p):
+    r, _ = net.apply(p, stats, real, train=True)
+    f, _ = net.apply(p, stats, fake, train=True)
+    return 0.5 * (jnp.mean((r - 1.0) ** 2) + jnp.mean(f**2)), (r, f)
+
+  (want, (r, f)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  assert float(metrics["d_x_loss"]) == pytest.approx(float(want), rel=1e-6)
+  assert float(metrics["d_x_acc_real"]) == pytest.approx(float(jnp.mean(r > 0.5)))
+  assert float(metrics["d_x_acc_fake"]) == pytest.approx(float(jnp.mean(f < 0.5)))
+  for p, g, q in zip(jax.tree.leaves(params), jax.tree.leaves(grads), jax.tree.leaves(new.params)):
+    np.testing.assert_allclose(np.asarray(q), np.asarray(p - 0.1 * g), rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------ history pool
@@ -443,7 +466,8 @@ def load(variant=""):
 
 def test_config_defaults_are_the_reference_settings():
   c = load()
-  assert c.task == "cyclegan" and (c.source_class, c.target_class) == ("NORMAL", "COVID")
+  assert (c.task, c.translator) == ("translator", "cyclegan")
+  assert (c.source_class, c.target_class) == ("NORMAL", "COVID")
   assert (c.data.image_size, c.batch_size, c.model.generator, c.model.n_blocks) == (
       256, 1, "resnet", 9)
   assert (c.model.ngf, c.model.ndf, c.model.n_layers_d, c.model.norm) == (64, 64, 3, "instance")
@@ -469,18 +493,22 @@ def test_config_variants_build_their_networks(variant, size):
   assert c.data.image_size == size
   for generator in ("resnet", "unet"):
     c.model.generator = generator
-    out = nnx.eval_shape(lambda: cyclegan.build_generator(
-        c.model, image_size=size, channels=1, rngs=nnx.Rngs(0))(
+    arch = build.generator_arch(c.model)
+    build.check_generator_size(arch, size)
+    out = nnx.eval_shape(lambda: build.GENERATORS[generator](
+        arch, image_size=size, channels=1, dtype=jnp.float32, rngs=nnx.Rngs(0))(
             jnp.zeros((c.batch_size, size, size, 1)), train=False))
     assert out.shape == (c.batch_size, size, size, 1)
-  d = abstract(lambda rngs: cyclegan.build_discriminator(c.model, channels=1, rngs=rngs))
-  assert d.convs[0].kernel.shape[2] == 1  # unconditional: one image, not a pair
+  c.model.generator = "resnet"
+  _, _, _, d_b = cyclegan.build_networks(c, size, 1, abstract=True)
+  assert d_b.convs[0].kernel.shape[2] == 1  # unconditional: one image, not a pair
   c.model.generator = "resnet_9"
   with pytest.raises(ConfigError, match="config.model.generator"):
-    cyclegan.build_generator(c.model, image_size=size, channels=1, rngs=nnx.Rngs(0))
+    cyclegan.CycleGAN.check_config(c)
   c.model.generator = "resnet"
+  c.data.image_size = size + 2
   with pytest.raises(ConfigError, match="data.image_size"):
-    cyclegan.build_generator(c.model, image_size=size + 2, channels=1, rngs=nnx.Rngs(0))
+    cyclegan.CycleGAN.check_config(c)
 
 
 # ----------------------------------------------------------------------------------- trainer
@@ -502,7 +530,7 @@ def test_sharded_step_equals_single_device_and_steps_learn():
   config.model.n_blocks, config.model.n_layers_d = 0, 1   # a smaller program to compile
   a = np.random.default_rng(1).integers(0, 256, (12, 32, 32, 1)).astype(np.uint8)
   b = np.random.default_rng(2).integers(0, 256, (5, 32, 32, 1)).astype(np.uint8)
-  probe = gan.to_signed(jnp.asarray(np.random.default_rng(3).integers(0, 256, (2, 32, 32, 1))))
+  probe = pixels.to_signed(jnp.asarray(np.random.default_rng(3).integers(0, 256, (2, 32, 32, 1))))
   results, single = [], None
   for devices in (1, 4):
     mesh = mesh_lib.make_mesh(devices)
@@ -547,65 +575,37 @@ def test_sharded_step_equals_single_device_and_steps_learn():
     assert any(not np.array_equal(x, y) for x, y in zip(before, after)), net
 
 
-class _Interrupt(Exception):
-  pass
-
-
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-  """configs/cyclegan.py:smoke run uninterrupted, and run again interrupted after its step-4
-  checkpoint, then resumed (the history pools are half full then: resume must restore them)."""
-  from cxr_jax import workdir as workdir_lib
-  from cxr_jax.training import checkpoint
-
-  root = tmp_path_factory.mktemp("cyclegan")
+  """configs/cyclegan.py:smoke run uninterrupted, and interrupted after its step-4 checkpoint,
+  then resumed (the history pools are half full then: resume must restore them)."""
   config = load("smoke")
-  full_dir = workdir_lib.prepare(root / "full", config)
-  full = cyclegan.train_and_evaluate(config, full_dir)
-  original_save = checkpoint.Checkpointer.save
-
-  def save_then_die(self, step, state, **kw):
-    original_save(self, step, state, **kw)
-    if step == 4:
-      self.wait()
-      raise _Interrupt()
-
-  run = workdir_lib.prepare(root / "resumed", config)
-  checkpoint.Checkpointer.save = save_then_die
-  try:
-    with pytest.raises(_Interrupt):
-      cyclegan.train_and_evaluate(config, run)
-  finally:
-    checkpoint.Checkpointer.save = original_save
-  resumed = cyclegan.train_and_evaluate(config, run)
-  return config, full_dir, full, run, resumed
+  return (config, *train_interrupted_and_resumed(cyclegan.CycleGAN, config,
+                                                 tmp_path_factory.mktemp("cyclegan")))
 
 
 def test_resume_equals_uninterrupted_bitwise(smoke_runs):
-  config, full_dir, full, run, resumed = smoke_runs
-  assert full.meta["step"] == resumed.meta["step"] == 12  # 3 epochs of 19 // 4 steps
-  for a, b in zip(jax.tree.leaves((full.params, full.stats)),
-                  jax.tree.leaves((resumed.params, resumed.stats))):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert list((run / "samples").glob("step_*.png"))
+  _, _, full, run, resumed = smoke_runs
+  assert_resumed_equals_uninterrupted(full, resumed, run, 12)  # 3 epochs of 19 // 4 steps
 
 
 def test_export_load_translate_round_trip(smoke_runs, tmp_path):
   """The export is a plain generator export: G's weights, its arch, 'eval' inference (instance
   norm, no dropout), rebuilt by the shared builder and translating as G does."""
   config, full_dir, full, _, _ = smoke_runs
-  gen = export.load_generator(full_dir / cyclegan.GENERATOR_DIR)
+  gen = export.load_generator(full_dir / translator.GENERATOR_DIR)
   assert gen.meta["translator"] == "cyclegan" and gen.meta["inference"] == "eval"
   assert gen.meta["arch"] == {"name": "resnet", "ngf": 4, "n_blocks": 1, "norm": "instance",
                               "use_dropout": False}
   assert (gen.meta["source_class"], gen.meta["target_class"]) == ("NORMAL", "COVID")
   images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 1)).astype(np.uint8)
-  module = cyclegan.build_generator(config.model, image_size=32, channels=1, rngs=nnx.Rngs(0))
+  module = build.build_generator(build.generator_arch(config.model), image_size=32, channels=1,
+                                 compute_dtype="float32", seed=0)
   net, params, stats = Functional.split(module)
   nnx.replace_by_pure_dict(params, jax.device_get(nnx.to_pure_dict(gen.params)))
-  want, _ = net.apply(params, stats, gan.to_signed(jnp.asarray(images)), train=True)
+  want, _ = net.apply(params, stats, pixels.to_signed(jnp.asarray(images)), train=True)
   got = gen.translate(images, batch_size=4)
-  np.testing.assert_array_equal(got, np.asarray(gan.to_uint8(want)))
+  np.testing.assert_array_equal(got, np.asarray(pixels.to_uint8(want)))
   np.testing.assert_array_equal(got, gen.translate(images, batch_size=8))
   assert not np.array_equal(got[0], got[1])  # the output depends on the input
   # Saved again by hand and loaded by the one loader: the same translation.
@@ -619,7 +619,7 @@ def test_exported_g_feeds_the_synthesize_task(smoke_runs, tmp_path):
 
   _, full_dir, full, _, _ = smoke_runs
   config = configlib.load_config_file(REPO_ROOT / "configs/synthesize.py", "smoke")
-  config.generator_dir = str(full_dir / cyclegan.GENERATOR_DIR)
+  config.generator_dir = str(full_dir / translator.GENERATOR_DIR)
   out = workdir_lib.prepare(tmp_path / "syn", config)
   summary = synthesize.synthesize_task(config, out)
   counts = summary["train_counts"]

@@ -42,6 +42,7 @@ from cxr_jax.training import export
 from cxr_jax.training import functional
 from cxr_jax.training import mesh as mesh_lib
 from cxr_jax.training import pix2pix
+from cxr_jax.training import translator
 from cxr_jax.training.fit import NetState
 
 from conftest import REPO_ROOT
@@ -455,7 +456,7 @@ def same_image_in_two_classes(tmp_path, caplog):
 
 def negative_batch_size(tmp_path, caplog):
   del tmp_path, caplog
-  refused(lambda: pix2pix.validate(smoke_config("pix2pix", batch_size=-1)), ConfigError,
+  refused(lambda: pix2pix.Pix2Pix.check_config(smoke_config("pix2pix", batch_size=-1)), ConfigError,
           "config.batch_size", "-1")
   refused(lambda: classifier.validate(smoke_config("classifier", batch_size=-4)), ConfigError,
           "config.batch_size", "-4")
@@ -469,7 +470,7 @@ def image_size_unet_cannot_halve(tmp_path, caplog):
   config = smoke_config("pix2pix")
   config.data.image_size = 48
   dataset.check_config(config.data)
-  refused(lambda: pix2pix.validate(config), ConfigError, "config.data.image_size", "48",
+  refused(lambda: pix2pix.Pix2Pix.check_config(config), ConfigError, "config.data.image_size", "48",
           "power of two")
 
 
@@ -555,7 +556,7 @@ def generator_export_as_classifier(tmp_path, caplog):
   config = smoke_config("pix2pix")
   model = pix2pix.Pix2Pix(config, image_size=S, steps_per_epoch=1, mesh=mesh_lib.make_mesh(1))
   model.export(tmp_path / "pix2pix", pix2pix_state(config), 4)
-  directory = tmp_path / "pix2pix" / pix2pix.GENERATOR_DIR
+  directory = tmp_path / "pix2pix" / translator.GENERATOR_DIR
   assert export.load_generator(directory).meta["kind"] == "generator"
   refused(lambda: export.load_classifier(directory), UserError, str(directory),
           "'generator', not a classifier")

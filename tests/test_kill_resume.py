@@ -31,7 +31,7 @@ import pytest
 from cxr_jax.training import checkpoint
 from cxr_jax.training import classifier
 from cxr_jax.training import export
-from cxr_jax.training import pix2pix
+from cxr_jax.training import translator
 
 from conftest import REPO_ROOT
 
@@ -410,8 +410,8 @@ def test_pix2pix_killed_and_resumed_equals_uninterrupted(runs):
   assert_bitwise_equal(final, load_checkpoint(ref_ck, 12),
                        "final training state (G, D, optimisers, step, rng)")
   assert differing(final, load_checkpoint(ref_ck, 8)), "the comparison must see 4 steps' change"
-  gen = export.load_generator(r["killed"] / pix2pix.GENERATOR_DIR)
-  ref_gen = export.load_generator(r["reference"] / pix2pix.GENERATOR_DIR)
+  gen = export.load_generator(r["killed"] / translator.GENERATOR_DIR)
+  ref_gen = export.load_generator(r["reference"] / translator.GENERATOR_DIR)
   assert gen.meta["step"] == ref_gen.meta["step"] == 12
   assert_bitwise_equal(exported(gen), exported(ref_gen), "exported generator")
 

@@ -24,6 +24,7 @@ from cxr_jax import workdir as workdir_lib
 from cxr_jax.training import checkpoint
 from cxr_jax.training import mesh as mesh_lib
 from cxr_jax.training import pix2pix
+from cxr_jax.training import translator
 from cxr_jax.training.checkpoint import Checkpointer
 
 from conftest import REPO_ROOT
@@ -122,7 +123,8 @@ def test_two_processes_train_checkpoint_and_restore_like_one(tmp_path):
 
   with _workers(run, out) as logs:
     # The reference, in this process meanwhile (the workers mostly wait for each other's compiles).
-    reference = pix2pix.train_and_evaluate(config, workdir_lib.prepare(tmp_path / "ref", config))
+    reference = translator.train(pix2pix.Pix2Pix, config,
+                                 workdir_lib.prepare(tmp_path / "ref", config))
 
   facts = [json.loads((out / f"process_{i}.json").read_text()) for i in range(NUM_PROCESSES)]
   assert [f["process_index"] for f in facts] == [0, 1]

@@ -14,11 +14,14 @@ import pytest
 
 from cxr_jax import configlib
 from cxr_jax.errors import UserError
+from cxr_jax.models import build
 from cxr_jax.training import export
 from cxr_jax.training import fit
 from cxr_jax.training import gan
 from cxr_jax.training import mesh as mesh_lib
 from cxr_jax.training import pix2pix
+from cxr_jax.training import pixels
+from cxr_jax.training import translator
 from cxr_jax.training.functional import Functional
 
 from conftest import REPO_ROOT
@@ -41,7 +44,7 @@ def test_gan_losses_against_hand_values():
   assert float(gan.gan_loss(jnp.zeros(3), True, "bce")) == pytest.approx(math.log(2), 1e-6)
   assert float(gan.gan_loss(logits, True, "lsgan")) == pytest.approx((1 + 4) / 2)
   # D's loss is halved: 0.5 * (real term + fake term).
-  d = pix2pix.discriminator_loss(jnp.zeros(4), jnp.zeros(4), "bce")
+  d = gan.discriminator_loss(jnp.zeros(4), jnp.zeros(4), "bce")
   assert float(d) == pytest.approx(math.log(2), rel=1e-6)
   fake, target = jnp.array([0.5, -0.5]), jnp.array([0.0, 0.5])
   total, (adv, l1) = pix2pix.generator_loss(jnp.zeros(2), fake, target, "bce", 100.0)
@@ -60,7 +63,7 @@ def _fixed_pair(size, batch):
   rng = np.random.default_rng(0)
   source = rng.integers(0, 256, (batch, size, size, 1)).astype(np.uint8)
   target = np.clip(source.astype(int) + 60, 0, 255).astype(np.uint8)
-  return gan.to_signed(jnp.asarray(source)), gan.to_signed(jnp.asarray(target))
+  return pixels.to_signed(jnp.asarray(source)), pixels.to_signed(jnp.asarray(target))
 
 
 def test_steps_on_a_fixed_pair_reduce_l1():
@@ -166,7 +169,7 @@ def test_resume_at_an_odd_step_equals_uninterrupted_and_compiles_one_program(tmp
   from cxr_jax.training import checkpoint
 
   config = smoke_config(steps_per_call=3, checkpoint_every=5)
-  full = pix2pix.train_and_evaluate(config, workdir_lib.prepare(tmp_path / "full", config))
+  full = translator.train(pix2pix.Pix2Pix, config, workdir_lib.prepare(tmp_path / "full", config))
 
   original_save = checkpoint.Checkpointer.save
 
@@ -179,7 +182,7 @@ def test_resume_at_an_odd_step_equals_uninterrupted_and_compiles_one_program(tmp
   monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
   run = workdir_lib.prepare(tmp_path / "resumed", config)
   with pytest.raises(_Interrupt):
-    pix2pix.train_and_evaluate(config, run)
+    translator.train(pix2pix.Pix2Pix, config, run)
   monkeypatch.setattr(checkpoint.Checkpointer, "save", original_save)
   lengths = []
   original_run = fit.loop.run
@@ -192,7 +195,7 @@ def test_resume_at_an_odd_step_equals_uninterrupted_and_compiles_one_program(tmp
   monkeypatch.setattr(fit.loop, "run", recording_run)
   caplog.set_level(logging.WARNING)
   with jax.log_compiles(True):  # logged for every program lowered and compiled (cached or not)
-    resumed = pix2pix.train_and_evaluate(config, run)
+    resumed = translator.train(pix2pix.Pix2Pix, config, run)
   # 5-6, 6-7 (the progress bar's short first chunks), 7-8 (a log), 8-10 (a checkpoint), 10-12
   assert lengths == [1, 1, 1, 2, 2], lengths
   compiled = [r for r in caplog.records if "Compiling jit(train_chunk" in r.getMessage()]
@@ -211,15 +214,15 @@ def test_generator_exports_load_by_their_meta_whatever_the_translator(tmp_path):
   gen, _ = pix2pix.build_networks(config, 32, 1)
   net, params, stats = Functional.split(gen)
   meta = {"kind": "generator", "translator": "another-translator",
-          "arch": pix2pix.generator_arch(config.model), "image_size": 32, "channels": 1,
+          "arch": build.generator_arch(config.model), "image_size": 32, "channels": 1,
           "compute_dtype": "float32", "inference": "eval", "source_class": "NORMAL",
           "target_class": "COVID", "step": 0}
   export.save(tmp_path / "g", params, stats, meta)
   loaded = export.load_generator(tmp_path / "g")
   images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 1)).astype(np.uint8)
-  expected, _ = net.apply(params, stats, gan.to_signed(jnp.asarray(images)), train=False)
+  expected, _ = net.apply(params, stats, pixels.to_signed(jnp.asarray(images)), train=False)
   np.testing.assert_array_equal(loaded.translate(images, batch_size=4),
-                                np.asarray(gan.to_uint8(expected)))
+                                np.asarray(pixels.to_uint8(expected)))
   for key, value, message in (("arch", {"name": "resnet9"}, "unknown generator architecture"),
                               ("inference", "sometimes", "'inference' is 'sometimes'")):
     export.save(tmp_path / key, params, stats, dict(meta, **{key: value}))

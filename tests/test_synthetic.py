@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from cxr_jax.data import synthetic
+from cxr_jax.data import synthetic_cache
 from cxr_jax.errors import DataError
+
+from conftest import REPO_ROOT
 
 S = 64  # render size for the statistical tests
 N = 10  # images per class for the statistical tests
@@ -204,7 +209,7 @@ def _tree(root):
 
 
 def test_generate_database_layout(tmp_path):
-  root = synthetic.generate_database(tmp_path / "db", image_size=32, scale=0.01, seed=0)
+  root = synthetic_cache.generate_database(tmp_path / "db", image_size=32, scale=0.01, seed=0)
   assert root == (tmp_path / "db").absolute()
   counts = {"COVID": 2, "NORMAL": 13, "VIRAL_PNEUMONIA": 13}
   assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["COVID", "NORMAL",
@@ -216,35 +221,35 @@ def test_generate_database_layout(tmp_path):
     with Image.open(root / folder / f"{folder} (2).png") as im:
       assert im.format == "PNG" and im.mode == "L" and im.size == (32, 32)
       np.testing.assert_array_equal(np.asarray(im), synthetic.render(c, 0, 1, 32))
-  marker = json.loads((root / synthetic.MARKER).read_text())
+  marker = json.loads((root / synthetic_cache.MARKER).read_text())
   assert marker["counts"] == counts and marker["image_size"] == 32 and marker["seed"] == 0
   # Nothing left behind next to it (temporary folders).
   assert [p.name for p in tmp_path.iterdir()] == ["db"]
 
 
 def test_generate_database_is_idempotent(tmp_path, monkeypatch):
-  root = synthetic.generate_database(tmp_path / "db", image_size=32, scale=0.005)
+  root = synthetic_cache.generate_database(tmp_path / "db", image_size=32, scale=0.005)
   before = _tree(root)
 
   def fail(*args, **kwargs):
     raise AssertionError("re-rendered an existing database")
-  monkeypatch.setattr(synthetic, "render", fail)
-  assert synthetic.generate_database(tmp_path / "db", image_size=32, scale=0.005) == root
+  monkeypatch.setattr(synthetic, "render", fail)   # what the cached writer renders with
+  assert synthetic_cache.generate_database(tmp_path / "db", image_size=32, scale=0.005) == root
   assert _tree(root) == before
   monkeypatch.undo()
   # Other parameters replace it; a deleted image is noticed and regenerated.
-  synthetic.generate_database(tmp_path / "db", image_size=32, scale=0.005, seed=1)
-  assert json.loads((root / synthetic.MARKER).read_text())["seed"] == 1
+  synthetic_cache.generate_database(tmp_path / "db", image_size=32, scale=0.005, seed=1)
+  assert json.loads((root / synthetic_cache.MARKER).read_text())["seed"] == 1
   os.remove(root / "NORMAL" / "NORMAL (3).png")
-  synthetic.generate_database(tmp_path / "db", image_size=32, scale=0.005, seed=1)
+  synthetic_cache.generate_database(tmp_path / "db", image_size=32, scale=0.005, seed=1)
   assert (root / "NORMAL" / "NORMAL (3).png").exists()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["db"]
 
 
 def test_generate_database_scale_does_not_reshuffle(tmp_path):
   # Every class count differs between the two (1 / 2 COVID): no image may depend on another's.
-  small = synthetic.generate_database(tmp_path / "a", image_size=32, scale=0.005)
-  large = synthetic.generate_database(tmp_path / "b", image_size=32, scale=0.01)
+  small = synthetic_cache.generate_database(tmp_path / "a", image_size=32, scale=0.005)
+  large = synthetic_cache.generate_database(tmp_path / "b", image_size=32, scale=0.01)
   assert len(list((large / "COVID").iterdir())) == 2
   for name in ("COVID/COVID (1).png", "NORMAL/NORMAL (4).png",
                "Viral Pneumonia/Viral Pneumonia (4).png"):
@@ -255,16 +260,18 @@ def test_generate_database_refuses_foreign_folder(tmp_path):
   (tmp_path / "mine").mkdir()
   (tmp_path / "mine" / "notes.txt").write_text("keep me")
   with pytest.raises(DataError, match="mine"):
-    synthetic.generate_database(tmp_path / "mine", image_size=32, scale=0.003)
+    synthetic_cache.generate_database(tmp_path / "mine", image_size=32, scale=0.003)
   assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
   (tmp_path / "empty").mkdir()  # an empty folder is fine to fill
-  synthetic.generate_database(tmp_path / "empty", image_size=32, scale=0.003)
-  assert (tmp_path / "empty" / synthetic.MARKER).exists()
+  synthetic_cache.generate_database(tmp_path / "empty", image_size=32, scale=0.003)
+  assert (tmp_path / "empty" / synthetic_cache.MARKER).exists()
 
 
-def test_sample_figure_cli(tmp_path, capsys):
+def test_sample_figure_script(tmp_path):
   out = tmp_path / "grid.png"
-  synthetic.main(["--out", str(out), "--per_class", "2", "--size", "64", "--cell", "48"])
-  assert "wrote" in capsys.readouterr().out
+  result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "synthetic_figure.py"),
+                           "--out", str(out), "--per_class", "2", "--size", "64", "--cell", "48"],
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0 and "wrote" in result.stdout, result.stderr
   with Image.open(out) as im:
     assert im.mode == "L" and im.width > 2 * 48 and im.height == 3 * 48 + 2 * 4

@@ -296,6 +296,30 @@ def test_imports_run_one_way_and_none_hide_in_functions():
   assert not hidden, hidden
 
 
+def test_no_module_imports_itself_through_others():
+  """The package's import graph (every import, `TYPE_CHECKING` ones too) has no cycle."""
+  package = REPO_ROOT / "cxr_jax"
+  modules = {".".join(p.relative_to(REPO_ROOT).with_suffix("").parts): p
+             for p in package.rglob("*.py") if p.name != "__init__.py"}
+  graph = {name: {imported for full, _ in _imports(path)
+                  for imported in (full, full.rsplit(".", 1)[0]) if imported in modules}
+           for name, path in modules.items()}
+  state = {}   # name -> 'open' while on the path, 'done' after
+
+  def visit(name, path):
+    state[name] = "open"
+    for other in sorted(graph[name]):
+      if state.get(other) == "open":
+        raise AssertionError(" -> ".join(path[path.index(other):] + [other]))
+      if other not in state:
+        visit(other, path + [other])
+    state[name] = "done"
+
+  for name in sorted(modules):
+    if name not in state:
+      visit(name, [name])
+
+
 def test_map_batches_pads_dispatches_every_batch_before_fetching(monkeypatch):
   mesh = mesh_lib.make_mesh()
   events = []

@@ -21,7 +21,7 @@ from cxr_jax.errors import ConfigError, DataError, UserError
 from cxr_jax.models import build, pretrained, torch_io
 from cxr_jax.models.resnet import ResNet
 from cxr_jax.pipeline import export_task, translate
-from cxr_jax.training import export, gan
+from cxr_jax.training import export, pixels
 from cxr_jax.training.functional import Functional
 from cxr_jax.utils import grid
 
@@ -99,9 +99,9 @@ def test_folder_through_our_generator(our_generator, images_dir, tmp_path):
     if row["input_file"] != "a.jpg":  # the JPEG is resampled and checked by its hash only
       # Image i: pix2pix test mode, its own batch statistics, dropout keyed by (seed, i).
       key = jax.random.fold_in(jax.random.key(5), i)
-      y, _ = net.apply(params, stats, gan.to_signed(jnp.asarray(src)[None, ..., None]),
+      y, _ = net.apply(params, stats, pixels.to_signed(jnp.asarray(src)[None, ..., None]),
                        train=True, rngs=nnx.Rngs(dropout=key))
-      np.testing.assert_array_equal(got, np.asarray(gan.to_uint8(y))[0, ..., 0])
+      np.testing.assert_array_equal(got, np.asarray(pixels.to_uint8(y))[0, ..., 0])
 
 
 def test_deterministic_per_seed(our_generator, images_dir, tmp_path):
@@ -122,9 +122,9 @@ def test_one_file_and_eval_override(our_generator, images_dir, tmp_path):
   (row,) = _manifest(tmp_path)
   assert (row["input_file"], row["output_file"]) == ("b.png", "b.png")
   src = _read_png(images_dir / "sub/b.png")
-  y, _ = net.apply(params, stats, gan.to_signed(jnp.asarray(src)[None, ..., None]), train=False)
+  y, _ = net.apply(params, stats, pixels.to_signed(jnp.asarray(src)[None, ..., None]), train=False)
   np.testing.assert_array_equal(_read_png(tmp_path / "translated/b.png"),
-                                np.asarray(gan.to_uint8(y))[0, ..., 0])
+                                np.asarray(pixels.to_uint8(y))[0, ..., 0])
 
 
 @pytest.mark.parametrize("name,size,channels", [("unet64_batch_1ch", 64, 1),
@@ -141,7 +141,7 @@ def test_reference_generator_file(name, size, channels, images_dir, tmp_path):
   for row in rows:
     src = images_lib.decode(images_dir / "sub" / row["input_file"], size).pixels
     x = np.repeat(src[None, ..., None], channels, axis=-1)
-    want = np.asarray(gan.to_uint8(module(gan.to_signed(jnp.asarray(x)), train=False)))[0]
+    want = np.asarray(pixels.to_uint8(module(pixels.to_signed(jnp.asarray(x)), train=False)))[0]
     got = _read_png(tmp_path / "translated" / row["output_file"])
     assert got.shape == ((size, size) if channels == 1 else (size, size, 3))
     np.testing.assert_array_equal(got, want if channels == 3 else want[..., 0])
@@ -204,8 +204,8 @@ def test_export_generator_round_trip(our_generator, images_dir, tmp_path):
   np.testing.assert_array_equal(imported.translate(images, seed=2, batch_size=4),
                                 ours.translate(images, seed=2, batch_size=4))
   want, _ = our_generator[1].apply(our_generator[2], our_generator[3],
-                                   gan.to_signed(jnp.asarray(images)), train=False)
-  np.testing.assert_allclose(np.asarray(module(gan.to_signed(jnp.asarray(images)), train=False)),
+                                   pixels.to_signed(jnp.asarray(images)), train=False)
+  np.testing.assert_allclose(np.asarray(module(pixels.to_signed(jnp.asarray(images)), train=False)),
                              np.asarray(want), atol=1e-5)
 
 

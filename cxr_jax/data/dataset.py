@@ -29,6 +29,7 @@ from cxr_jax.data import classes as classes_lib
 from cxr_jax.data import images as images_lib
 from cxr_jax.data import layout as layout_lib
 from cxr_jax.data import splits as splits_lib
+from cxr_jax.data import synthetic_cache
 from cxr_jax.errors import ConfigError
 from cxr_jax.errors import DataError
 
@@ -137,7 +138,6 @@ def resolve_source(data_cfg: ml_collections.ConfigDict,
                                                                            False)))
   if data_cfg.data_dir:
     return layout_lib.discover(data_cfg.data_dir, classes)
-  from cxr_jax.data import synthetic  # pylint: disable=import-outside-toplevel
   size = data_cfg.image_size
   scale = float(data_cfg.get("synthetic_scale", 1.0))
   seed = int(data_cfg.get("synthetic_seed", 0))
@@ -145,7 +145,7 @@ def resolve_source(data_cfg: ml_collections.ConfigDict,
     raise ConfigError(f"config.data.synthetic_scale: must be > 0, got {scale!r}")
   out = cache_dir(data_cfg) / "synthetic" / f"size{size}-scale{scale:g}-seed{seed}"
   try:
-    root = synthetic.generate_database(out, image_size=size, scale=scale, seed=seed)
+    root = synthetic_cache.generate_database(out, image_size=size, scale=scale, seed=seed)
   except OSError as e:
     raise DataError(f"{out}: cannot write the synthetic database ({e}); set "
                     "config.data.cache_dir to a writable folder") from None

@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
+from cxr_jax import workdir as workdir_lib
 from cxr_jax.training.summary import SCALARS_CSV
 
 
@@ -227,7 +228,6 @@ def write_training_curves(workdir: str | os.PathLike, *,
   One panel per `train/` and `val/` scalar. Returns the picture's path, or None when the run
   wrote no scalars (or on processes other than 0, which write nothing).
   """
-  from cxr_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   workdir = pathlib.Path(workdir)
   csv_path = workdir / "tensorboard" / SCALARS_CSV
   if not workdir_lib.is_writer() or not csv_path.is_file():

@@ -1,8 +1,9 @@
 """Network builders, shared by the trainers and by loading an export, so that both build the same
 module from the same description (`arch`, a JSON-able dict recorded in every export's model.json).
 
-Generators are looked up by `arch["name"]` in `GENERATORS`: a translator with another generator
-(e.g. CycleGAN's ResNet generator) adds one entry there, and synthesis loads it unchanged.
+Generators are looked up by `arch["name"]` in `GENERATORS`: a new generator architecture adds one
+entry there, and synthesis loads it unchanged. A translator's `config.model` names its generator
+(`generator_arch`), whose image-size check is the architecture's own (`check_generator_size`).
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cxr_jax import configlib
+from cxr_jax.errors import ConfigError
 from cxr_jax.errors import UserError
 from cxr_jax.models import pretrained as pretrained_lib
+from cxr_jax.models.patch_mlp import PatchMLP
 from cxr_jax.models.patchgan import PatchGAN
 from cxr_jax.models.resnet import ResNet
 from cxr_jax.models.resnet_generator import ResnetGenerator
+from cxr_jax.models.resnet_generator import check_image_size
+from cxr_jax.models.unet import MIN_LEVELS
 from cxr_jax.models.unet import UNet
 
 # Scratch classifiers see [0, 1] intensities standardised with these (a radiograph's statistics).
@@ -53,7 +58,7 @@ def _unet(arch: dict, *, image_size: int, channels: int, dtype: Any,
 
 def _resnet(arch: dict, *, image_size: int, channels: int, dtype: Any,
             rngs: nnx.Rngs) -> nnx.Module:
-  """CycleGAN's ResNet generator (fully convolutional: `image_size` is not part of it)."""
+  """The reference's ResNet generator (fully convolutional: `image_size` is not part of it)."""
   del image_size
   return ResnetGenerator(in_channels=channels, out_channels=channels, ngf=arch["ngf"],
                          n_blocks=arch["n_blocks"], norm=arch["norm"],
@@ -62,6 +67,29 @@ def _resnet(arch: dict, *, image_size: int, channels: int, dtype: Any,
 
 # arch["name"] -> constructor(arch, *, image_size, channels, dtype, rngs).
 GENERATORS: dict[str, Callable[..., nnx.Module]] = {"unet": _unet, "resnet": _resnet}
+
+
+def generator_arch(model_cfg: Any) -> dict:
+  """The `arch` of a translator's `config.model` (its `generator` and that generator's keys)."""
+  name = model_cfg.get("generator")
+  common = {"name": name, "ngf": model_cfg.ngf, "norm": model_cfg.norm,
+            "use_dropout": model_cfg.use_dropout}
+  if name == "unet":
+    return common
+  if name == "resnet":
+    return dict(common, n_blocks=model_cfg.n_blocks)
+  raise ConfigError(f"config.model.generator: unknown {name!r}; use one of {tuple(GENERATORS)}")
+
+
+def check_generator_size(arch: dict, image_size: Any) -> None:
+  """Refuses an image size the generator cannot translate, naming `config.data.image_size`."""
+  if arch["name"] == "resnet":
+    check_image_size(image_size)
+  elif not (isinstance(image_size, int) and image_size >= 2**MIN_LEVELS
+            and image_size & (image_size - 1) == 0):
+    raise ConfigError(f"config.data.image_size: the U-Net halves the image down to 1x1, so it "
+                      f"must be a power of two >= {2**MIN_LEVELS} (e.g. 64, 128, 256), got "
+                      f"{image_size!r}")
 
 
 def build_generator(arch: dict, *, image_size: int, channels: int, compute_dtype: str,
@@ -82,6 +110,14 @@ def build_patchgan(*, in_channels: int, ndf: int, n_layers: int, norm: str, comp
   dtype = configlib.compute_dtype(compute_dtype)
   return init_module(lambda rngs: PatchGAN(in_channels=in_channels, ndf=ndf, n_layers=n_layers,
                                            norm=norm, rngs=rngs, dtype=dtype), seed,
+                     abstract=abstract)
+
+
+def build_patch_mlp(*, channels: tuple[int, ...], dim: int, compute_dtype: str, seed: int,
+                    abstract: bool = False) -> nnx.Module:
+  """CUT's patch projection head: one MLP per encoder layer of `channels` channels."""
+  dtype = configlib.compute_dtype(compute_dtype)
+  return init_module(lambda rngs: PatchMLP(channels, dim=dim, rngs=rngs, dtype=dtype), seed,
                      abstract=abstract)
 
 

@@ -63,6 +63,14 @@ def check_image_size(image_size: int, key: str = "data.image_size") -> int:
   return image_size
 
 
+def encoder_channels(layer: int, *, in_channels: int, ngf: int) -> int:
+  """Channels of the encoder tensor `layer` (`ResnetGenerator.encode`'s numbering)."""
+  if layer == 0:
+    return in_channels
+  stage = min((layer - 1) // 3, N_DOWNSAMPLING)   # 0: first conv, 1 and 2: the stride-2 stages
+  return ngf * 2**stage
+
+
 def reference_keys(n_blocks: int = 9, norm: str = "instance",
                    use_dropout: bool = False) -> dict[str, str]:
   """Our parameter / batch-statistic paths ('blocks.3.conv1.kernel') -> the reference's
@@ -170,6 +178,44 @@ class ResnetGenerator(nnx.Module):
     self.conv_out = nnx.Conv(ngf, out_channels, (7, 7), padding="VALID", use_bias=True,
                              kernel_init=conv_init, **kw)
 
+  @property
+  def num_encoder_points(self) -> int:
+    """How many intermediate tensors `encode` can return (indices 0 .. this - 1)."""
+    return 1 + 3 + 3 * N_DOWNSAMPLING + self.n_blocks
+
+  def _encoder(self, x, *, train: bool, rngs: nnx.Rngs | None):
+    """Yields the encoder's intermediate tensors in the order of the reference's `nn.Sequential`
+    (without anti-aliasing): 0 the reflection-padded input, 1 / 2 / 3 the first conv / its norm /
+    ReLU, 4-6 and 7-9 the two stride-2 stages (conv / norm / ReLU), 10 + i residual block i."""
+    h = reflect_pad(jnp.asarray(x, self.dtype), 3)
+    yield h
+    for conv, norm in ((self.conv_in, self.norm_in), *zip(self.downs, self.down_norms)):
+      h = conv(h)
+      yield h
+      h = apply_norm(norm, h, train)
+      yield h
+      h = nnx.relu(h)
+      yield h
+    for block in self.blocks:
+      h = block(h, train=train, rngs=rngs)
+      yield h
+
+  def encode(self, x, *, layers: tuple[int, ...], train: bool,
+             rngs: nnx.Rngs | None = None) -> list[jax.Array]:
+    """The encoder's tensors at `layers` (indices as `_encoder` numbers them), in that order, as
+    float32 [N, h, w, C]: what CUT's PatchNCE compares. Runs the encoder only as far as needed."""
+    bad = [i for i in layers if not 0 <= i < self.num_encoder_points]
+    if bad:
+      raise ConfigError(f"encoder layers {bad} do not exist: this ResNet generator has layers "
+                        f"0-{self.num_encoder_points - 1} (10 + i is residual block i)")
+    found = {}
+    for i, h in enumerate(self._encoder(x, train=train, rngs=rngs)):
+      if i in layers:
+        found[i] = h.astype(jnp.float32)
+      if len(found) == len(set(layers)):
+        break
+    return [found[i] for i in layers]
+
   def __call__(self, x, *, train: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
     h_in, w_in = x.shape[1:3]
     if h_in % 4 or w_in % 4 or h_in < 8 or w_in < 8 or x.shape[-1] != self.in_channels:
@@ -178,12 +224,8 @@ class ResnetGenerator(nnx.Module):
     if train and self.use_dropout and self.n_blocks and rngs is None:
       raise ValueError("ResnetGenerator(train=True) with dropout needs rngs with a 'dropout' "
                        "stream")
-    h = jnp.asarray(x, self.dtype)
-    h = nnx.relu(apply_norm(self.norm_in, self.conv_in(reflect_pad(h, 3)), train))
-    for conv, norm in zip(self.downs, self.down_norms):
-      h = nnx.relu(apply_norm(norm, conv(h), train))
-    for block in self.blocks:
-      h = block(h, train=train, rngs=rngs)
+    for h in self._encoder(x, train=train, rngs=rngs):
+      pass
     for conv, norm in zip(self.ups, self.up_norms):
       h = nnx.relu(apply_norm(norm, conv(h), train))
     h = self.conv_out(reflect_pad(h, 3))

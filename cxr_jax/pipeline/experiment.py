@@ -44,9 +44,8 @@ from cxr_jax.pipeline import classify
 from cxr_jax.pipeline import synthesize
 from cxr_jax.pipeline import translators
 from cxr_jax.training import classifier
-from cxr_jax.training import cyclegan
 from cxr_jax.training import fit
-from cxr_jax.training import pix2pix
+from cxr_jax.training import translator
 from cxr_jax.utils import files
 
 CONTROL_ROWS = ("original", "balanced-loss", "oversampled")
@@ -54,9 +53,6 @@ LUNGS_HIDDEN = "lungs-hidden"
 # Rows trained on the training split as it is: one training set for all seeds.
 SPLIT_ROWS = ("original", "balanced-loss", LUNGS_HIDDEN)
 INITS = ("scratch", "transfer")
-# How each translator's config is checked before any stage starts.
-VALIDATE = {"pix2pix": pix2pix.validate, "cyclegan": cyclegan.validate}
-GENERATOR_DIR = "generator"   # where every translator exports its generator in its workdir
 
 
 class Stages:
@@ -152,7 +148,7 @@ def train_translator(name: str, config: ml_collections.ConfigDict,
                      workdir: pathlib.Path) -> dict:
   """Trains (or resumes) translator `name`; its stage record names the exported generator."""
   translators.train_translator(name, config, workdir)
-  return {"generator": str(pathlib.Path(workdir) / GENERATOR_DIR)}
+  return {"generator": str(pathlib.Path(workdir) / translator.GENERATOR_DIR)}
 
 
 # --------------------------------------------------------------------------------- the task
@@ -169,10 +165,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   names = tuple(config.translators)
   configlib.require(len(set(names)) == len(names), "translators", f"{names} repeats a name")
   for name in names:
-    configlib.require(name in translators.TRANSLATORS and name in VALIDATE, "translators",
-                      f"{name!r} is not one of {tuple(translators.TRANSLATORS)}")
+    cls = translator.find(name, key="translators")
     configlib.require(name in config, name, f"translator {name!r} needs its config block")
-    VALIDATE[name](sub_config(config, name))
+    cls.check_config(sub_config(config, name))
   synthesize.number_to_make(config.synthesize.num_synthetic, {"a": 1}, "a")
   configlib.require_positive_int(config, "splits")
   primary = tuple(config.primary_comparison)

@@ -7,12 +7,12 @@ domains spelled out: A = `config.source_class` (NORMAL), B = `config.target_clas
     G = g_ab: A -> B (reference netG_A)      D_b judges B images (reference netD_A)
     F = g_ba: B -> A (reference netG_B)      D_a judges A images (reference netD_B)
 
-This module holds only what is CycleGAN's own, on the shared translator trainer
-(`translator.Translator`: batches, sample grids, the export of G; `fit`: the loop): the losses as
-pure functions of arrays, the history pool of generated images (kept in the train state on the
-device, so a resumed run is exact), the four networks and the update. The adversarial loss is
-`gan.gan_loss` (LSGAN by default here, as the reference's CycleGAN), and the discriminators' loss
-is pix2pix's halved `discriminator_loss`: one implementation of each.
+This module holds only what is CycleGAN's own, on the translator contract
+(`translator.Translator`: config checks, batches, sample grids, the export of G; `fit`: the loop):
+the generators' loss as a pure function of arrays, the history pool of generated images (kept in
+the train state on the device, so a resumed run is exact), the four networks and the update. The
+adversarial loss is `gan.gan_loss` (LSGAN by default here, as the reference's CycleGAN), and both
+discriminators are updated by `gan.update_discriminator`, the reference's `backward_D_basic`.
 
 Batches: an epoch is one pass over the source (A) training images in a seeded random order
 (`sampling.epoch_batch`, as pix2pix); each step draws its target (B) images uniformly at random,
@@ -27,7 +27,6 @@ each image's own batch statistics, dropout on), as the reference's test script d
 
 from __future__ import annotations
 
-import pathlib
 from typing import NamedTuple
 
 import flax
@@ -40,25 +39,15 @@ from flax import nnx
 from cxr_jax import configlib
 from cxr_jax.errors import ConfigError
 from cxr_jax.models import build
-from cxr_jax.models.patchgan import PatchGAN
-from cxr_jax.models.resnet_generator import check_image_size
-from cxr_jax.training import export
 from cxr_jax.training import gan
 from cxr_jax.training import translator
 from cxr_jax.training.fit import NetState
 from cxr_jax.training.functional import Functional
 from cxr_jax.training.gan import gan_loss
-from cxr_jax.training.pix2pix import discriminator_loss
-
-GENERATORS = ("resnet", "unet")
+from cxr_jax.training.gan import l1
 
 
 # ----------------------------------------------------------------------------------- losses
-
-
-def l1(a: jax.Array, b: jax.Array) -> jax.Array:
-  """Mean absolute difference (torch `L1Loss`), in float32."""
-  return jnp.mean(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
 
 
 def generator_loss(*, real_a: jax.Array, real_b: jax.Array, rec_a: jax.Array, rec_b: jax.Array,
@@ -93,16 +82,6 @@ def generator_loss(*, real_a: jax.Array, real_b: jax.Array, rec_a: jax.Array, re
   parts["idt_ba"] = lambda_a * lambda_identity * l1(same_a, real_a) if use_idt else zero
   total = sum(parts.values())
   return total, parts
-
-
-def discriminator_losses(*, d_a_real_logits: jax.Array, d_a_fake_logits: jax.Array,
-                         d_b_real_logits: jax.Array, d_b_fake_logits: jax.Array,
-                         kind: str) -> tuple[jax.Array, jax.Array]:
-  """(loss of D_a, loss of D_b), each `0.5 * (gan_loss(real, 1) + gan_loss(fake, 0))` as the
-  reference's `backward_D_basic`; the fake logits are those of the *pooled* generated images
-  (`pool_query`), which are constants for the generators."""
-  return (discriminator_loss(d_a_real_logits, d_a_fake_logits, kind),
-          discriminator_loss(d_b_real_logits, d_b_fake_logits, kind))
 
 
 # ------------------------------------------------------------------------------ history pool
@@ -156,62 +135,18 @@ def pool_query(pool: Pool, images: jax.Array, key: jax.Array) -> tuple[jax.Array
 
 # -------------------------------------------------------------------------------- networks
 
-GENERATOR_DIR = translator.GENERATOR_DIR
-
-
-def generator_arch(model_cfg: ml_collections.ConfigDict) -> dict:
-  """The export's `arch` of `config.model.generator` (built by `models/build.py`)."""
-  kind = model_cfg.generator
-  if kind == "resnet":
-    return {"name": "resnet", "ngf": model_cfg.ngf, "n_blocks": model_cfg.n_blocks,
-            "norm": model_cfg.norm, "use_dropout": model_cfg.use_dropout}
-  if kind == "unet":
-    return {"name": "unet", "ngf": model_cfg.ngf, "norm": model_cfg.norm,
-            "use_dropout": model_cfg.use_dropout}
-  raise ConfigError(f"config.model.generator: unknown {kind!r}; use one of {GENERATORS}")
-
-
-def check_generator_size(model_cfg: ml_collections.ConfigDict, image_size: int) -> None:
-  if model_cfg.generator == "resnet":
-    check_image_size(image_size)
-  elif not (isinstance(image_size, int) and image_size >= 32 and image_size & (image_size - 1) == 0):
-    raise ConfigError(f"config.data.image_size: the U-Net halves the image down to 1x1, so it "
-                      f"must be a power of two >= 32 (e.g. 64, 128, 256), got {image_size!r}")
-
-
-def inference_mode(model_cfg: ml_collections.ConfigDict) -> str:
-  """'eval' when train and test modes agree (instance norm, no dropout); else pix2pix's test mode."""
-  return "eval" if model_cfg.norm == "instance" and not model_cfg.use_dropout else "instance"
-
-
-def build_generator(model_cfg: ml_collections.ConfigDict, *, image_size: int, channels: int,
-                    rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Module:
-  """`config.model.generator`: 'resnet' (the reference's resnet_{n_blocks}blocks, its CycleGAN
-  default) or 'unet' (unet_256 at 256 px; one level fewer per halving of the size), by the
-  builders that load exports (`build.GENERATORS`)."""
-  arch = generator_arch(model_cfg)
-  check_generator_size(model_cfg, image_size)
-  return build.GENERATORS[arch["name"]](arch, image_size=image_size, channels=channels,
-                                        dtype=dtype, rngs=rngs)
-
-
-def build_discriminator(model_cfg: ml_collections.ConfigDict, *, channels: int, rngs: nnx.Rngs,
-                        dtype=jnp.float32) -> nnx.Module:
-  """Unconditional PatchGAN: it sees one image (not a pair as in pix2pix)."""
-  return PatchGAN(in_channels=channels, ndf=model_cfg.ndf, n_layers=model_cfg.n_layers_d,
-                  norm=model_cfg.norm, rngs=rngs, dtype=dtype)
-
-
-def build_networks(config: ml_collections.ConfigDict, image_size: int, channels: int):
-  """(G: A -> B, F: B -> A, D_a, D_b), each from its own seed."""
-  check_generator_size(config.model, image_size)
-  arch = generator_arch(config.model)
+def build_networks(config: ml_collections.ConfigDict, image_size: int, channels: int, *,
+                   abstract: bool = False):
+  """(G: A -> B, F: B -> A, D_a, D_b), each from its own seed; the discriminators are
+  unconditional PatchGANs (they see one image, not a pair as in pix2pix)."""
+  arch, m = build.generator_arch(config.model), config.model
   g_ab, g_ba = (build.build_generator(arch, image_size=image_size, channels=channels,
-                                      compute_dtype=config.compute_dtype, seed=config.seed + i)
+                                      compute_dtype=config.compute_dtype, seed=config.seed + i,
+                                      abstract=abstract)
                 for i in (0, 1))
-  d_a, d_b = (build.build_patchgan(in_channels=channels, ndf=config.model.ndf,
-                                   n_layers=config.model.n_layers_d, norm=config.model.norm,
-                                   compute_dtype=config.compute_dtype, seed=config.seed + i)
+  d_a, d_b = (build.build_patchgan(in_channels=channels, ndf=m.ndf, n_layers=m.n_layers_d,
+                                   norm=m.norm, compute_dtype=config.compute_dtype,
+                                   seed=config.seed + i, abstract=abstract)
               for i in (2, 3))
   return g_ab, g_ba, d_a, d_b
 
@@ -240,6 +175,16 @@ class CycleGAN(translator.Translator):
   name = "cyclegan"
   memory_keys = translator.Translator.memory_keys + ("model.n_blocks",)
 
+  @classmethod
+  def check_own_config(cls, config: ml_collections.ConfigDict) -> None:
+    for key in ("lambda_a", "lambda_b", "lambda_identity"):
+      configlib.require(config[key] >= 0, key, f"must be >= 0, got {config[key]}")
+    configlib.require(isinstance(config.pool_size, int) and config.pool_size >= 0, "pool_size",
+                      f"must be an integer >= 0, got {config.pool_size!r}")
+    configlib.require(isinstance(config.model.get("n_blocks", 0), int)
+                      and config.model.get("n_blocks", 0) >= 0, "model.n_blocks",
+                      f"must be an integer >= 0, got {config.model.get('n_blocks')!r}")
+
   def build_networks(self) -> Functional:
     g_ab, g_ba, d_a, d_b = build_networks(self.config, self.image_size, self.channels)
     gen, *g_ab_init = Functional.split(g_ab)   # G and F share one architecture
@@ -251,12 +196,6 @@ class CycleGAN(translator.Translator):
 
   def generator_state(self, state: State) -> NetState:
     return state.g_ab          # G: A -> B, the exported generator
-
-  def generator_arch(self) -> dict:
-    return generator_arch(self.config.model)
-
-  def inference(self) -> str:
-    return inference_mode(self.config.model)
 
   def init_state(self) -> State:
     shape = (self.image_size, self.image_size, self.channels)
@@ -306,45 +245,16 @@ class CycleGAN(translator.Translator):
     pooled_a, pool_a = pool_query(state.pool_a, fake_a, k_pool_a)
     pooled_b, pool_b = pool_query(state.pool_b, fake_b, k_pool_b)
 
-    def d_loss_fn(params, net: NetState, real, fake):
-      real_logits, stats = self.disc.apply(params, net.stats, real, train=True)
-      fake_logits, stats = self.disc.apply(params, stats, fake.astype(real.dtype), train=True)
-      loss = discriminator_loss(real_logits, fake_logits, cfg.gan_loss)
-      return loss, (stats, real_logits, fake_logits)
-
     metrics = {"g_loss": g_loss, **{"g_" + k: v for k, v in parts.items()}}
-    nets = {}
-    for name, net, real, fake in (("a", state.d_a, real_a, pooled_a),
-                                  ("b", state.d_b, real_b, pooled_b)):
-      (loss, (stats, real_logits, fake_logits)), grads = jax.value_and_grad(
-          d_loss_fn, has_aux=True)(net.params, net, real, fake)
-      nets[name] = net.apply_gradients(grads, stats)
-      acc_real, acc_fake = gan.discriminator_accuracy(real_logits, fake_logits, cfg.gan_loss)
-      metrics.update({f"d_{name}_loss": loss, f"d_{name}_acc_real": acc_real,
-                      f"d_{name}_acc_fake": acc_fake})
+    d_a, d_a_metrics = gan.update_discriminator(self.disc, state.d_a, real_a, pooled_a,
+                                                cfg.gan_loss, prefix="d_a_")
+    d_b, d_b_metrics = gan.update_discriminator(self.disc, state.d_b, real_b, pooled_b,
+                                                cfg.gan_loss, prefix="d_b_")
+    metrics.update(d_a_metrics, **d_b_metrics)
     metrics["g_grad_norm"] = optax.tree.norm((grad_ab, grad_ba))
     metrics["learning_rate"] = jnp.asarray(self.schedule(state.step), jnp.float32)
-    return state.replace(step=state.step + 1, g_ab=g_ab, g_ba=g_ba, d_a=nets["a"],
-                         d_b=nets["b"], pool_a=pool_a, pool_b=pool_b), metrics
+    return state.replace(step=state.step + 1, g_ab=g_ab, g_ba=g_ba, d_a=d_a, d_b=d_b,
+                         pool_a=pool_a, pool_b=pool_b), metrics
 
 
-# ----------------------------------------------------------------------------------- task
-
-
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks `config`; returns a copy whose source / target classes are canonically spelt."""
-  for key in ("lambda_a", "lambda_b", "lambda_identity"):
-    configlib.require(config[key] >= 0, key, f"must be >= 0, got {config[key]}")
-  configlib.require(isinstance(config.pool_size, int) and config.pool_size >= 0, "pool_size",
-                    f"must be an integer >= 0, got {config.pool_size!r}")
-  configlib.require(isinstance(config.model.n_blocks, int) and config.model.n_blocks >= 0,
-                    "model.n_blocks", f"must be an integer >= 0, got {config.model.n_blocks!r}")
-  generator_arch(config.model)
-  check_generator_size(config.model, config.data.image_size)
-  return gan.validate_translator(config, extra_positive=("model.n_layers_d",))
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: pathlib.Path) -> export.Exported:
-  """The `cyclegan` task: trains, checkpoints, writes samples, exports G."""
-  return translator.train(CycleGAN, validate(config), workdir)
+TRANSLATOR = CycleGAN

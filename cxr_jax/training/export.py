@@ -8,14 +8,16 @@ exports are translator-agnostic: `translator` names the model that trained it ('
 alone with dropout on as the noise source; 'eval': `train=False`), and synthesis loads any of them.
 
 `Exported` holds the meta, the functional module and the parameters replicated once on a mesh;
-`map` runs a pure function over fixed-size, batch-sharded batches (one compile per function),
-dispatching every batch before fetching. Translation, class probabilities, pooled features,
+`map` runs a pure function of (network, static arguments, weights, batch) over fixed-size,
+batch-sharded batches, compiled once per function and static arguments, dispatching every batch
+before fetching. Translation, class probabilities, pooled features,
 Grad-CAM inputs, the trainers' validation and sample grids all use it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 from typing import Any, Callable
@@ -33,8 +35,8 @@ from cxr_jax.errors import UserError
 from cxr_jax.models import build
 from cxr_jax.models import pretrained as pretrained_lib
 from cxr_jax.training import augment
-from cxr_jax.training import gan
 from cxr_jax.training import mesh as mesh_lib
+from cxr_jax.training import pixels
 from cxr_jax.training.functional import Functional
 from cxr_jax.utils import files
 
@@ -127,13 +129,13 @@ def classifier_weights(directory: str | pathlib.Path) -> pretrained_lib.Pretrain
 def translate_images(net: Functional, inference: str, params, stats, images_u8, key_data):
   """uint8 translations of uint8 images; each image's dropout noise comes from its own key."""
   if inference == "eval":
-    out, _ = net.apply(params, stats, gan.to_signed(images_u8), train=False)
-    return gan.to_uint8(out)
+    out, _ = net.apply(params, stats, pixels.to_signed(images_u8), train=False)
+    return pixels.to_uint8(out)
 
   def one(image, kd):
-    out, _ = net.apply(params, stats, gan.to_signed(image[None]), train=True,
+    out, _ = net.apply(params, stats, pixels.to_signed(image[None]), train=True,
                        rngs=nnx.Rngs(dropout=jax.random.wrap_key_data(kd)))
-    return gan.to_uint8(out[0])
+    return pixels.to_uint8(out[0])
   return jax.vmap(one)(images_u8, key_data)
 
 
@@ -163,7 +165,8 @@ class Exported:
   params: Any
   stats: Any
   mesh: jax.sharding.Mesh
-  # Compiled `map` functions by name, shared by the copies `with_weights` makes.
+  # Compiled `map` functions by (function, static arguments), shared by the copies `with_weights`
+  # makes.
   _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @classmethod
@@ -182,14 +185,18 @@ class Exported:
   def input_spec(self) -> build.InputSpec:
     return build.InputSpec.from_json(self.meta["input"])
 
-  def map(self, name: str, fn: Callable, *arrays: np.ndarray, batch_size: int) -> np.ndarray:
-    """`fn(params, stats, *batch)` over `arrays` in fixed-size batches sharded along `data`;
-    compiled once per `name` (and batch shape)."""
-    compiled = self._compiled.get(name)
+  def map(self, fn: Callable, *arrays: np.ndarray, batch_size: int,
+          static: tuple = ()) -> np.ndarray:
+    """`fn(net, *static, params, stats, *batch)` over `arrays` in fixed-size batches sharded
+    along `data`; compiled once per (`fn`, `static`) (and batch shape). `static` must be
+    hashable: it is part of the compiled function's key."""
+    key = (fn, static)
+    compiled = self._compiled.get(key)
     if compiled is None:
       rep, batch = mesh_lib.replicated(self.mesh), mesh_lib.batch_sharding(self.mesh)
-      compiled = self._compiled[name] = jax.jit(
-          fn, in_shardings=(rep, rep) + (batch,) * len(arrays), out_shardings=batch)
+      compiled = self._compiled[key] = jax.jit(
+          functools.partial(fn, self.net, *static),
+          in_shardings=(rep, rep) + (batch,) * len(arrays), out_shardings=batch)
     return mesh_lib.map_batches(lambda *xs: compiled(self.params, self.stats, *xs), arrays,
                                 batch_size, self.mesh)
 
@@ -204,24 +211,19 @@ class Exported:
     base = jax.random.key(seed)
     key_data = np.asarray(jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(base, i))(
         jnp.arange(first_index, first_index + len(images_u8)))))
-    inference = self.meta["inference"]
-    return self.map("translate",
-                    lambda p, s, x, k: translate_images(self.net, inference, p, s, x, k),
-                    images_u8, key_data, batch_size=batch_size)
+    return self.map(translate_images, images_u8, key_data, batch_size=batch_size,
+                    static=(self.meta["inference"],))
 
   # Classifiers --------------------------------------------------------------------------------
 
   def predict(self, images_u8: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Class probabilities [N, K]."""
-    spec = self.input_spec
-    return self.map("predict", lambda p, s, x: _probabilities(self.net, spec, p, s, x), images_u8,
-                    batch_size=batch_size)
+    return self.map(_probabilities, images_u8, batch_size=batch_size, static=(self.input_spec,))
 
   def features(self, images_u8: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Globally pooled last-stage features, [N, 2048] for ResNet-50 (FID / KID)."""
-    spec = self.input_spec
-    return self.map("features", lambda p, s, x: _pooled_features(self.net, spec, p, s, x),
-                    images_u8, batch_size=batch_size)
+    return self.map(_pooled_features, images_u8, batch_size=batch_size,
+                    static=(self.input_spec,))
 
   def network_input(self, images_u8: jax.Array) -> jax.Array:
     return _network_input(self.input_spec, images_u8)

@@ -1,28 +1,19 @@
-"""What image translators share (pix2pix today, CycleGAN next): the adversarial loss, the image
-value mappings, the constant-then-linear-decay learning rate and the sample-grid hook."""
+"""The parts every image translator shares: the adversarial loss, the one discriminator update
+(the reference's `backward_D_basic` and its optimiser step), the L1 term, the batch draw and the
+constant-then-linear-decay learning rate."""
 
 from __future__ import annotations
 
-import pathlib
-from typing import TYPE_CHECKING, Any, Callable
-
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 import optax
 
-from cxr_jax import configlib
-from cxr_jax import workdir as workdir_lib
-from cxr_jax.data import classes as classes_lib
 from cxr_jax.errors import ConfigError
 from cxr_jax.training import augment as augment_lib
+from cxr_jax.training import pixels
 from cxr_jax.training import sampling
-from cxr_jax.training.summary import SummaryWriter
-from cxr_jax.utils import grid
-
-if TYPE_CHECKING:  # export imports this module (to_signed / to_uint8)
-  from cxr_jax.training.export import Exported
+from cxr_jax.training.fit import NetState
+from cxr_jax.training.functional import Functional
 
 GAN_LOSSES = ("bce", "lsgan")
 
@@ -38,6 +29,16 @@ def gan_loss(logits: jax.Array, real: bool, kind: str) -> jax.Array:
   raise ConfigError(f"config.gan_loss: unknown {kind!r}; use 'bce' or 'lsgan'")
 
 
+def l1(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Mean absolute difference (torch `L1Loss`), in float32."""
+  return jnp.mean(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+
+
+def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, kind: str) -> jax.Array:
+  """`0.5 * (gan_loss(real, 1) + gan_loss(fake, 0))`: halved so that D learns more slowly than G."""
+  return 0.5 * (gan_loss(real_logits, True, kind) + gan_loss(fake_logits, False, kind))
+
+
 def discriminator_accuracy(real_logits: jax.Array, fake_logits: jax.Array,
                            kind: str) -> tuple[jax.Array, jax.Array]:
   """Shares of real / fake patches the discriminator gets right (its decision threshold is 0 for
@@ -47,20 +48,34 @@ def discriminator_accuracy(real_logits: jax.Array, fake_logits: jax.Array,
           jnp.mean((fake_logits < threshold).astype(jnp.float32)))
 
 
-def to_signed(images_u8: jax.Array) -> jax.Array:
-  return images_u8.astype(jnp.float32) / 127.5 - 1.0
+def update_discriminator(disc: Functional, net: NetState, real: jax.Array, fake: jax.Array,
+                         kind: str, prefix: str = "d_") -> tuple[NetState, dict[str, jax.Array]]:
+  """One optimiser step of a discriminator on `real` and `fake` inputs (the fakes are constants
+  here): the reference's `backward_D_basic`, used for every discriminator of every translator.
+  Returns the updated `NetState` and its metrics named `<prefix>loss`, `<prefix>acc_real`,
+  `<prefix>acc_fake` and `<prefix>grad_norm`."""
+  fake = jax.lax.stop_gradient(fake).astype(real.dtype)
 
+  def loss_fn(params):
+    real_logits, stats = disc.apply(params, net.stats, real, train=True)
+    fake_logits, stats = disc.apply(params, stats, fake, train=True)
+    return discriminator_loss(real_logits, fake_logits, kind), (stats, real_logits, fake_logits)
 
-def to_uint8(images: jax.Array) -> jax.Array:
-  return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+  (loss, (stats, real_logits, fake_logits)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(net.params)
+  acc_real, acc_fake = discriminator_accuracy(real_logits, fake_logits, kind)
+  return net.apply_gradients(grads, stats), {
+      f"{prefix}loss": loss, f"{prefix}acc_real": acc_real, f"{prefix}acc_fake": acc_fake,
+      f"{prefix}grad_norm": optax.tree.norm(grads)}
 
 
 def source_target_batch(step: jax.Array, rng: jax.Array, source: jax.Array, target: jax.Array, *,
                         batch_size: int, steps_per_epoch: int,
                         augment: augment_lib.AugmentSpec | None, sharding) -> tuple:
   """The batch of `step` for a translator, drawn on the device: source images in the seeded
-  epoch order, target images uniformly at random (pix2pix pairs them, CycleGAN does not),
-  augmented (or not) into [-1, 1]; returns (source, target, a key for the step's own noise)."""
+  epoch order, target images uniformly at random (pix2pix pairs them, the unpaired translators
+  do not), augmented (or not) into [-1, 1]; returns (source, target, a key for the step's own
+  noise)."""
   src_idx = sampling.epoch_batch(rng, step, source.shape[0], batch_size, steps_per_epoch)
   key = jax.random.fold_in(rng, step)
   k_pick, k_aug_src, k_aug_tgt, k_step = jax.random.split(key, 4)
@@ -70,72 +85,18 @@ def source_target_batch(step: jax.Array, rng: jax.Array, source: jax.Array, targ
     src = augment_lib.augment(src, k_aug_src, augment) * 2.0 - 1.0
     tgt = augment_lib.augment(tgt, k_aug_tgt, augment) * 2.0 - 1.0
   else:
-    src, tgt = to_signed(src), to_signed(tgt)
+    src, tgt = pixels.to_signed(src), pixels.to_signed(tgt)
   return (jax.lax.with_sharding_constraint(src, sharding),
           jax.lax.with_sharding_constraint(tgt, sharding), k_step)
 
 
 def constant_then_linear_decay(learning_rate: float, total_steps: int,
                                decay_steps: int) -> optax.Schedule:
-  """Constant for `total_steps - decay_steps` steps, then linear to zero (pix2pix's and
-  CycleGAN's 'linear' policy)."""
+  """Constant for `total_steps - decay_steps` steps, then linear to zero (the reference's
+  'linear' policy)."""
   constant = optax.constant_schedule(learning_rate)
   if decay_steps <= 0:
     return constant
   return optax.join_schedules(
       [constant, optax.linear_schedule(learning_rate, 0.0, decay_steps)],
       [total_steps - decay_steps])
-
-
-def sample_rows(seed: int, count: int, inputs: np.ndarray,
-                reals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """The fixed rows of the sample grids: `count` distinct inputs, each beside a random real image
-  of the target class."""
-  rng = np.random.default_rng(seed)
-  count = min(count, len(inputs))
-  return (inputs[np.sort(rng.choice(len(inputs), count, replace=False))],
-          reals[rng.integers(0, len(reals), count)])
-
-
-class SampleGrid:
-  """A training hook: a PNG grid (and TensorBoard image) of input | translated | `extra` columns,
-  translated through the exported-model path with the state's current generator weights."""
-
-  def __init__(self, generator: Exported, weights: Callable[[Any], tuple[Any, Any]],
-               inputs: np.ndarray, extra: tuple[np.ndarray, ...], out_dir: pathlib.Path,
-               tag: str):
-    self.generator, self.weights, self.inputs, self.extra = generator, weights, inputs, extra
-    self.out_dir, self.tag = out_dir, tag
-
-  def __call__(self, step: int, state: Any, writer: SummaryWriter) -> None:
-    fake = self.generator.with_weights(*self.weights(state)).translate(
-        self.inputs, seed=0, batch_size=len(self.inputs))
-    if not workdir_lib.is_writer():
-      return
-    image = grid.tile(np.stack([self.inputs, fake, *self.extra], axis=1))
-    self.out_dir.mkdir(parents=True, exist_ok=True)
-    grid.save_png(self.out_dir / f"step_{step:07d}.png", image)
-    writer.image(step, self.tag, image)
-
-
-def validate_translator(config: ml_collections.ConfigDict,
-                        extra_positive: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-  """The checks every translator's config shares (schedule, optimiser, adversarial loss, dtype,
-  classes); returns a copy whose source / target classes are canonically spelt
-  ('Healthy' -> 'HEALTHY')."""
-  for key in ("batch_size", "num_epochs", "steps_per_call", "log_every", "checkpoint_every",
-              "sample_every", "keep_checkpoints", "model.ngf", "model.ndf") + extra_positive:
-    configlib.require_positive_int(config, key)
-  configlib.require(0 <= config.decay_epochs <= config.num_epochs, "decay_epochs",
-                    f"must be between 0 and num_epochs ({config.num_epochs}), "
-                    f"got {config.decay_epochs}")
-  configlib.require(config.learning_rate > 0, "learning_rate", "must be > 0")
-  configlib.require(config.gan_loss in GAN_LOSSES, "gan_loss",
-                    f"{config.gan_loss!r} is not 'bce' or 'lsgan'")
-  configlib.compute_dtype(config.compute_dtype)
-  config = config.copy_and_resolve_references()
-  for key in ("source_class", "target_class"):
-    config[key] = classes_lib.member(config[key], config.data.classes, key)
-  configlib.require(config.source_class != config.target_class, "target_class",
-                    f"must differ from source_class ({config.source_class})")
-  return config

@@ -12,13 +12,11 @@ to a COVID image unrelated to it, drawn afresh each step; the output minimising 
 (pixel-wise) median COVID picture, whatever the input. The conditional discriminator sees real
 pairs whose two halves are unrelated, so it cannot teach the generator to keep the patient's
 anatomy either. The outputs hardly depend on their inputs and are far less varied than real COVID
-images (`evaluation/quality.py` measures both; docs/translation.md has the figures). CycleGAN
-(`cyclegan.py`) is the unpaired translator beside it.
+images (`evaluation/quality.py` measures both; docs/translation.md has the figures). The unpaired
+translators beside it (`cyclegan.py`, ...) need no pairs.
 """
 
 from __future__ import annotations
-
-import pathlib
 
 import flax
 import jax
@@ -29,26 +27,19 @@ from flax import nnx
 
 from cxr_jax import configlib
 from cxr_jax.models import build
-from cxr_jax.training import export
 from cxr_jax.training import gan
 from cxr_jax.training import translator
 from cxr_jax.training.fit import NetState
 from cxr_jax.training.functional import Functional
 
-GENERATOR_DIR = translator.GENERATOR_DIR
 # config.model.inference_norm -> the export's `inference` (see export.py).
 INFERENCE = {"instance": "instance", "running": "eval"}
-
-
-def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, kind: str) -> jax.Array:
-  """Halved, as in pix2pix, so that D learns more slowly than G."""
-  return 0.5 * (gan.gan_loss(real_logits, True, kind) + gan.gan_loss(fake_logits, False, kind))
 
 
 def generator_loss(fake_logits: jax.Array, fake: jax.Array, target: jax.Array, kind: str,
                    l1_weight: float) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   adv = gan.gan_loss(fake_logits, True, kind)
-  l1 = jnp.mean(jnp.abs(fake.astype(jnp.float32) - target.astype(jnp.float32)))
+  l1 = gan.l1(fake, target)
   return adv + l1_weight * l1, (adv, l1)
 
 
@@ -60,15 +51,11 @@ class State:
   d: NetState
 
 
-def generator_arch(model_cfg: ml_collections.ConfigDict) -> dict:
-  return {"name": "unet", "ngf": model_cfg.ngf, "norm": model_cfg.norm,
-          "use_dropout": model_cfg.use_dropout}
-
-
 def build_networks(config: ml_collections.ConfigDict, image_size: int, channels: int, *,
                    abstract: bool = False) -> tuple[nnx.Module, nnx.Module]:
+  """(U-Net generator, conditional PatchGAN on (source, image) pairs)."""
   m = config.model
-  gen = build.build_generator(generator_arch(m), image_size=image_size, channels=channels,
+  gen = build.build_generator(build.generator_arch(m), image_size=image_size, channels=channels,
                               compute_dtype=config.compute_dtype, seed=config.seed,
                               abstract=abstract)
   disc = build.build_patchgan(in_channels=2 * channels, ndf=m.ndf, n_layers=m.n_layers_d,
@@ -82,6 +69,12 @@ class Pix2Pix(translator.Translator):
   batches, sample grids and export are `translator.Translator`'s)."""
   name = "pix2pix"
   sample_tag = "samples/normal_generated_covid"
+
+  @classmethod
+  def check_own_config(cls, config: ml_collections.ConfigDict) -> None:
+    configlib.require(config.l1_weight >= 0, "l1_weight", "must be >= 0")
+    configlib.require(config.model.inference_norm in INFERENCE, "model.inference_norm",
+                      f"{config.model.inference_norm!r} is not 'instance' or 'running'")
 
   def build_networks(self) -> Functional:
     gen, disc = build_networks(self.config, self.image_size, self.channels)
@@ -106,11 +99,8 @@ class Pix2Pix(translator.Translator):
   def generator_state(self, state: State) -> NetState:
     return state.g
 
-  def generator_arch(self) -> dict:
-    return generator_arch(self.config.model)
-
   def inference(self) -> str:
-    return INFERENCE.get(self.config.model.inference_norm)
+    return INFERENCE[self.config.model.inference_norm]
 
   def update(self, state: State, source: jax.Array, target: jax.Array,
              dropout_key: jax.Array) -> tuple[State, dict[str, jax.Array]]:
@@ -122,19 +112,9 @@ class Pix2Pix(translator.Translator):
                             rngs=nnx.Rngs(dropout=dropout_key))
 
     fake, g_vjp, g_stats = jax.vjp(generate, state.g.params, has_aux=True)
-
-    def d_loss_fn(d_params):
-      real_logits, stats = self.disc.apply(d_params, state.d.stats,
-                                           jnp.concatenate([source, target], -1), train=True)
-      fake_logits, stats = self.disc.apply(d_params, stats,
-                                           jnp.concatenate([source, jax.lax.stop_gradient(fake)],
-                                                           -1), train=True)
-      return discriminator_loss(real_logits, fake_logits, cfg.gan_loss), (stats, real_logits,
-                                                                          fake_logits)
-
-    (d_loss, (d_stats, real_logits, fake_logits)), d_grads = jax.value_and_grad(
-        d_loss_fn, has_aux=True)(state.d.params)
-    d = state.d.apply_gradients(d_grads, d_stats)
+    d, d_metrics = gan.update_discriminator(self.disc, state.d,
+                                            jnp.concatenate([source, target], -1),
+                                            jnp.concatenate([source, fake], -1), cfg.gan_loss)
 
     def g_loss_fn(fake):
       logits, stats = self.disc.apply(d.params, d.stats, jnp.concatenate([source, fake], -1),
@@ -145,33 +125,13 @@ class Pix2Pix(translator.Translator):
     (g_loss, (d_stats, g_adv, g_l1)), fake_grad = jax.value_and_grad(
         g_loss_fn, has_aux=True)(fake)
     (g_grads,) = g_vjp(fake_grad)
-    acc_real, acc_fake = gan.discriminator_accuracy(real_logits, fake_logits, cfg.gan_loss)
     metrics = {
-        "g_loss": g_loss, "g_gan": g_adv, "g_l1": g_l1, "d_loss": d_loss,
-        "d_acc_real": acc_real, "d_acc_fake": acc_fake,
-        "g_grad_norm": optax.tree.norm(g_grads), "d_grad_norm": optax.tree.norm(d_grads),
+        "g_loss": g_loss, "g_gan": g_adv, "g_l1": g_l1, **d_metrics,
+        "g_grad_norm": optax.tree.norm(g_grads),
         "learning_rate": jnp.asarray(self.schedule(state.step), jnp.float32),
     }
     return state.replace(step=state.step + 1, g=state.g.apply_gradients(g_grads, g_stats),
                          d=d.replace(stats=d_stats)), metrics
 
 
-# ----------------------------------------------------------------------------------- task
-
-
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks `config`; returns a copy whose source / target classes are canonically spelt."""
-  configlib.require(config.l1_weight >= 0, "l1_weight", "must be >= 0")
-  configlib.require(config.model.inference_norm in INFERENCE, "model.inference_norm",
-                    f"{config.model.inference_norm!r} is not 'instance' or 'running'")
-  size = config.data.image_size
-  configlib.require(isinstance(size, int) and size >= 32 and size & (size - 1) == 0,
-                    "data.image_size", f"the U-Net halves the image down to 1x1, so it must be a "
-                    f"power of two >= 32 (e.g. 64, 128, 256), got {size!r}")
-  return gan.validate_translator(config)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: pathlib.Path) -> export.Exported:
-  """The `pix2pix` task: trains, checkpoints, writes samples, exports the generator."""
-  return translator.train(Pix2Pix, validate(config), workdir)
+TRANSLATOR = Pix2Pix

@@ -1,28 +1,28 @@
-"""The trainer every image translator shares (pix2pix, CycleGAN): a translator file keeps only its
-networks, losses and update.
+"""The translator contract: what every image translator (pix2pix, CycleGAN, CUT, ...) provides,
+what they share, and the task that trains any of them.
 
-`Translator` is a `fit.Trainer` with what both translators do the same way: the Adam optimiser on
-the constant-then-linear-decay schedule, the on-device augmentation, the batch of a step (source
-images in the seeded epoch order, target images drawn uniformly: `gan.source_target_batch`), the
-sample-grid hook through the exported-model path, and the export of the generator (the one
-network synthesis needs) with its metadata. A subclass provides:
+A translator is one module `cxr_jax/training/<name>.py` whose `TRANSLATOR` is a subclass of
+`Translator`; `find(name)` imports it by name (as big_vision finds its models), so adding one edits
+nothing else. `Translator` is a `fit.Trainer` that holds what every translator does the same way:
+the config checks they share, the Adam optimiser on the constant-then-linear-decay schedule, the
+on-device augmentation, the batch of a step (source images in the seeded epoch order, target
+images drawn uniformly: `gan.source_target_batch`), the sample grids through the exported-model
+path, and the export of the generator (the one network synthesis needs) with its metadata. A
+subclass provides what is its own (the abstract methods below): its config checks, its networks,
+its state and its update.
 
-    name                         'pix2pix', 'cyclegan': the export's `translator`
-    build_networks() -> gen      builds its networks (kept on `self`) and returns the generator's
-                                 `Functional`, which the export and the sample grids run
-    init_state() -> state        a pytree with `step` and `rng`
-    update(state, source, target, key) -> (state, metrics)
-    generator_state(state)       the `NetState` of the exported generator
-    generator_arch() / inference()   the export's `arch` and `inference` (see export.py)
-
-`train(cls, config, workdir)` is the task every translator runs: it reads the source and target
-training images, builds the trainer, fits it (`fit.fit`) and loads the exported generator.
+`train(cls, config, workdir)` is the task every translator runs: it checks the config, reads the
+source and target training images, builds the trainer, fits it (`fit.fit`) and loads the exported
+generator.
 """
 
 from __future__ import annotations
 
+import abc
+import importlib
 import pathlib
-from typing import Any
+import re
+from typing import Any, Callable, ClassVar
 
 import jax
 import ml_collections
@@ -31,8 +31,12 @@ import optax
 from absl import logging
 
 from cxr_jax import configlib
+from cxr_jax import workdir as workdir_lib
+from cxr_jax.data import classes as classes_lib
 from cxr_jax.data import dataset
+from cxr_jax.errors import ConfigError
 from cxr_jax.errors import UserError
+from cxr_jax.models import build
 from cxr_jax.training import augment as augment_lib
 from cxr_jax.training import export
 from cxr_jax.training import fit
@@ -42,16 +46,22 @@ from cxr_jax.training import mesh as mesh_lib
 from cxr_jax.training.fit import NetState
 from cxr_jax.training.functional import Functional
 from cxr_jax.training.summary import SummaryWriter
+from cxr_jax.utils import grid
 
 GENERATOR_DIR = "generator"   # where a translator exports its generator, in its workdir
+PACKAGE = "cxr_jax.training"
 
 
-class Translator:
-  """The shared part of a translator's trainer (see the module docstring)."""
-  name: str
-  sample_tag: str = "samples/source_translated_target"
+class Translator(abc.ABC):
+  """The contract of an image translator and its shared part (see the module docstring)."""
+  name: ClassVar[str]                 # the module's name; the export's `translator`
+  sample_tag: ClassVar[str] = "samples/source_translated_target"
   # Config keys whose values set the memory a step needs (named when the device runs out).
-  memory_keys: tuple[str, ...] = ("batch_size", "data.image_size", "model.ngf")
+  memory_keys: ClassVar[tuple[str, ...]] = ("batch_size", "data.image_size", "model.ngf")
+  # Config keys every translator of this kind needs to be positive integers.
+  positive_keys: ClassVar[tuple[str, ...]] = (
+      "batch_size", "num_epochs", "steps_per_call", "log_every", "checkpoint_every",
+      "sample_every", "keep_checkpoints", "model.ngf", "model.ndf", "model.n_layers_d")
 
   def __init__(self, config: ml_collections.ConfigDict, *, image_size: int, steps_per_epoch: int,
                mesh: jax.sharding.Mesh, channels: int = 1,
@@ -70,33 +80,72 @@ class Translator:
     self.gen = self.build_networks()
     self.generator = export.Exported(self.export_meta(), self.gen, None, None, mesh)
     # Sample grids of (source image, translated, a real target image) rows, when given.
-    self.sampler = None if samples is None else gan.SampleGrid(
+    self.sampler = None if samples is None else SampleGrid(
         self.generator, lambda st: (self.generator_state(st).params,
                                     self.generator_state(st).stats),
         samples[0], samples[1:], sample_dir, self.sample_tag)
 
-  # ----------------------------------------------------------------- what a subclass provides
+  # ----------------------------------------------------------------- what a translator provides
 
+  @classmethod
+  @abc.abstractmethod
+  def check_own_config(cls, config: ml_collections.ConfigDict) -> None:
+    """Raises a ConfigError naming the key of a bad value among the translator's own keys."""
+
+  @abc.abstractmethod
   def build_networks(self) -> Functional:
-    raise NotImplementedError
+    """Builds the networks (kept on `self`) and returns the generator's `Functional`, which the
+    export and the sample grids run."""
 
+  @abc.abstractmethod
   def init_state(self) -> Any:
-    raise NotImplementedError
+    """The training state: a `flax.struct.dataclass` with `step`, `rng` and a `NetState` per
+    network."""
 
+  @abc.abstractmethod
   def update(self, state: Any, source: jax.Array, target: jax.Array,
              key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
-    raise NotImplementedError
+    """One optimisation step on a batch of float images in [-1, 1]; `key` is the step's own
+    noise (dropout, pools, patch draws). Returns (state with step + 1, scalar metrics)."""
 
+  @abc.abstractmethod
   def generator_state(self, state: Any) -> NetState:
-    raise NotImplementedError
+    """The `NetState` of the exported generator."""
 
   def generator_arch(self) -> dict:
-    raise NotImplementedError
+    """The export's `arch` (see models/build.py)."""
+    return build.generator_arch(self.config.model)
 
   def inference(self) -> str:
-    raise NotImplementedError
+    """How the export runs (export.py): 'eval' when train and test modes agree (instance norm, no
+    dropout), else pix2pix's test mode ('instance')."""
+    model = self.config.model
+    return "eval" if model.norm == "instance" and not model.use_dropout else "instance"
 
   # ----------------------------------------------------------------------- what they share
+
+  @classmethod
+  def check_config(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The checks every translator's config passes (schedule, optimiser, adversarial loss, dtype,
+    generator and its image size, classes), then the translator's own; returns a copy whose
+    source / target classes are canonically spelt ('Healthy' -> 'HEALTHY')."""
+    for key in cls.positive_keys:
+      configlib.require_positive_int(config, key)
+    configlib.require(0 <= config.decay_epochs <= config.num_epochs, "decay_epochs",
+                      f"must be between 0 and num_epochs ({config.num_epochs}), "
+                      f"got {config.decay_epochs}")
+    configlib.require(config.learning_rate > 0, "learning_rate", "must be > 0")
+    configlib.require(config.gan_loss in gan.GAN_LOSSES, "gan_loss",
+                      f"{config.gan_loss!r} is not 'bce' or 'lsgan'")
+    configlib.compute_dtype(config.compute_dtype)
+    build.check_generator_size(build.generator_arch(config.model), config.data.image_size)
+    cls.check_own_config(config)
+    config = config.copy_and_resolve_references()
+    for key in ("source_class", "target_class"):
+      config[key] = classes_lib.member(config[key], config.data.classes, key)
+    configlib.require(config.source_class != config.target_class, "target_class",
+                      f"must differ from source_class ({config.source_class})")
+    return config
 
   def optimizer(self) -> optax.GradientTransformation:
     """Adam on the schedule, each network its own (Adam is elementwise: one Adam over several
@@ -104,8 +153,8 @@ class Translator:
     return optax.adam(self.schedule, b1=self.config.beta1, b2=self.config.beta2)
 
   def sample_batch(self, step: jax.Array, rng: jax.Array, source: jax.Array, target: jax.Array):
-    """The (source, target) batch of `step` and its key for the step's own noise (dropout,
-    pools), drawn on the device: source by the epoch order, target uniformly."""
+    """The (source, target) batch of `step` and its key for the step's own noise, drawn on the
+    device: source by the epoch order, target uniformly."""
     return gan.source_target_batch(step, rng, source, target, batch_size=self.batch_size,
                                    steps_per_epoch=self.steps_per_epoch, augment=self.augment,
                                    sharding=self._batch)
@@ -138,10 +187,69 @@ class Translator:
     logging.info("Exported the %s generator to %s", self.name, workdir / GENERATOR_DIR)
 
 
+# ------------------------------------------------------------------------------ sample grids
+
+
+def sample_rows(seed: int, count: int, inputs: np.ndarray,
+                reals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The fixed rows of the sample grids: `count` distinct inputs, each beside a random real image
+  of the target class."""
+  rng = np.random.default_rng(seed)
+  count = min(count, len(inputs))
+  return (inputs[np.sort(rng.choice(len(inputs), count, replace=False))],
+          reals[rng.integers(0, len(reals), count)])
+
+
+class SampleGrid:
+  """A training hook: a PNG grid (and TensorBoard image) of input | translated | `extra` columns,
+  translated through the exported-model path with the state's current generator weights."""
+
+  def __init__(self, generator: export.Exported, weights: Callable[[Any], tuple[Any, Any]],
+               inputs: np.ndarray, extra: tuple[np.ndarray, ...], out_dir: pathlib.Path,
+               tag: str):
+    self.generator, self.weights, self.inputs, self.extra = generator, weights, inputs, extra
+    self.out_dir, self.tag = out_dir, tag
+
+  def __call__(self, step: int, state: Any, writer: SummaryWriter) -> None:
+    fake = self.generator.with_weights(*self.weights(state)).translate(
+        self.inputs, seed=0, batch_size=len(self.inputs))
+    if not workdir_lib.is_writer():
+      return
+    image = grid.tile(np.stack([self.inputs, fake, *self.extra], axis=1))
+    self.out_dir.mkdir(parents=True, exist_ok=True)
+    grid.save_png(self.out_dir / f"step_{step:07d}.png", image)
+    writer.image(step, self.tag, image)
+
+
+# ------------------------------------------------------------------------- finding and training
+
+
+def find(name: str, key: str = "translator") -> type[Translator]:
+  """The translator class of module `cxr_jax.training.<name>` (its `TRANSLATOR`); a bad name is a
+  ConfigError naming `config.<key>`."""
+  if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+    raise ConfigError(f"config.{key}: unknown translator {name!r}: a translator is named by its "
+                      f"module {PACKAGE}.<name> (lower case letters, digits, '_')")
+  module_name = f"{PACKAGE}.{name}"
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    if e.name != module_name:
+      raise
+    raise ConfigError(f"config.{key}: unknown translator {name!r}: there is no module "
+                      f"{module_name}") from None
+  cls = getattr(module, "TRANSLATOR", None)
+  if not (isinstance(cls, type) and issubclass(cls, Translator)):
+    raise ConfigError(f"config.{key}: {module_name} is not a translator: it has no TRANSLATOR "
+                      f"subclassing translator.Translator")
+  return cls
+
+
 def train(cls: type[Translator], config: ml_collections.ConfigDict,
           workdir: pathlib.Path) -> export.Exported:
-  """The task of translator `cls` on a validated `config`: trains (resuming a run in
-  `workdir`), checkpoints, writes sample grids, exports and loads the generator."""
+  """The task of translator `cls`: checks `config`, trains (resuming a run in `workdir`),
+  checkpoints, writes sample grids, exports and loads the generator."""
+  config = cls.check_config(config)
   workdir = pathlib.Path(workdir)
   mesh = fit.make_mesh(config, "batch_size")
   train_set = dataset.load_splits(config.data, workdir)["train"]
@@ -158,9 +266,10 @@ def train(cls: type[Translator], config: ml_collections.ConfigDict,
                steps_per_epoch, total_steps)
   trainer = cls(config, image_size=config.data.image_size, steps_per_epoch=steps_per_epoch,
                 mesh=mesh, channels=source.shape[-1],
-                samples=gan.sample_rows(config.seed, config.num_samples, source, target),
+                samples=sample_rows(config.seed, config.num_samples, source, target),
                 sample_dir=workdir / "samples")
-  hint = ", ".join(f"config.{key} (now {configlib.get_dotted(config, key)})" for key in cls.memory_keys)
+  hint = ", ".join(f"config.{key} (now {configlib.get_dotted(config, key)})"
+                   for key in cls.memory_keys)
   fit.fit(trainer, workdir, data=(source, target),
           schedule=loop.Schedule(total_steps=total_steps, steps_per_call=config.steps_per_call,
                                  log_every=config.log_every,
