@@ -61,7 +61,7 @@ def test_training_and_inference_inputs_hide_the_same_box():
                                   total_steps=1, mesh=mesh)
   images = jnp.full((4, 32, 32, 1), 255, jnp.uint8)
   train_x = np.asarray(trainer.inputs(images, jax.random.key(0)))
-  infer_x = np.asarray(export._network_input(trainer.input_spec, images))
+  infer_x = np.asarray(export.network_input(trainer.input_spec, images))
   black, white = (0 - build.SCRATCH_MEAN) / build.SCRATCH_STD, (1 - build.SCRATCH_MEAN) / \
       build.SCRATCH_STD
   for x in (train_x, infer_x):

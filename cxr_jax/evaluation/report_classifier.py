@@ -19,7 +19,9 @@ from cxr_jax.evaluation import metrics as metrics_lib
 from cxr_jax.evaluation import plots
 from cxr_jax.evaluation import subgroups as subgroups_lib
 from cxr_jax.evaluation import stats
+from cxr_jax.models import build
 from cxr_jax.training import augment
+from cxr_jax.training import export
 from cxr_jax.utils import files as files_lib
 
 
@@ -87,6 +89,15 @@ def gradcam_figure(trained, images_u8: np.ndarray, labels: np.ndarray, probs: np
     gradcam_lib.overlay_png(path, images, heat, titles, cols=max(1, per_class))
 
 
+def _center_shares(net, spec: build.InputSpec, fraction: float, params, stats, images_u8, cls):
+  """Each image's Grad-CAM share (class `cls`) inside the central `fraction` box."""
+  features_fn = lambda x: net.apply(params, stats, x, train=False,  # noqa: E731
+                                    method="features")[0]
+  head_fn = lambda f: net.apply(params, stats, f, method="head")[0]  # noqa: E731
+  heat = gradcam_lib.gradcam(features_fn, head_fn, export.network_input(spec, images_u8), cls)
+  return gradcam_lib.center_share(heat, fraction)
+
+
 # The smallest last feature map (cells a side) whose Grad-CAM can say where in the image it looked.
 MIN_CAM_SIDE = 3
 
@@ -99,7 +110,6 @@ def gradcam_center_share(trained, images_u8: np.ndarray, class_index: np.ndarray
   (`mean` None, with a `note`) when the last feature map is under MIN_CAM_SIDE cells a side: a
   bilinearly upsampled 2 x 2 map puts exactly the box's share of the area in any centred box,
   whatever the network looked at."""
-  net = trained.net
   size = trained.input_spec.image_size
   start, stop = augment.center_box(size, fraction)
   features_fn, _ = trained.feature_and_head_fns()
@@ -113,15 +123,8 @@ def gradcam_center_share(trained, images_u8: np.ndarray, class_index: np.ndarray
         f"not measured: the last feature map is {fmap[1]} x {fmap[2]} cells (a larger "
         f"classifier.image_size gives {MIN_CAM_SIDE} x {MIN_CAM_SIDE} or more)"))
 
-  def shares(params, batch_stats, x_u8, cls):
-    features_fn = lambda x: net.apply(params, batch_stats, x, train=False,  # noqa: E731
-                                      method="features")[0]
-    head_fn = lambda f: net.apply(params, batch_stats, f, method="head")[0]  # noqa: E731
-    heat = gradcam_lib.gradcam(features_fn, head_fn, trained.network_input(x_u8), cls)
-    return gradcam_lib.center_share(heat, fraction)
-
-  values = trained.map(f"gradcam_center_share_{fraction:g}", shares, images_u8,
-                       np.asarray(class_index, np.int32), batch_size=batch_size)
+  values = trained.map(_center_shares, images_u8, np.asarray(class_index, np.int32),
+                       batch_size=batch_size, static=(trained.input_spec, float(fraction)))
   ok = np.isfinite(values)
   return dict(out, mean=float(values[ok].mean()) if ok.any() else None, n=int(ok.sum()),
               n_flat=int((~ok).sum()))

@@ -179,7 +179,7 @@ class Classifier:
 
   def inputs(self, images_u8: jax.Array, key: jax.Array) -> jax.Array:
     """Augmented and normalised network input; the hidden centre (if any) is blacked out on the
-    stored image first, as at inference (`export._network_input`)."""
+    stored image first, as at inference (`export.network_input`)."""
     images_u8 = augment_lib.hide_center(images_u8, self.input_spec.hide_center)
     return self.input_spec(augment_lib.augment(images_u8, key, self.augment))
 

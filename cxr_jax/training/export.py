@@ -139,17 +139,17 @@ def translate_images(net: Functional, inference: str, params, stats, images_u8, 
   return jax.vmap(one)(images_u8, key_data)
 
 
-def _network_input(spec: build.InputSpec, images_u8: jax.Array) -> jax.Array:
+def network_input(spec: build.InputSpec, images_u8: jax.Array) -> jax.Array:
   return spec(augment.resize(augment.hide_center(images_u8, spec.hide_center), spec.image_size))
 
 
 def _probabilities(net: Functional, spec: build.InputSpec, params, stats, images_u8):
-  logits, _ = net.apply(params, stats, _network_input(spec, images_u8), train=False)
+  logits, _ = net.apply(params, stats, network_input(spec, images_u8), train=False)
   return jax.nn.softmax(logits)
 
 
 def _pooled_features(net: Functional, spec: build.InputSpec, params, stats, images_u8):
-  fmap, _ = net.apply(params, stats, _network_input(spec, images_u8), train=False,
+  fmap, _ = net.apply(params, stats, network_input(spec, images_u8), train=False,
                       method="features")
   return jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
 
@@ -226,7 +226,7 @@ class Exported:
                     static=(self.input_spec,))
 
   def network_input(self, images_u8: jax.Array) -> jax.Array:
-    return _network_input(self.input_spec, images_u8)
+    return network_input(self.input_spec, images_u8)
 
   def feature_and_head_fns(self):
     """(features_fn, head_fn) over network input, for Grad-CAM."""
