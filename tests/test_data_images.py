@@ -150,5 +150,5 @@ def test_conversion_notes_are_aggregated(caplog):
     notes.log()
   lines = [r.getMessage() for r in caplog.records]
   assert len(lines) == 2
-  assert any("7 image(s)" in l and "f0.png" in l and "2 more" in l for l in lines)
+  assert any("7 image(s)" in m and "f0.png" in m and "2 more" in m for m in lines)
   assert notes.as_dict()["EXIF orientation applied"] == ["g.png", "h.png"]

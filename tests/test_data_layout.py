@@ -1,6 +1,5 @@
 """Finding the database in every form users have it, and clear errors when it is not there."""
 
-import logging
 import os
 import pathlib
 import zipfile

@@ -11,7 +11,6 @@ import logging
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -12,7 +12,6 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats as sps
 
 from cxr_jax import configlib
 from cxr_jax.evaluation import metrics as metrics_lib
@@ -231,7 +230,7 @@ def test_splits_pool_images_and_separate_the_spread(tmp_path):
 def test_paper_column_and_exact_intervals(tree):
   _, r, md = _write(tree)
   lines = md.splitlines()
-  row_of = lambda prefix: next(l for l in lines if l.startswith(prefix))  # noqa: E731
+  row_of = lambda prefix: next(line for line in lines if line.startswith(prefix))  # noqa: E731
   assert "| 95.6 |" in row_of(f"| original | scratch | {STEPS} | 80.0")
   assert "| 97.8* |" in row_of("| enhanced-pix2pix | scratch |")
   assert "97.8" not in row_of("| enhanced-cyclegan | scratch |")
@@ -268,7 +267,7 @@ def test_paper_column_and_exact_intervals(tree):
 def test_quality_near_duplicates_counts_and_figures(tree):
   _, r, md = _write(tree)
   quality = md.split("## Translation quality")[1].split("## Figures")[0]
-  header = next(l for l in quality.splitlines() if l.startswith("| translator"))
+  header = next(line for line in quality.splitlines() if line.startswith("| translator"))
   assert header.index("KID") < header.index("input dependence")
   assert ("| pix2pix | 17 (17) | 0.0123 ± 0.001 (40; seen) | 0.0246 ± 0.002 (12; not seen) | "
           "0.250 | 0.800 | 90.0 % |") in quality

@@ -19,7 +19,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from cxr_jax.errors import UserError
-from cxr_jax.models import pretrained, resnet_generator, torch_io, unet
+from cxr_jax.models import pretrained, torch_io, unet
 from cxr_jax.models.resnet import ResNet
 from cxr_jax.models.resnet_generator import ResnetGenerator
 from cxr_jax.models.unet import UNet
