@@ -156,6 +156,8 @@ def main(argv: list[str]) -> None:
   config = FLAGS.config
   console.setup(FLAGS.log_level)
   started = time.perf_counter()
+  # What the log file, the messages and the summary call the run: the translator's own name.
+  what = config.get("translator", config.task) if config.task == "translator" else config.task
   try:
     workdir = FLAGS.workdir or f"runs/{config.name}"
     if not runtime.joins_multihost(config):  # else process 0's, once the processes have joined
@@ -163,8 +165,8 @@ def main(argv: list[str]) -> None:
     runtime.initialize(config)
     task = tasks.get(config.task)
     workdir = workdir_lib.prepare(workdir, config, overwrite=FLAGS.overwrite)
-    log_file = console.start_log_file(workdir, config.task, writer=workdir_lib.is_writer())
-    logging.info("Task %s, workdir %s%s", config.task, workdir,
+    log_file = console.start_log_file(workdir, what, writer=workdir_lib.is_writer())
+    logging.info("Task %s, workdir %s%s", what, workdir,
                  f", full log {log_file}" if log_file else "")
     logging.info("Config:\n%s", config, extra=console.FILE_ONLY)
     task(config, workdir)
@@ -173,12 +175,12 @@ def main(argv: list[str]) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except Exception:  # a crash: its traceback goes to the console as usual, and into the log file
-    logging.exception("%s failed", config.task, extra=console.FILE_ONLY)
+    logging.exception("%s failed", what, extra=console.FILE_ONLY)
     raise
   finally:  # the workdir's lock (also released by the OS if this process dies)
     workdir_lib.release()
   if workdir_lib.is_writer():
-    print(closing_summary(config.task, workdir, time.perf_counter() - started,
+    print(closing_summary(what, workdir, time.perf_counter() - started,
                           console.log_path(), console.python_warnings()), file=sys.stderr)
 
 
