@@ -1,8 +1,13 @@
-"""Test set-up: CPU backend, several simulated devices, and a persistent compilation cache so that
-a second test session does not recompile the same tiny models."""
+"""Test set-up: CPU backend, several simulated devices, and a compilation cache of the session's
+own, shared by every test and every `main.py` the tests start, so that a program compiled once
+(by another trainer object, another test or a subprocess) is not compiled again."""
 
 import os
 import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 4 simulated CPU devices: sharded steps are checked against single-device ones.
@@ -10,20 +15,34 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=4").strip()
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_ROOT / ".cache" / "jax-tests"))
+# A fresh folder per session (removed at its end), so that no run reads a stale cache; set
+# JAX_COMPILATION_CACHE_DIR to keep one across sessions. The `main.py` processes the tests start
+# inherit the variable, hence the cache.
+_OWN_CACHE = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  _OWN_CACHE = tempfile.mkdtemp(prefix="cxr-jax-tests-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 from cxr_jax import runtime  # pylint: disable=wrong-import-position
+from cxr_jax import configlib  # pylint: disable=wrong-import-position
 from cxr_jax import workdir as workdir_lib  # pylint: disable=wrong-import-position
+from cxr_jax.data import dataset  # pylint: disable=wrong-import-position
+from cxr_jax.pipeline import experiment  # pylint: disable=wrong-import-position
 from cxr_jax.training import checkpoint  # pylint: disable=wrong-import-position
 from cxr_jax.training import translator  # pylint: disable=wrong-import-position
 
 runtime.enable_compilation_cache()
 
 REPO_ROOT = _ROOT
+
+
+def pytest_unconfigure(config):  # pylint: disable=unused-argument
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -68,3 +87,73 @@ def assert_resumed_equals_uninterrupted(full, resumed, run: pathlib.Path, steps:
                   jax.tree.leaves((resumed.params, resumed.stats))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert list((run / "samples").glob("step_*.png"))
+
+
+# ------------------------------------------------- experiment:smoke, run once for several tests
+
+
+class Preempted(Exception):
+  """Raised in place of a preemption right after a checkpoint."""
+
+
+def _stage_times(workdir):
+  return {p.name: p.stat().st_mtime_ns for p in (workdir / "stages").glob("*.json")}
+
+
+def _external_set(config, root):
+  """The smoke data rendered with another synthetic seed, plus an exact copy of one of the run's
+  own images (to be left out) and an unreadable file (to be skipped and named)."""
+  other = dataset.resolve_source(configlib.data_config(**dict(config.data.to_dict(),
+                                                              synthetic_seed=1)))
+  ext = pathlib.Path(shutil.copytree(other.root_path, root / "external"))
+  own = dataset.resolve_source(config.data)
+  first = next(e for e in own.entries if e.label == "NORMAL")
+  shutil.copy(pathlib.Path(own.root_path) / first.file, ext / "NORMAL" / "copy-of-own.png")
+  (ext / "NORMAL" / "broken.png").write_bytes(b"not an image")
+  return ext
+
+
+@pytest.fixture(scope="session")
+def smoke_experiment(tmp_path_factory):
+  """`experiment:smoke` (with an external test set) run once for test_experiment.py and
+  test_cli.py: in-process until the last-but-one classifier row is preempted right after its first
+  checkpoint, then resumed to the end by `main.py` (the README's command) in a subprocess, whose
+  console and log the CLI test reads. Returns the workdir, config, the stage records' times
+  before and after the resume, and the subprocess's result."""
+  root = tmp_path_factory.mktemp("smoke_experiment")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("CXR_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "cxr_cache"))
+    config = configlib.load_config_file(REPO_ROOT / "configs/experiment.py", "smoke")
+    config.external_test_dir = str(_external_set(config, root))
+    workdir = workdir_lib.prepare(root / "run", config)
+
+    # Preempt the enhanced-pix2pix row's classifier right after its first checkpoint.
+    original_save = checkpoint.Checkpointer.save
+
+    def preempting_save(self, step, state, **kw):
+      original_save(self, step, state, **kw)
+      if "enhanced-pix2pix-scratch" in str(self.directory):
+        self.wait()
+        raise Preempted()
+
+    mp.setattr(checkpoint.Checkpointer, "save", preempting_save)
+    preempted = False
+    try:
+      experiment.run_experiment(config, workdir)
+    except Preempted:
+      preempted = True
+    mp.setattr(checkpoint.Checkpointer, "save", original_save)
+    before = _stage_times(workdir)
+    checkpoint_kept = (workdir / "classifiers/enhanced-pix2pix-scratch-seed0/checkpoints").exists()
+    workdir_lib.release()  # every workdir of the run (its stages too), as its death would
+
+    resumed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "main.py"),
+         "--config=" + str(REPO_ROOT / "configs/experiment.py:smoke"),
+         f"--config.external_test_dir={config.external_test_dir}", f"--workdir={workdir}"],
+        cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=600)
+    after = _stage_times(workdir)
+  return {"root": root, "workdir": workdir, "config": config, "preempted": preempted,
+          "checkpoint_kept": checkpoint_kept, "before": before, "after": after,
+          "resumed": resumed}

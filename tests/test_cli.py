@@ -235,19 +235,20 @@ def test_closing_summary_shows_the_headline_table(tmp_path):
                         f"Full log: {tmp_path / 'x.log'} (2 Python warning(s) there)"]
 
 
-def test_experiment_smoke_console_is_short_and_ends_with_the_report(tmp_path):
+def test_experiment_smoke_console_is_short_and_ends_with_the_report(smoke_experiment):
   """The README's job in small: the console stays under a bound (it was 927 lines before the
-  quiet console), ends with where the report is, and the log file has the library records."""
-  result = _main("--config=" + str(REPO_ROOT / "configs/experiment.py:smoke"),
-                 f"--workdir={tmp_path / 'run'}", cwd=tmp_path)
+  quiet console), ends with where the report is, and the log file has the library records.
+  `main.py` here resumes conftest's `smoke_experiment` run (preempted in its last-but-one row),
+  so that test_experiment.py's end-to-end test and this one share one run."""
+  result, run = smoke_experiment["resumed"], smoke_experiment["workdir"]
   assert result.returncode == 0, result.stderr[-3000:]
   lines = (result.stdout + result.stderr).splitlines()
   # 80: five rows and two translators (issue 13) log ~70 lines at smoke size
   assert len(lines) <= 80, "\n".join(lines)
   assert not [line for line in lines if "orbax" in line.lower() or "Warning:" in line]
-  assert f"Report: {tmp_path / 'run' / 'report.md'}" in lines
-  assert lines[-1].startswith(f"Full log: {tmp_path / 'run' / 'logs' / 'experiment-'}")
-  log = next((tmp_path / "run" / "logs").glob("experiment-*.log")).read_text()
+  assert f"Report: {run / 'report.md'}" in lines
+  assert lines[-1].startswith(f"Full log: {run / 'logs' / 'experiment-'}")
+  log = next((run / "logs").glob("experiment-*.log")).read_text()
   assert "checkpoint" in log and "Config:" in log and len(log.splitlines()) > 5 * len(lines)
 
 

@@ -2,37 +2,28 @@
 rows and seed groups a config asks for, its checks, and the whole pipeline at smoke size (every
 row from scratch, the transfer rows listed as skipped without weights, an interrupted run that
 resumes, a re-run that skips everything, the lungs-hidden row and an external test set rendered
-with another synthetic seed). Transfer training itself is tested in
-test_classifier.py / test_pretrained.py; here it would double the time of the end-to-end test."""
+with another synthetic seed): conftest's `smoke_experiment` run, which test_cli.py's console
+test reads too (one run for both). Transfer training itself is tested in test_classifier.py /
+test_pretrained.py; here it would double the time of the end-to-end test."""
 
 from __future__ import annotations
 
 import csv
 import json
-import shutil
-
-import pathlib
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
 from cxr_jax import configlib
-from cxr_jax.data import dataset
-from cxr_jax import workdir as workdir_lib
 from cxr_jax.errors import ConfigError, DataError
 from cxr_jax.pipeline import controls
 from cxr_jax.evaluation import report_classifier
 from cxr_jax.pipeline import experiment
 from cxr_jax.pipeline import results
-from cxr_jax.training import checkpoint
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, _stage_times
 from test_controls import _set
-
-
-class _Preempted(Exception):
-  pass
 
 
 def smoke_config(**overrides):
@@ -148,48 +139,17 @@ def test_splits_have_their_own_seed_and_folder(tmp_path):
   assert results.split_root(tmp_path, 2, 3) == tmp_path / "split2"
 
 
-def _stage_times(workdir):
-  return {p.name: p.stat().st_mtime_ns for p in (workdir / "stages").glob("*.json")}
-
-
-def _external_set(config, tmp_path):
-  """The smoke data rendered with another synthetic seed, plus an exact copy of one of the run's
-  own images (to be left out) and an unreadable file (to be skipped and named)."""
-  other = dataset.resolve_source(configlib.data_config(**dict(config.data.to_dict(),
-                                                              synthetic_seed=1)))
-  root = pathlib.Path(shutil.copytree(other.root_path, tmp_path / "external"))
-  own = dataset.resolve_source(config.data)
-  first = next(e for e in own.entries if e.label == "NORMAL")
-  shutil.copy(pathlib.Path(own.root_path) / first.file, root / "NORMAL" / "copy-of-own.png")
-  (root / "NORMAL" / "broken.png").write_bytes(b"not an image")
-  return root
-
-
-def test_smoke_experiment(tmp_path, monkeypatch):
-  config = smoke_config()
-  config.external_test_dir = str(_external_set(config, tmp_path))
-  workdir = workdir_lib.prepare(tmp_path / "exp", config)
-
-  # Preempt the last classifier right after its first checkpoint.
-  original_save = checkpoint.Checkpointer.save
-
-  def preempting_save(self, step, state, **kw):
-    original_save(self, step, state, **kw)
-    if "enhanced-pix2pix-scratch" in str(self.directory):
-      self.wait()
-      raise _Preempted()
-
-  monkeypatch.setattr(checkpoint.Checkpointer, "save", preempting_save)
-  with pytest.raises(_Preempted):
-    experiment.run_experiment(config, workdir)
-  monkeypatch.setattr(checkpoint.Checkpointer, "save", original_save)
-  before = _stage_times(workdir)
+def test_smoke_experiment(smoke_experiment):
+  """The run of the `smoke_experiment` fixture (conftest.py): preempted in the enhanced-pix2pix
+  row right after its first checkpoint, resumed by `main.py`, then run a third time here."""
+  run = smoke_experiment
+  config, workdir, before, after = run["config"], run["workdir"], run["before"], run["after"]
+  assert run["preempted"]
   assert "classifier-enhanced-pix2pix-scratch.json" not in before
   assert "classifier-oversampled-scratch.json" in before
-  assert (workdir / "classifiers/enhanced-pix2pix-scratch-seed0/checkpoints").exists()
+  assert run["checkpoint_kept"]
 
-  experiment.run_experiment(config, workdir)
-  after = _stage_times(workdir)
+  assert run["resumed"].returncode == 0, run["resumed"].stderr[-3000:]
   assert {k: after[k] for k in before} == before, "finished stages must not run again"
   assert "classifier-enhanced-pix2pix-scratch.json" in after
 
