@@ -36,6 +36,8 @@ without their data block: every stage uses config.data):
                        every row's classifiers are also evaluated on them (report: "external");
                        never split, trained on or used to choose anything
   classifier.saliency_center  the central fraction whose Grad-CAM share each row reports
+  classifier.subgroups  metadata columns (e.g. ("sex", "age_band")) whose subgroups get their own
+                       accuracy per row in the report (labels CSV / DICOM metadata)
   transfer             what the transfer rows change relative to the scratch rows
   synthesize.num_synthetic  "balance" (default in every variant: the target class topped up to
                        the largest class, the paper's stated aim) or a count, e.g. the paper's

@@ -302,3 +302,38 @@ def test_report_json_records_its_provenance(tree):
   _, r, _ = _write(tree)
   assert r["provenance"] == provenance.provenance(_config())
   assert r["provenance"]["config_sha256"] == provenance.config_sha256(_config())
+
+
+def test_subgroup_table_per_row_from_the_manifest_metadata(tmp_path):
+  """config.classifier.subgroups: one run per row (split 0's first seed), each subgroup's accuracy
+  counted from the run's test predictions and the split manifest's metadata."""
+  from cxr_jax.data import splits as splits_lib
+  for row in ROWS:
+    _write_run(tmp_path, row, "scratch", 0)
+  labels = _labels()
+  splits_lib.write_manifest(tmp_path, [
+      splits_lib.ManifestRow(f"test/{i}.png", f"h{i}", NAMES[labels[i]], "test", "",
+                             {"sex": "FM"[i % 2]}) for i in range(N)], class_names=NAMES)
+  config = _config()
+  config.classifier.subgroups = ("sex",)
+  report.write_report(tmp_path, config, rows=ROWS, class_names=NAMES, splits=[_split(tmp_path)],
+                      skipped={}, stage_seconds={})
+  r = json.loads((tmp_path / "report.json").read_text())
+  tables = r["subgroups"]["tables"]
+  assert r["subgroups"]["keys"] == ["sex"] and set(tables) == {f"{row}/scratch (seed 0)"
+                                                               for row in ROWS}
+  for row in ("original", "enhanced-pix2pix"):
+    groups = {g["value"]: g for g in tables[f"{row}/scratch (seed 0)"]["groups"]}
+    correct = _correct(row, 0)
+    for value, part in (("F", correct[0::2]), ("M", correct[1::2])):   # by hand
+      assert (groups[value]["accuracy"]["k"], groups[value]["accuracy"]["n"]) == (
+          int(part.sum()), N // 2)
+  md = (tmp_path / "report.md").read_text()
+  f_orig = int(_correct("original", 0)[0::2].sum())
+  assert "## Subgroups" in md and f"| sex | F | {N // 2} | " in md and f"({f_orig}/{N // 2})" in md
+  # without config.classifier.subgroups: no section
+  config.classifier.subgroups = ()
+  report.write_report(tmp_path, config, rows=ROWS, class_names=NAMES, splits=[_split(tmp_path)],
+                      skipped={}, stage_seconds={})
+  assert json.loads((tmp_path / "report.json").read_text())["subgroups"] is None
+  assert "## Subgroups" not in (tmp_path / "report.md").read_text()

@@ -21,6 +21,7 @@ import numpy as np
 
 from cxr_jax import workdir as workdir_lib
 from cxr_jax.evaluation import plots
+from cxr_jax.evaluation import subgroups as subgroups_lib
 from cxr_jax.pipeline import results
 from cxr_jax.pipeline import shortcuts
 from cxr_jax.pipeline.results import ALPHA, INITS, PAPER, SplitRun, run_dir, split_root  # noqa: F401
@@ -326,6 +327,15 @@ def section_calibration(r: dict, workdir: pathlib.Path) -> list[str]:
   return lines + [""]
 
 
+def section_subgroups(r: dict, workdir: pathlib.Path) -> list[str]:
+  sub = r.get("subgroups")
+  if not sub:
+    return []
+  return subgroups_lib.compare_markdown(sub["tables"]).splitlines() + [
+      "", "One run per row (split 0's first seed); the rows score the same test images, so "
+      "compare them with the paired tests above, not by their intervals.", ""]
+
+
 def section_class_counts(r: dict, workdir: pathlib.Path) -> list[str]:
   names, target = r["class_names"], r["target_class"]
   lines = ["## Class counts", "",
@@ -431,7 +441,8 @@ def section_appendix(r: dict, workdir: pathlib.Path) -> list[str]:
 
 SECTIONS: tuple[Section, ...] = (
     section_answer, section_results, section_spread, section_per_class, section_per_run,
-    section_reading_lungs, section_paired_tests, section_calibration, section_class_counts, section_quality,
+    section_reading_lungs, section_paired_tests, section_calibration, section_subgroups,
+    section_class_counts, section_quality,
     section_figures, section_appendix)
 
 

@@ -37,6 +37,7 @@ from cxr_jax.data import splits as splits_lib
 from cxr_jax.evaluation import metrics as metrics_lib
 from cxr_jax.evaluation import report_classifier
 from cxr_jax.evaluation import stats
+from cxr_jax.evaluation import subgroups as subgroups_lib
 from cxr_jax.pipeline import shortcuts
 from cxr_jax.training import export
 
@@ -306,6 +307,30 @@ def headline(table: Mapping[str, dict], comps: Sequence[dict], rows: Sequence[st
   return out
 
 
+def subgroup_tables(splits: Sequence[SplitRun], rows: Sequence[str], seeds: Sequence[int],
+                    class_names: Sequence[str], keys: Sequence[str]) -> dict[str, Any] | None:
+  """Per row and initialisation, the subgroup table (evaluation/subgroups.py) of one run: split
+  0's first finished seed, on the metadata of its split manifest; None without `keys`
+  (config.classifier.subgroups) or metadata."""
+  if not keys:
+    return None
+  first = splits[0]
+  manifest = first.root / splits_lib.MANIFEST
+  if not manifest.is_file():
+    return None
+  metadata = subgroups_lib.read_metadata(manifest)
+  tables = {}
+  for row in rows:
+    for init in INITS:
+      for seed in seeds:
+        predictions = run_dir(first.root, row, init, seed) / "test_predictions.csv"
+        if predictions.is_file():
+          tables[f"{row}/{init} (seed {seed})"] = subgroups_lib.from_predictions(
+              predictions, metadata, keys, class_names)
+          break
+  return {"keys": list(keys), "split": 0, "tables": tables} if tables else None
+
+
 def near_duplicates(root: pathlib.Path) -> dict[str, Any]:
   summary = _read_json(root / splits_lib.SUMMARY)
   if not summary:
@@ -426,6 +451,8 @@ def collect(workdir: str | os.PathLike, config, *, rows: Sequence[str],
       "split_counts": {n: dict(v) for n, v in first.split_counts.items()},
       "train_counts": {n: dict(v) for n, v in first.train_counts.items()},
       "near_duplicates": near_duplicates(first.root),
+      "subgroups": subgroup_tables(splits, rows, seeds, class_names,
+                                   tuple(config.classifier.get("subgroups", ()))),
       "translation_quality": {_tag(k, tag, len(splits)): quality(pathlib.Path(d), target)
                               for k, sp in enumerate(splits)
                               for tag, d in sp.synthetic_dirs.items()},
