@@ -1,4 +1,4 @@
-"""Is the classifier reading the lungs (issue 20): the hidden centre on tiny images (hand-computed
+"""Is the classifier reading the lungs: the hidden centre on tiny images (hand-computed
 pixel indices, in the training and the inference path), the Grad-CAM share of the centre, the
 external test set's loader (its clear errors, skipped files, missing classes, duplicate checks)
 and metrics, and the report's numbers and wording. The whole pipeline with an external set runs

@@ -1,7 +1,7 @@
 """Training sets of the control rows that separate the class prior from the synthetic images.
 
 GAN enhancement changes two things at once: the images and the class prior. Two controls take them
-apart (issue 13):
+apart:
 
 - prior only: the original data with a class-balanced loss, `config.class_weighted_loss = True` in
   the classifier config (weights n / (K n_c) from `classifier.class_weights`); no data changes.

@@ -1,7 +1,7 @@
 """The paper's experiment in one command, with the controls that say what a gain is due to.
 
 split -> each translator (pix2pix, CycleGAN) -> synthesis -> ResNet-50 classifiers for every row x
-{scratch, transfer} x seeds, each evaluated on the same test split -> report. Rows (issue 13):
+{scratch, transfer} x seeds, each evaluated on the same test split -> report. Rows:
 
 - `original`: the training split as it is;
 - `balanced-loss`: the same data, class-weighted loss: changes only the class prior;
@@ -40,6 +40,7 @@ from cxr_jax.errors import ConfigError
 from cxr_jax.pipeline import controls
 from cxr_jax.pipeline import report
 from cxr_jax.pipeline import results
+from cxr_jax.pipeline import shortcuts
 from cxr_jax.pipeline import classify
 from cxr_jax.pipeline import synthesize
 from cxr_jax.pipeline import translators
@@ -49,7 +50,7 @@ from cxr_jax.training import translator
 from cxr_jax.utils import files
 
 CONTROL_ROWS = ("original", "balanced-loss", "oversampled")
-LUNGS_HIDDEN = "lungs-hidden"
+LUNGS_HIDDEN = shortcuts.LUNGS_HIDDEN
 # Rows trained on the training split as it is: one training set for all seeds.
 SPLIT_ROWS = ("original", "balanced-loss", LUNGS_HIDDEN)
 INITS = ("scratch", "transfer")
