@@ -61,6 +61,15 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
   # Fraction of width and height blacked out in the centre of every image the classifier sees
   # (training and test alike, on the device; the lungs-hidden control row): 0 = nothing hidden.
   cfg.hide_center = 0.0
+  # Where the training images live: "device" (resident on every device, each step's batch drawn
+  # there: the fast path), "stream" (read from the prepared array_record copy step by step on
+  # `stream_threads` threads, `stream_prefetch` batches ahead: data larger than the device or
+  # host), or "auto": "device" when all the images take at most `placement_share` of one device's
+  # memory (a CPU: of the host's), else "stream". Both train on the same batches.
+  cfg.placement = "auto"
+  cfg.placement_share = 0.25
+  cfg.stream_threads = 4
+  cfg.stream_prefetch = 8
   cfg.update(overrides)
   return cfg
 

@@ -28,6 +28,7 @@ from cxr_jax import workdir as workdir_lib
 from cxr_jax.data import classes as classes_lib
 from cxr_jax.data import images as images_lib
 from cxr_jax.data import layout as layout_lib
+from cxr_jax.data import records
 from cxr_jax.data import splits as splits_lib
 from cxr_jax.data import synthetic_cache
 from cxr_jax.errors import ConfigError
@@ -40,7 +41,7 @@ MIN_IMAGE_SIZE = 32
 @dataclasses.dataclass(frozen=True)
 class ImageSet:
   """Images of one split (or any subset): uint8 [N, H, W, 1] with labels into `class_names`."""
-  images: np.ndarray  # uint8 [N, H, W, 1]
+  images: np.ndarray  # uint8 [N, H, W, 1], or a view of them on disk (`records.LazyImages`)
   labels: np.ndarray  # int32 [N], indices into class_names
   files: tuple[str, ...]  # relative to the dataset root
   hashes: tuple[str, ...]  # sha256 hex of the decoded 8-bit pixels
@@ -72,7 +73,7 @@ class ImageSet:
         raise ValueError(f"mask of shape {idx.shape} for {len(self)} images")
       idx = np.flatnonzero(idx)
     idx = idx.astype(np.int64).reshape(-1)
-    return ImageSet(images=self.images[idx], labels=self.labels[idx],
+    return ImageSet(images=records.take(self.images, idx), labels=self.labels[idx],
                     files=tuple(self.files[i] for i in idx),
                     hashes=tuple(self.hashes[i] for i in idx), class_names=self.class_names,
                     metadata=self.metadata)
@@ -103,6 +104,7 @@ def check_config(data_cfg: ml_collections.ConfigDict) -> tuple[tuple[str, ...], 
     raise ConfigError(f"config.data.image_size: must be an integer >= {MIN_IMAGE_SIZE}, got "
                       f"{size!r}")
   splits_lib.check_fractions(data_cfg.split_fractions)
+  records.check_placement(data_cfg)
   if not isinstance(data_cfg.split_seed, int) or isinstance(data_cfg.split_seed, bool):
     raise ConfigError(f"config.data.split_seed: must be an integer, got {data_cfg.split_seed!r}")
   return classes, size
@@ -161,13 +163,20 @@ _MEMORY: dict[tuple[str, str], dict[str, Any]] = {}
 
 
 def _load_prepared(layout: layout_lib.Layout, size: int, cache: pathlib.Path,
-                   resize: str = "squash"):
+                   resize: str = "squash", data_cfg: ml_collections.ConfigDict | None = None):
+  """The prepared copy and its arrays: in memory, or (streamed, `config.data.placement`) the
+  record index with the images left on disk (`records.index`)."""
   from cxr_jax.data import tfds_builder  # pylint: disable=import-outside-toplevel
   prepared = tfds_builder.prepare(layout, size, cache, resize=resize)
-  key = (str(prepared.data_dir), layout.fingerprint)
+  placement = records.choose_placement(data_cfg if data_cfg is not None else {},
+                                       prepared.num_examples, size)
+  key = (str(prepared.data_dir), layout.fingerprint, placement)
   if key not in _MEMORY:
-    arrays = tfds_builder.load_arrays(prepared)
-    arrays["image"].setflags(write=False)
+    if placement == "stream":
+      arrays = records.index(prepared)
+    else:
+      arrays = tfds_builder.load_arrays(prepared)
+      arrays["image"].setflags(write=False)
     _MEMORY.clear()
     _MEMORY[key] = arrays
   return prepared, _MEMORY[key]
@@ -196,7 +205,7 @@ def load_splits(data_cfg: ml_collections.ConfigDict,
                  ", ".join(f"'{'/'.join(layout.class_folders.get(c, (c,)))}' ({counts[c]} images)"
                            for c in unused))
   resize = data_cfg.get("resize", "squash")
-  prepared, arrays = _load_prepared(layout, size, cache_dir(data_cfg), resize)
+  prepared, arrays = _load_prepared(layout, size, cache_dir(data_cfg), resize, data_cfg)
   # Prepared label ids -> indices into config.data.classes.
   wanted = {prepared.class_names.index(c): k for k, c in enumerate(classes)
             if c in prepared.class_names}
@@ -215,7 +224,8 @@ def load_splits(data_cfg: ml_collections.ConfigDict,
   labels = np.array([wanted[int(v)] for v in arrays["label"][keep]], np.int32)
   files = [arrays["file"][i] for i in keep]
   hashes = [arrays["sha256"][i] for i in keep]
-  images = arrays["image"][keep] if len(keep) != len(arrays["label"]) else arrays["image"]
+  images = (records.take(arrays["image"], keep) if len(keep) != len(arrays["label"])
+            else arrays["image"])
   counts = np.bincount(labels, minlength=len(classes))
   empty = [classes[k] for k in range(len(classes)) if counts[k] == 0]
   if empty:
@@ -235,7 +245,8 @@ def load_splits(data_cfg: ml_collections.ConfigDict,
   out = {}
   for name in splits_lib.SPLITS:
     idx = split.indices(name)
-    out[name] = ImageSet(images=images[idx], labels=labels[idx], files=tuple(files[i] for i in idx),
+    out[name] = ImageSet(images=records.take(images, idx), labels=labels[idx],
+                         files=tuple(files[i] for i in idx),
                          hashes=tuple(hashes[i] for i in idx), class_names=classes,
                          metadata=kept_metadata)
   if workdir is not None and workdir_lib.is_writer():

@@ -18,6 +18,7 @@ import numpy as np
 
 from cxr_jax.data import classes as classes_lib
 from cxr_jax.data import images as images_lib
+from cxr_jax.data import records
 from cxr_jax.data.dataset import ImageSet
 from cxr_jax.data.images import pixel_hash
 from cxr_jax.errors import DataError
@@ -103,7 +104,7 @@ def load_synthetic_set(directory: str | os.PathLike, splits: Mapping[str, ImageS
 def concatenate(a: ImageSet, b: ImageSet) -> ImageSet:
   if tuple(a.class_names) != tuple(b.class_names):
     raise DataError(f"cannot combine image sets over classes {a.class_names} and {b.class_names}")
-  return ImageSet(images=np.concatenate([a.images, b.images]),
+  return ImageSet(images=records.concat([a.images, b.images]),
                   labels=np.concatenate([a.labels, b.labels]).astype(np.int32),
                   files=tuple(a.files) + tuple(b.files), hashes=tuple(a.hashes) + tuple(b.hashes),
                   class_names=tuple(a.class_names))

@@ -30,6 +30,7 @@ from absl import logging
 from cxr_jax.data import classes as classes_lib
 from cxr_jax.data import dataset
 from cxr_jax.data import layout as layout_lib
+from cxr_jax.data import records
 from cxr_jax.data import splits as splits_lib
 from cxr_jax.data import tfds_builder
 from cxr_jax.data.dataset import ImageSet
@@ -148,10 +149,10 @@ def find_overlap(external: ImageSet, reference: Mapping[str, ImageSet]) -> list[
                 "matches": [m for _, m in where[h][:3]]}
   ref = [s for s in reference.values() if len(s)]
   if ref:
-    ref_images = np.concatenate([s.images for s in ref])
+    ref_images = records.concat([s.images for s in ref])
     ref_files = [(split, f) for split, s in reference.items() for f in s.files]
     n = len(ref_images)
-    pairs = splits_lib.find_near_duplicates(np.concatenate([ref_images, external.images]),
+    pairs = splits_lib.find_near_duplicates(records.concat([ref_images, external.images]),
                                             np.arange(n), np.arange(n, n + len(external)))
     for p in pairs:
       i = p.test - n

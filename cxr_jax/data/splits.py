@@ -332,45 +332,57 @@ def _assign(sizes: Sequence[int], quotas: Sequence[int]) -> list[int]:
   return chosen
 
 
-def perceptual_hash(images: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
-  """64-bit pHash (uint64 [N]) and unit-norm, zero-mean 32 x 32 thumbnails (float32 [N, 1024])."""
-  images = np.asarray(images)
-  if images.ndim == 4:
-    images = images[..., 0]
+def perceptual_hash(images: np.ndarray, chunk: int = 512, *, thumbnails: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+  """64-bit pHash (uint64 [N]) and unit-norm, zero-mean 32 x 32 thumbnails (float32 [N, 1024];
+  None when not asked for). `images` is read `chunk` images at a time (an array, or a view of
+  images on disk: `data.records`)."""
   n = len(images)
   hashes = np.zeros(n, np.uint64)
-  thumbs = np.zeros((n, 32 * 32), np.float32)
+  thumbs = np.zeros((n, 32 * 32), np.float32) if thumbnails else None
   dct = _dct_matrix(32)
   for start in range(0, n, chunk):
-    t = _area_downsample(images[start:start + chunk], 32)
+    block = np.asarray(images[start:start + chunk])
+    if block.ndim == 4:
+      block = block[..., 0]
+    t = _area_downsample(block, 32)
     coef = (dct @ t @ dct.T)[:, :8, :8].reshape(len(t), 64)
     bits = coef > np.median(coef[:, 1:], axis=1, keepdims=True)
     hashes[start:start + chunk] = np.packbits(bits, axis=1).view(">u8")[:, 0]
-    flat = t.reshape(len(t), -1)
-    flat = flat - flat.mean(axis=1, keepdims=True)
-    norm = np.linalg.norm(flat, axis=1, keepdims=True)
-    thumbs[start:start + chunk] = flat / np.where(norm > 0, norm, 1.0)
+    if thumbs is not None:
+      flat = t.reshape(len(t), -1)
+      flat = flat - flat.mean(axis=1, keepdims=True)
+      norm = np.linalg.norm(flat, axis=1, keepdims=True)
+      thumbs[start:start + chunk] = flat / np.where(norm > 0, norm, 1.0)
   return hashes, thumbs
 
 
 def find_near_duplicates(images: np.ndarray, train: Sequence[int], test: Sequence[int],
                          block: int = 256) -> list[NearDuplicate]:
-  """Train/test pairs within PHASH_MAX_DISTANCE bits and MIN_CORRELATION (see module doc)."""
+  """Train/test pairs within PHASH_MAX_DISTANCE bits and MIN_CORRELATION (see module doc).
+  Hashes first; thumbnails only of the images in a pair close enough by hash, so the memory
+  held does not grow with the images' size (a streamed run's images stay on disk)."""
   train, test = np.asarray(train, np.int64), np.asarray(test, np.int64)
   if not len(train) or not len(test):
     return []
-  hashes, thumbs = perceptual_hash(images)
-  train_hashes, train_thumbs = hashes[train], thumbs[train]
-  out = []
+  hashes, _ = perceptual_hash(images, thumbnails=False)
+  train_hashes = hashes[train]
+  pairs = []  # (test image, train image, distance)
   for start in range(0, len(test), block):
     rows = test[start:start + block]
     dist = np.bitwise_count(hashes[rows][:, None] ^ train_hashes[None, :])
-    close = dist <= PHASH_MAX_DISTANCE
-    if not close.any():
-      continue
-    corr = thumbs[rows] @ train_thumbs.T
-    for r, t in zip(*np.nonzero(close & (corr >= MIN_CORRELATION))):
-      out.append(NearDuplicate(int(train[t]), int(rows[r]), int(dist[r, t]), float(corr[r, t])))
+    r, t = np.nonzero(dist <= PHASH_MAX_DISTANCE)
+    pairs.extend(zip(rows[r].tolist(), train[t].tolist(), dist[r, t].tolist()))
+  if not pairs:
+    return []
+  involved = np.unique([i for p in pairs for i in p[:2]])
+  _, thumbs = perceptual_hash(np.asarray(images[involved]))
+  where = {int(i): k for k, i in enumerate(involved)}
+  out = []
+  for te, tr, d in pairs:
+    corr = float(thumbs[where[te]] @ thumbs[where[tr]])
+    if corr >= MIN_CORRELATION:
+      out.append(NearDuplicate(int(tr), int(te), int(d), corr))
   return sorted(out, key=lambda d: (d.test, d.train))
 
 

@@ -8,13 +8,17 @@ Orbax traceback. Typed PRNG keys are stored as their raw key data.
 One `CheckpointManager` per run keeps the latest K checkpoints and, when a metric is named, the
 best one by that metric, through Orbax's preservation policies (`LatestN` or `BestN`). A step's
 metrics are written inside its checkpoint, so the best is never out of step with the latest.
+
+A streamed run (`training/stream.py`) also saves its input pipeline's position: grain's iterator
+state, as JSON, is the item `data_iterator` of the same checkpoint (the model state is the item
+`default`, where a checkpoint of a resident run keeps it too), so the two are never out of step.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -23,6 +27,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from cxr_jax.errors import UserError
+
+STATE = "default"           # the item holding the training state (Orbax's single-item name)
+ITERATOR = "data_iterator"  # a streamed run's input pipeline state
 
 
 def _is_key(x: Any) -> bool:
@@ -92,11 +99,15 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         create=True, enable_async_checkpointing=asynchronous, best_fn=best_fn, best_mode="max",
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
+    # Called at every save of a streamed run: the input pipeline's state (JSON) at that step.
+    self.iterator_state: Callable[[], dict] | None = None
     try:
-      # The handler is named up front: a manager that has not saved in this process (a resumed
+      # The handlers are named up front: a manager that has not saved in this process (a resumed
       # run) can then read a checkpoint's metadata, which the compatibility check needs.
-      self._mgr = ocp.CheckpointManager(self.directory, options=options,
-                                        item_handlers=ocp.StandardCheckpointHandler())
+      self._mgr = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                         ITERATOR: ocp.JsonCheckpointHandler()})
     except Exception as e:  # pylint: disable=broad-except  # a damaged metrics record
       raise UserError(f"{self.directory}: cannot read the records of the checkpoints "
                       f"({type(e).__name__}: {e}); move the damaged step folder aside and run "
@@ -114,13 +125,26 @@ class Checkpointer:
   def save(self, step: int, state: Any, *, metrics: dict[str, float] | None = None,
            force: bool = False) -> None:
     """Saves `step` with its validation `metrics` (weighed for the best one) in the same write."""
-    self._mgr.save(step, args=ocp.args.StandardSave(flatten(state)), force=force,
+    items = {STATE: ocp.args.StandardSave(flatten(state))}
+    if self.iterator_state is not None:
+      items[ITERATOR] = ocp.args.JsonSave(self.iterator_state())
+    self._mgr.save(step, args=ocp.args.Composite(**items), force=force,
                    metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()})
 
   def restore(self, step: int, template: Any) -> Any:
     self._check_compatible(step, template)
-    flat = self._mgr.restore(step, args=ocp.args.StandardRestore(abstract(flatten(template))))
-    return unflatten(template, flat)
+    restored = self._mgr.restore(step, args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardRestore(abstract(flatten(template)))}))
+    return unflatten(template, restored[STATE])
+
+  def restore_iterator(self, step: int) -> dict | None:
+    """The input pipeline's state saved with `step` (a streamed run's), or None (a resident
+    run's checkpoint: a streamed run resumed from it starts its pipeline at the step)."""
+    if not (self.directory / str(step) / ITERATOR).is_dir():
+      return None
+    restored = self._mgr.restore(step, args=ocp.args.Composite(
+        **{ITERATOR: ocp.args.JsonRestore()}))
+    return dict(restored[ITERATOR])
 
   def restore_best(self, template: Any) -> tuple[Any, int | None]:
     """The best checkpoint and its step, or (None, None) when there is none. An unreadable one
@@ -170,6 +194,8 @@ class Checkpointer:
       meta = self._mgr.item_metadata(step)
     except Exception:  # pylint: disable=broad-except
       return  # unreadable metadata: let restore fail and fall back
+    if meta is not None and STATE in meta:
+      meta = meta[STATE]
     if meta is None:
       return
     saved = {k: tuple(getattr(v, "shape", ()) or ()) for k, v in dict(meta).items()}

@@ -34,6 +34,7 @@ from cxr_jax.training import fit
 from cxr_jax.training import loop
 from cxr_jax.training import mesh as mesh_lib
 from cxr_jax.training import sampling
+from cxr_jax.training import stream as stream_lib
 from cxr_jax.training.fit import NetState
 from cxr_jax.training.functional import Functional
 
@@ -183,15 +184,19 @@ class Classifier:
     images_u8 = augment_lib.hide_center(images_u8, self.input_spec.hide_center)
     return self.input_spec(augment_lib.augment(images_u8, key, self.augment))
 
-  def sample_batch(self, step: jax.Array, rng: jax.Array, images: jax.Array,
-                   labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The batch of `step`: a slice of this epoch's seeded permutation of the training set."""
-    idx = sampling.epoch_batch(rng, step, images.shape[0], self.config.batch_size,
-                               self.steps_per_epoch)
-    return images[idx], labels[idx]
+  def batch_indices(self, rng: jax.Array, step: jax.Array,
+                    sizes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """The (image, label) indices of `step` (`fit.Trainer`): a slice of this epoch's seeded
+    permutation of the training set."""
+    idx = sampling.epoch_batch(rng, step, sizes[0], self.config.batch_size, self.steps_per_epoch)
+    return idx, idx
 
   def train_step(self, state: State, data: tuple[jax.Array, jax.Array]):
-    images_u8, labels = self.sample_batch(state.step, state.rng, *data)
+    return fit.resident_step(self, state, data)
+
+  def train_on_batch(self, state: State, batch: tuple[jax.Array, jax.Array]):
+    """One step on the uint8 images and labels of `state.step` (augmented on the device)."""
+    images_u8, labels = batch
     key = jax.random.fold_in(state.rng, state.step)
     x = jax.lax.with_sharding_constraint(self.inputs(images_u8, key), self._batch_sharding)
 
@@ -327,7 +332,8 @@ def fit_trainer(config: ml_collections.ConfigDict, trainer, workdir: pathlib.Pat
           keep_checkpoints=config.keep_checkpoints, images_per_step=config.batch_size * seeds,
           best_metric=best_metric,
           memory_hint=f"lower config.batch_size (now {config.batch_size}) or config.image_size "
-                      f"(now {config.image_size}), or use config.compute_dtype='bfloat16'")
+                      f"(now {config.image_size}), or use config.compute_dtype='bfloat16'",
+          batch_size=config.batch_size, **stream_lib.options(config.data))
 
 
 def train(config: ml_collections.ConfigDict, workdir: pathlib.Path, train_set: ImageSet,

@@ -2,7 +2,8 @@
 its networks, losses, step, batch sampling, validation hook and export metadata.
 
 `fit(trainer, workdir, ...)` restores the newest readable checkpoint, places the training arrays on
-the devices (replicated), compiles the training chunk once, runs the host loop (`loop.run`) with
+the devices (replicated) or, for data that stream from disk, opens the stream at the restored
+step (`training/stream.py`), compiles the training chunk once, runs the host loop (`loop.run`) with
 the TensorBoard writer open, closes the checkpoints and exports the final (or best) state.
 
 The chunk runs up to `steps_per_call` steps between two host decisions: on accelerators in one
@@ -35,9 +36,12 @@ import numpy as np
 import optax
 from absl import logging
 
+from cxr_jax import console
+from cxr_jax.data import records
 from cxr_jax.errors import ConfigError
 from cxr_jax.training import loop
 from cxr_jax.training import mesh as mesh_lib
+from cxr_jax.training import stream as stream_lib
 from cxr_jax.training.checkpoint import Checkpointer
 from cxr_jax.training.summary import SummaryWriter
 
@@ -64,9 +68,13 @@ class Trainer(Protocol):
   """What `fit` needs from a model's trainer.
 
   `init_state()` returns the initial state: a pytree with `step` (int32 scalar) and `rng` (a typed
-  key); `train_step(state, data)` draws the batch of `state.step` from (`state.rng`, `state.step`)
-  and the device-resident `data` (what `fit` was given, in that order), updates and returns
-  `(state, metrics)` with `step` incremented; `export(directory, state, step)` writes the export.
+  key, the run's: constant through training); `batch_indices(rng, step, sizes)` gives, for the
+  batch of `step`, the indices into each of `fit`'s data arrays (whose lengths are `sizes`): a
+  pure jax function, run on the device for resident data and on the host CPU for streamed data
+  (`training/stream.py`); `train_on_batch(state, batch)` updates on those arrays' rows (uint8
+  images, labels) and returns `(state, metrics)` with `step` incremented; `train_step(state,
+  data)` is `resident_step`, the step of resident data (and of `SeedStack`);
+  `export(directory, state, step)` writes the export.
   Optional: `validate(step, state) -> metrics` (every `eval_every` steps, weighed for the best
   checkpoint), `hook(step, state, writer)` (every `hook_every` steps, e.g. sample grids),
   `keep_best(state, metrics) -> state` (after each validation: a state that keeps its own best,
@@ -77,9 +85,22 @@ class Trainer(Protocol):
 
   def init_state(self) -> Any: ...
 
+  def batch_indices(self, rng: jax.Array, step: jax.Array,
+                    sizes: tuple[int, ...]) -> tuple[jax.Array, ...]: ...
+
+  def train_on_batch(self, state: Any, batch: tuple[jax.Array, ...]) -> tuple[Any, dict]: ...
+
   def train_step(self, state: Any, data: tuple[jax.Array, ...]) -> tuple[Any, dict]: ...
 
   def export(self, directory: pathlib.Path, state: Any, step: int) -> None: ...
+
+
+def resident_step(trainer: Trainer, state: Any,
+                  data: tuple[jax.Array, ...]) -> tuple[Any, dict]:
+  """The step of a run whose training arrays are on the devices: the batch of `state.step`
+  gathered there (`trainer.batch_indices`), then `trainer.train_on_batch`."""
+  indices = trainer.batch_indices(state.rng, state.step, tuple(int(x.shape[0]) for x in data))
+  return trainer.train_on_batch(state, tuple(x[i] for x, i in zip(data, indices)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,33 +136,39 @@ class Chunk:
   compiled training program (`program`). See `compile_chunk`."""
 
   def __init__(self, program: Callable, *, steps_per_call: int, on_device: bool,
-               new_buffer: Callable):
+               new_buffer: Callable, streamed: bool = False):
     self.program, self.steps_per_call, self.on_device = program, steps_per_call, on_device
-    self.new_buffer = new_buffer
+    self.new_buffer, self.streamed = new_buffer, streamed
 
-  def __call__(self, state: Any, data: tuple[jax.Array, ...], num_steps) -> tuple[Any, Any]:
+  def __call__(self, state: Any, data: Any, num_steps) -> tuple[Any, Any]:
+    """`data`: the resident arrays, or (streamed) the `stream.Stream` whose next batch each step
+    takes."""
     if self.on_device:
       return self.program(state, data, num_steps)
-    buffer = self.new_buffer(state, data)
+    buffer = self.new_buffer(state, None if self.streamed else data)
     for i in range(int(num_steps)):
-      state, buffer = self.program(state, buffer, data, np.int32(i))
+      state, buffer = self.program(state, buffer, data.next() if self.streamed else data,
+                                   np.int32(i))
     return state, buffer
 
-  def compiled(self, state: Any, data: tuple[jax.Array, ...]) -> tuple["Chunk", Any]:
+  def compiled(self, state: Any, data: Any) -> tuple["Chunk", Any]:
     """Compiled ahead of time for these arguments' shapes (the benchmark reports compile time
-    apart): (the chunk that runs the compiled program, the compiled program)."""
+    apart): (the chunk that runs the compiled program, the compiled program). Streamed: `data`
+    is the stream (its batch shapes)."""
     if self.on_device:
       lowered = self.program.lower(state, data, np.int32(self.steps_per_call))
+    elif self.streamed:
+      lowered = self.program.lower(state, self.new_buffer(state, None), data.spec, np.int32(0))
     else:
       lowered = self.program.lower(state, self.new_buffer(state, data), data, np.int32(0))
     program = lowered.compile()
     chunk = Chunk(program, steps_per_call=self.steps_per_call, on_device=self.on_device,
-                  new_buffer=self.new_buffer)
+                  new_buffer=self.new_buffer, streamed=self.streamed)
     return chunk, program
 
 
 def compile_chunk(trainer: Trainer, steps_per_call: int, *,
-                  on_device: bool | None = None) -> Chunk:
+                  on_device: bool | None = None, batch_spec: tuple | None = None) -> Chunk:
   """The `Chunk` of `trainer`: `chunk(state, data, num_steps) -> (state, metrics
   [steps_per_call, ...])` with `num_steps <= steps_per_call`; metrics of steps beyond
   `num_steps` are zeros, and the state is donated (updated in place). One compiled training
@@ -149,8 +176,27 @@ def compile_chunk(trainer: Trainer, steps_per_call: int, *,
   - `on_device` (the default off the CPU, see `loop_on_device`): a `lax.fori_loop` over a traced
     `num_steps` (`train_chunk`);
   - otherwise: one step (`train_chunk_step`, writing its metrics into row `i` of the donated
-    buffer) dispatched `num_steps` times without waiting for any of them."""
+    buffer) dispatched `num_steps` times without waiting for any of them.
+  `batch_spec` (a streamed run: the shapes of one step's batch, `stream.Stream.spec`): the
+  one-step program of `trainer.train_on_batch`, dispatched once per step with that step's batch
+  (a batch per step has to come from the host, so the steps are not looped on the device)."""
   rep = mesh_lib.replicated(trainer.mesh)
+  if batch_spec is not None:
+    batch_sharding = mesh_lib.batch_sharding(trainer.mesh)
+
+    def empty_stream_buffer(state, _):
+      _, shapes = jax.eval_shape(trainer.train_on_batch, state, batch_spec)
+      return jax.tree.map(lambda s: jnp.zeros((steps_per_call,) + s.shape, s.dtype), shapes)
+
+    def train_batch_step(state, buffer, batch, i):
+      state, metrics = trainer.train_on_batch(state, batch)
+      return state, jax.tree.map(lambda b, m: b.at[i].set(m), buffer, metrics)
+
+    program = jax.jit(train_batch_step, donate_argnums=(0, 1),
+                      in_shardings=(rep, rep, (batch_sharding,) * len(batch_spec), rep),
+                      out_shardings=(rep, rep))
+    return Chunk(program, steps_per_call=steps_per_call, on_device=False, streamed=True,
+                 new_buffer=jax.jit(empty_stream_buffer, static_argnums=1, out_shardings=rep))
   if on_device is None:
     on_device = loop_on_device()
 
@@ -189,24 +235,57 @@ def place_state(state: Any, mesh: jax.sharding.Mesh) -> Any:
   return mesh_lib.put_replicated(jax.tree.map(jnp.copy, state), mesh)
 
 
-def fit(trainer: Trainer, workdir: pathlib.Path, *, data: tuple[np.ndarray, ...],
+def placement_of(data: Sequence[Any]) -> str:
+  """'stream' when a training array is a view of images on disk (`data.records`, chosen by
+  `config.data.placement`), else 'device'."""
+  return "stream" if any(records.is_lazy(x) for x in data) else "device"
+
+
+def fit(trainer: Trainer, workdir: pathlib.Path, *, data: tuple[Any, ...],
         schedule: loop.Schedule, keep_checkpoints: int, images_per_step: int,
         best_metric: str | None = None,
-        memory_hint: str = "lower config.batch_size or config.data.image_size") -> FitResult:
-  """Trains `trainer` to `schedule.total_steps` (resuming a run in `workdir`) and exports."""
+        memory_hint: str = "lower config.batch_size or config.data.image_size",
+        placement: str | None = None, batch_size: int | None = None,
+        stream_threads: int = stream_lib.DEFAULT_THREADS,
+        stream_prefetch: int = stream_lib.DEFAULT_PREFETCH) -> FitResult:
+  """Trains `trainer` to `schedule.total_steps` (resuming a run in `workdir`) and exports.
+
+  `placement` (default `placement_of(data)`): 'device' puts `data` on the devices (replicated)
+  and draws each batch there; 'stream' reads each step's batch (`batch_size` rows) through
+  `stream.Stream` with `stream_threads` reader threads, `stream_prefetch` batches ahead, and
+  saves the stream's position in every checkpoint."""
   workdir = pathlib.Path(workdir)
   mesh = trainer.mesh
-  state = place_state(trainer.init_state(), mesh)
+  placement = placement or placement_of(data)
+  if placement not in ("device", "stream"):
+    raise ValueError(f"placement {placement!r} is not 'device' or 'stream'")
+  init = trainer.init_state()
+  state = place_state(init, mesh)
   ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=keep_checkpoints,
                       best_metric=best_metric)
   restored, start = ckpt.restore_latest(state)
   if restored is not None:
     state = restored
     logging.info("Resumed from %s at step %d", ckpt.directory, start)
-  data_dev = mesh_lib.put_replicated(tuple(data), mesh)
   steps_per_call = min(schedule.steps_per_call, schedule.total_steps)
   schedule = dataclasses.replace(schedule, steps_per_call=steps_per_call)
-  chunk = compile_chunk(trainer, steps_per_call)
+  stream = None
+  if placement == "stream":
+    if batch_size is None:
+      raise ValueError("a streamed fit needs the global batch size")
+    stream = stream_lib.Stream(trainer, data, rng=init.rng, batch_size=batch_size,
+                               total_steps=schedule.total_steps, threads=stream_threads,
+                               prefetch=stream_prefetch)
+    stream.open(start or 0, ckpt.restore_iterator(start) if restored is not None else None)
+    ckpt.iterator_state = stream.state
+    data_dev = stream
+    chunk = compile_chunk(trainer, steps_per_call, batch_spec=stream.spec)
+    logging.info("%s: streaming %d-image batches from disk (%d reader threads, %d batches "
+                 "ahead)", trainer.name, batch_size, stream_threads, stream_prefetch,
+                 extra=console.FILE_ONLY)
+  else:
+    data_dev = mesh_lib.put_replicated(tuple(data), mesh)
+    chunk = compile_chunk(trainer, steps_per_call)
   validate = getattr(trainer, "validate", None)
   hook = getattr(trainer, "hook", None)
   make_writer = getattr(trainer, "make_writer", None)
@@ -225,6 +304,8 @@ def fit(trainer: Trainer, workdir: pathlib.Path, *, data: tuple[np.ndarray, ...]
     trainer.export(workdir, best, step)
   finally:
     writer.close()
+    if stream is not None:
+      stream.close()
   return FitResult(state=best, step=step, final_step=schedule.total_steps)
 
 

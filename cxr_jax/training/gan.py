@@ -1,6 +1,6 @@
 """The parts every image translator shares: the adversarial loss, the one discriminator update
-(the reference's `backward_D_basic` and its optimiser step), the L1 term, the batch draw and the
-constant-then-linear-decay learning rate."""
+(the reference's `backward_D_basic` and its optimiser step), the L1 term, the batch draw (indices, then
+the augmented inputs) and the constant-then-linear-decay learning rate."""
 
 from __future__ import annotations
 
@@ -69,18 +69,22 @@ def update_discriminator(disc: Functional, net: NetState, real: jax.Array, fake:
       f"{prefix}grad_norm": optax.tree.norm(grads)}
 
 
-def source_target_batch(step: jax.Array, rng: jax.Array, source: jax.Array, target: jax.Array, *,
-                        batch_size: int, steps_per_epoch: int,
-                        augment: augment_lib.AugmentSpec | None, sharding) -> tuple:
-  """The batch of `step` for a translator, drawn on the device: source images in the seeded
-  epoch order, target images uniformly at random (pix2pix pairs them, the unpaired translators
-  do not), augmented (or not) into [-1, 1]; returns (source, target, a key for the step's own
-  noise)."""
-  src_idx = sampling.epoch_batch(rng, step, source.shape[0], batch_size, steps_per_epoch)
-  key = jax.random.fold_in(rng, step)
-  k_pick, k_aug_src, k_aug_tgt, k_step = jax.random.split(key, 4)
-  tgt_idx = jax.random.randint(k_pick, (batch_size,), 0, target.shape[0])
-  src, tgt = source[src_idx], target[tgt_idx]
+def source_target_indices(rng: jax.Array, step: jax.Array, num_source: int, num_target: int, *,
+                          batch_size: int, steps_per_epoch: int) -> tuple[jax.Array, jax.Array]:
+  """The images of `step` for a translator: source indices in the seeded epoch order, target
+  indices uniformly at random (pix2pix pairs them, the unpaired translators do not). A pure
+  function of (rng, step): drawn on the device from resident images, or on the host for a
+  streamed run (`training/stream.py`), the same indices either way."""
+  src_idx = sampling.epoch_batch(rng, step, num_source, batch_size, steps_per_epoch)
+  k_pick = jax.random.split(jax.random.fold_in(rng, step), 4)[0]
+  return src_idx, jax.random.randint(k_pick, (batch_size,), 0, num_target)
+
+
+def source_target_inputs(rng: jax.Array, step: jax.Array, src: jax.Array, tgt: jax.Array, *,
+                         augment: augment_lib.AugmentSpec | None, sharding) -> tuple:
+  """The uint8 source and target images of `step` augmented (or not) into [-1, 1] on the device;
+  returns (source, target, a key for the step's own noise)."""
+  _, k_aug_src, k_aug_tgt, k_step = jax.random.split(jax.random.fold_in(rng, step), 4)
   if augment is not None:
     src = augment_lib.augment(src, k_aug_src, augment) * 2.0 - 1.0
     tgt = augment_lib.augment(tgt, k_aug_tgt, augment) * 2.0 - 1.0

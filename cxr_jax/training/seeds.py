@@ -10,6 +10,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from cxr_jax.data import records
 from cxr_jax.data.dataset import ImageSet
 from cxr_jax.errors import ConfigError
 from cxr_jax.training import classifier
@@ -38,6 +39,15 @@ def train_seeds(config: ml_collections.ConfigDict, seeds: list[int],
   if len(set(seeds)) != len(seeds):
     raise ConfigError(f"seeds: {seeds} repeats a seed")
   mode = fit.seeds_mode(config) if mode == "config" else mode
+  if mode is not None and records.is_lazy(train_set.images):
+    # One program of N seeds reads N batches a step; a stream gives one run's batches.
+    if config.get("seeds_in_one_program") in fit.SEED_MODES:
+      raise ConfigError(f"config.seeds_in_one_program={config.seeds_in_one_program!r} needs the "
+                        "training images on the devices; this run streams them "
+                        "(config.data.placement): use 'auto' or 'off'")
+    logging.info("classifier: the training images stream from disk, so seeds %s train one "
+                 "after another", seeds)
+    mode = None
 
   def one_after_another() -> list[export.Exported]:
     return [classifier.train(fit.seed_config(config, s), w, train_set, val_set, mesh)

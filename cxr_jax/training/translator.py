@@ -6,7 +6,7 @@ A translator is one module `cxr_jax/training/<name>.py` whose `TRANSLATOR` is a 
 nothing else. `Translator` is a `fit.Trainer` that holds what every translator does the same way:
 the config checks they share, the Adam optimiser on the constant-then-linear-decay schedule, the
 on-device augmentation, the batch of a step (source images in the seeded epoch order, target
-images drawn uniformly: `gan.source_target_batch`), the sample grids through the exported-model
+images drawn uniformly: `gan.source_target_indices`, augmented by `gan.source_target_inputs`), the sample grids through the exported-model
 path, and the export of the generator (the one network synthesis needs) with its metadata. A
 subclass provides what is its own (the abstract methods below): its config checks, its networks,
 its state and its update.
@@ -43,6 +43,7 @@ from cxr_jax.training import fit
 from cxr_jax.training import gan
 from cxr_jax.training import loop
 from cxr_jax.training import mesh as mesh_lib
+from cxr_jax.training import stream as stream_lib
 from cxr_jax.training.fit import NetState
 from cxr_jax.training.functional import Functional
 from cxr_jax.training.summary import SummaryWriter
@@ -152,16 +153,22 @@ class Translator(abc.ABC):
     networks' chained parameters, as the reference's, is the same update)."""
     return optax.adam(self.schedule, b1=self.config.beta1, b2=self.config.beta2)
 
-  def sample_batch(self, step: jax.Array, rng: jax.Array, source: jax.Array, target: jax.Array):
-    """The (source, target) batch of `step` and its key for the step's own noise, drawn on the
-    device: source by the epoch order, target uniformly."""
-    return gan.source_target_batch(step, rng, source, target, batch_size=self.batch_size,
-                                   steps_per_epoch=self.steps_per_epoch, augment=self.augment,
-                                   sharding=self._batch)
+  def batch_indices(self, rng: jax.Array, step: jax.Array,
+                    sizes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """The (source, target) image indices of `step` (`fit.Trainer`): source by the epoch order,
+    target uniformly."""
+    return gan.source_target_indices(rng, step, sizes[0], sizes[1], batch_size=self.batch_size,
+                                     steps_per_epoch=self.steps_per_epoch)
+
+  def train_on_batch(self, state: Any, batch: tuple[jax.Array, jax.Array]):
+    """One step on the uint8 (source, target) images of `state.step`: augmented on the device,
+    then `update`."""
+    source, target, key = gan.source_target_inputs(state.rng, state.step, *batch,
+                                                   augment=self.augment, sharding=self._batch)
+    return self.update(state, source, target, key)
 
   def train_step(self, state: Any, data: tuple[jax.Array, jax.Array]):
-    source, target, key = self.sample_batch(state.step, state.rng, *data)
-    return self.update(state, source, target, key)
+    return fit.resident_step(self, state, data)
 
   def hook(self, step: int, state: Any, writer: SummaryWriter) -> None:
     """Every `sample_every` steps: a PNG grid of source | translated | a real target image."""
@@ -276,5 +283,6 @@ def train(cls: type[Translator], config: ml_collections.ConfigDict,
                                  checkpoint_every=config.checkpoint_every,
                                  hook_every=config.sample_every),
           keep_checkpoints=config.keep_checkpoints, images_per_step=config.batch_size,
-          memory_hint=f"lower one of {hint}")
+          memory_hint=f"lower one of {hint}", batch_size=config.batch_size,
+          **stream_lib.options(config.data))
   return export.load_generator(workdir / GENERATOR_DIR, mesh)
