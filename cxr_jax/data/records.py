@@ -213,7 +213,7 @@ def index(prepared: Any) -> dict[str, Any]:
       raise ValueError("stale")
   except (OSError, ValueError, KeyError):
     saved = _build_index(prepared)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # hosts sharing the cache write their own
     try:
       tmp.write_text(json.dumps(saved))
       tmp.replace(path)
