@@ -3,7 +3,9 @@
 It does what `main.py --config=configs/pix2pix.py:smoke --config.multihost=True --overwrite` does
 (join through CXR_COORDINATOR_ADDRESS / CXR_NUM_PROCESSES / CXR_PROCESS_ID, move the old workdir
 aside, train with checkpoints, export the generator), then restores the last checkpoint as a
-resumed run would, and saves what this process holds for the test to compare. Usage:
+resumed run would, and saves what this process holds for the test to compare. Then it trains the
+same config again with `--config.data.placement=stream` in WORKDIR-stream, counting the training
+rows this process reads (each process reads only its share of each global batch). Usage:
 
   python tests/multiprocess_worker.py WORKDIR OUT_DIR
 """
@@ -29,6 +31,7 @@ from cxr_jax import configlib
 from cxr_jax import runtime
 from cxr_jax import tasks
 from cxr_jax import workdir as workdir_lib
+from cxr_jax.data import records
 from cxr_jax.training import checkpoint
 from cxr_jax.training import export
 from cxr_jax.training import fit
@@ -84,6 +87,21 @@ def main(workdir: str, out_dir: str) -> None:
   ckpt.close()
   np.savez(out / f"restored_{pid}.npz", step=step,
            **{f"state/{k}": np.asarray(v) for k, v in checkpoint.flatten(state).items()})
+
+  # Streamed: the same training, its batches read by grain, each process its own rows.
+  rows_read = []
+  read = records.read
+
+  def counting_read(x, ids):
+    rows_read.append(len(ids))
+    return read(x, ids)
+
+  records.read = counting_read
+  config.data.placement = "stream"
+  streamed = workdir_lib.prepare(f"{workdir}-stream", config)
+  tasks.get(config.task)(config, streamed)
+  records.read = read
+  (out / f"stream_{pid}.json").write_text(json.dumps({"rows_read": rows_read}))
   print(f"worker {pid}: done", flush=True)
 
 

@@ -3,7 +3,9 @@
 Multi-host runs cannot be tried on a laptop otherwise: this runs the project's own path (joining
 through CXR_COORDINATOR_ADDRESS / CXR_NUM_PROCESSES / CXR_PROCESS_ID, --overwrite, the trainer,
 Orbax checkpoints written and restored by both processes, export) in 2 processes x 2 CPU devices
-and compares every number with a 1-process run on 4 devices and the same global batch.
+and compares every number with a 1-process run on 4 devices and the same global batch; then the
+same training streamed (`config.data.placement="stream"`), each process reading only its half of
+every global batch from the array_record copy.
 """
 
 from __future__ import annotations
@@ -158,6 +160,15 @@ def test_two_processes_train_checkpoint_and_restore_like_one(tmp_path):
     with np.load(out / f"generator_{pid}.npz") as gen:
       _assert_close(dict(gen), _keyed({"params": reference.params, "stats": reference.stats}),
                     f"generator loaded by process {pid}")
+
+
+  # Streamed in 2 processes: each read its 2 of the 4 rows of every (source, target) batch, and the
+  # state equals the 1-process (resident) run's to the same rounding.
+  streamed = _restore(tmp_path / "run-stream" / "checkpoints", template)
+  _assert_close(streamed, expected, "2 processes streamed vs 1 process resident, after 12 steps")
+  for pid in range(NUM_PROCESSES):
+    rows = json.loads((out / f"stream_{pid}.json").read_text())["rows_read"]
+    assert rows == [config.batch_size // NUM_PROCESSES] * (2 * LAST_STEP), (pid, rows)
 
 
 def _keyed(tree) -> dict:

@@ -48,7 +48,7 @@ def host_device() -> jax.Device | None:
   """The device the host-side index computation runs on: the CPU (None where the CPU backend is
   not loaded, e.g. JAX_PLATFORMS=cuda: the default device then computes the few indices)."""
   try:
-    return jax.devices("cpu")[0]
+    return jax.local_devices(backend="cpu")[0]  # this process's: jax.devices() lists every host's
   except RuntimeError:
     return None
 
@@ -73,7 +73,10 @@ class Stream:
                                    for r in range(*idx[0].indices(self.batch_size))}), np.int64)
     self._position = {int(r): k for k, r in enumerate(self.rows)}
     device = host_device()
-    key_data = np.asarray(jax.device_get(jax.random.key_data(rng)))
+    key_data = jax.random.key_data(rng)
+    if isinstance(key_data, jax.Array) and not key_data.is_fully_addressable:
+      key_data = key_data.addressable_data(0)  # replicated: this process's copy (multi-host)
+    key_data = np.asarray(key_data)
     impl = jax.random.key_impl(rng)
     self._rng = jax.random.wrap_key_data(
         key_data if device is None else jax.device_put(key_data, device), impl=impl)
