@@ -52,6 +52,7 @@ import numpy as np
 from absl import logging
 from sklearn import model_selection
 
+from cxr_jax.data import records
 from cxr_jax.errors import ConfigError
 from cxr_jax.errors import DataError
 
@@ -376,7 +377,7 @@ def find_near_duplicates(images: np.ndarray, train: Sequence[int], test: Sequenc
   if not pairs:
     return []
   involved = np.unique([i for p in pairs for i in p[:2]])
-  _, thumbs = perceptual_hash(np.asarray(images[involved]))
+  _, thumbs = perceptual_hash(records.take(images, involved))  # read 512 at a time
   where = {int(i): k for k, i in enumerate(involved)}
   out = []
   for te, tr, d in pairs:
