@@ -6,6 +6,12 @@
   python -m benchmarks.bench --only=pix2pix_b1 --chunk=loop   # a chunk as one fori_loop program
   python -m benchmarks.bench --only=demo_classifier,demo_pix2pix,demo_cyclegan --steps=10
                                                # experiment:demo's stages at its sizes (CPU)
+  python -m benchmarks.bench --only=demo_classifier,demo_classifier_stream,demo_cyclegan,\
+      demo_cyclegan_stream --steps=20          # the same, resident vs streamed from disk
+                                               # (config.data.placement), and their ratio
+  python -m benchmarks.bench --only=stream_memory --stream_memory_scales=1,8 \
+      --stream_memory_size=128                 # host peak RSS of a short classifier run, resident
+                                               # vs streamed, as the data set grows
   python -m benchmarks.bench --only=resnet50_seeds1,resnet50_seeds3,resnet50_seeds5
                                                # N classifier seeds in one program, summed img/s
   python -m benchmarks.bench --experiment_workdir=RUN   # the stage times a finished run recorded
@@ -14,14 +20,16 @@
 
 (from the repository root; `python benchmarks/bench.py` works too). Each step workload runs the real
 trainer's compiled chunk (`fit.compile_chunk`: `steps` steps in one call, or one dispatch per step
-on a CPU; device-resident data, donated state) on random data; the goals and their targets are data
-(`goals.json`). It is compiled ahead of time, so that compile time is reported apart; one chunk
-warms up, then the median of `blocks` timed chunks is the step time. Memory is the compiled
-program's own account (arguments + outputs + temporaries, less donated buffers), which every backend
-gives, and the allocator's peak where the backend reports one (GPUs, TPUs; it is the process's peak,
-so run one workload per process to read it per workload). `scripts/gpu_bench.sh` runs every GPU
-measurement, with the PyTorch reference (`torch_reference.py`, the project lead's), in one go;
-docs/performance.md records the figures.
+on a CPU; device-resident data, donated state) on random data (the demo_* rows: experiment:demo's
+own prepared training split; demo_*_stream: the same split streamed from its array_record copy, as
+`config.data.placement=stream` reads it); the goals and their targets are data (`goals.json`). It is
+compiled ahead of time, so that compile time is reported apart; one chunk warms up (streamed: also
+as many steps as the read-ahead holds), then the median of `blocks` timed chunks is the step time.
+Memory is the compiled program's own account (arguments + outputs + temporaries, less donated
+buffers), which every backend gives, and the allocator's peak where the backend reports one (GPUs,
+TPUs; it is the process's peak, so run one workload per process to read it per workload).
+`scripts/gpu_bench.sh` runs every GPU measurement, with the PyTorch reference (`torch_reference.py`,
+the project lead's), in one go; docs/performance.md records the figures.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -52,25 +61,31 @@ from absl import flags
 
 from cxr_jax import configlib
 from cxr_jax import runtime
+from cxr_jax.data import dataset
 from cxr_jax.models import layers
 from cxr_jax.training import classifier
 from cxr_jax.training import export
 from cxr_jax.training import fit
 from cxr_jax.training import mesh as mesh_lib
+from cxr_jax.training import stream as stream_lib
 from cxr_jax.training import translator
 
 STEP_WORKLOADS = ("pix2pix_b1", "pix2pix_b16", "resnet50_rgb", "resnet50_gray",
                   "generator_inference", "cyclegan_b1", "resnet50_seeds1", "resnet50_seeds3",
-                  "resnet50_seeds5", "demo_classifier", "demo_pix2pix", "demo_cyclegan")
+                  "resnet50_seeds5", "demo_classifier", "demo_pix2pix", "demo_cyclegan",
+                  "demo_classifier_stream", "demo_cyclegan_stream")
 DEFAULT_WORKLOADS = STEP_WORKLOADS[:5]   # the others are asked for by name
 DEMO_WORKLOADS = ("demo_classifier", "demo_pix2pix", "demo_cyclegan")   # CPU-sized
+STREAM_SUFFIX = "_stream"   # demo_<stage>_stream: demo_<stage> with its images streamed from disk
+OTHER_WORKLOADS = ("experiment", "stream_memory")   # not step workloads: they run processes
 SEED_COUNTS = {"resnet50_seeds1": 1, "resnet50_seeds3": 3, "resnet50_seeds5": 5}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("only", [], f"Workloads to run (default: {DEFAULT_WORKLOADS}; also "
-                  f"{STEP_WORKLOADS[5:]}, and <translator>_b<batch> or demo_<translator> for "
-                  "any translator); "
-                  "'experiment' times experiment:paper with one seed.")
+                  f"{STEP_WORKLOADS[5:]}, and <translator>_b<batch> or demo_<translator>"
+                  "[_stream] for any translator); "
+                  "'experiment' times experiment:paper with one seed; 'stream_memory' measures "
+                  "the host memory of resident and streamed training runs.")
 flags.DEFINE_integer("blocks", 5, "Timed chunks per workload (the median is reported).")
 flags.DEFINE_integer("steps", 0, "Steps per chunk (default: 50 on accelerators, 2 on a CPU).")
 flags.DEFINE_integer("resnet_batch", 0, "ResNet-50 batch (default: 256 on accelerators, 8 on CPU).")
@@ -102,6 +117,10 @@ flags.DEFINE_integer("experiment_timeout", 0, "Stop the experiment after this ma
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
 flags.DEFINE_string("compare", "", "Folder of result files (this command's JSON and "
                     "torch_reference.py's): print one table with the goals' ratios and exit.")
+flags.DEFINE_list("stream_memory_scales", ["1", "8"], "stream_memory: the embedded synthetic "
+                  "default's data.synthetic_scale values measured (1: 2,905 images).")
+flags.DEFINE_integer("stream_memory_size", 128, "stream_memory: data.image_size of the run.")
+flags.DEFINE_integer("stream_memory_steps", 10, "stream_memory: training steps of each run.")
 
 GOALS_FILE = pathlib.Path(__file__).resolve().parent / "goals.json"
 
@@ -185,9 +204,11 @@ def _time_chunks(name: str, variant: str, batch: int, steps: int, jitted, state,
 
 
 def _time_run(name: str, variant: str, batch: int, steps: int, run: Callable[[Any], Any], state,
-              compile_s: float, compiled) -> Result:
-  """`run(state) -> state` runs one chunk of `steps` steps of the already `compiled` program."""
-  state = run(state)                       # warm-up: first execution, allocations
+              compile_s: float, compiled, warmup: int = 1) -> Result:
+  """`run(state) -> state` runs one chunk of `steps` steps of the already `compiled` program;
+  `warmup` chunks run untimed first."""
+  for _ in range(warmup):                  # warm-up: first execution, allocations
+    state = run(state)
   jax.block_until_ready(state)
   times = []
   for _ in range(FLAGS.blocks):
@@ -238,10 +259,15 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def _time_trainer(name: str, variant: str, batch: int, steps: int, trainer,
-                  data: tuple[np.ndarray, ...]) -> Result:
+                  data: tuple[Any, ...], stream_options: dict | None = None) -> Result:
   """The trainer's own training chunk, as `fit` compiles it, `steps` steps per call (`--chunk`:
   in one program or one dispatch per step). Memory is that of the compiled program: the whole
-  chunk, or one step."""
+  chunk, or one step.
+
+  `stream_options` (`stream.options(config.data)`): a streamed run instead (`_time_stream`);
+  `data` are then the images as `data.records` views of the prepared copy on disk."""
+  if stream_options is not None:
+    return _time_stream(name, variant, batch, steps, trainer, data, **stream_options)
   state = fit.place_state(trainer.init_state(), trainer.mesh)
   data_dev = mesh_lib.put_replicated(data, trainer.mesh)
   on_device = {"auto": None, "loop": True, "dispatch": False}[FLAGS.chunk]
@@ -251,6 +277,39 @@ def _time_trainer(name: str, variant: str, batch: int, steps: int, trainer,
   compile_s = time.perf_counter() - t0
   return _time_run(name, variant, batch, steps,
                    lambda st: chunk(st, data_dev, np.int32(steps))[0], state, compile_s, compiled)
+
+
+def _time_stream(name: str, variant: str, batch: int, steps: int, trainer, data: tuple[Any, ...],
+                 *, stream_threads: int, stream_prefetch: int) -> Result:
+  """A streamed run's steps, as `fit.fit` runs them for `config.data.placement='stream'`: a
+  `stream.Stream` (grain: each step's batch indices drawn on the host, its rows read from the
+  array_record copy and decoded on `stream_threads` threads, `stream_prefetch` batches ahead, put
+  on the devices) feeding the one-step program `fit.compile_chunk(..., batch_spec=...)` builds,
+  one dispatch per step with that step's batch.
+
+  Compilation is timed apart (the stream is already open: its readers start meanwhile). The
+  warm-up is the first chunk plus as many steps as the read-ahead holds, so the timed steps do not
+  take the batches read during compilation and start-up; where reading is slower than the step
+  the read-ahead still refills a little during the timed steps, an error of at most
+  `stream_prefetch` batches over `blocks * steps` timed steps (ask for more steps to shrink it).
+  `--chunk` does not apply: a streamed step is always a dispatch of its own, as in `fit`."""
+  init = trainer.init_state()
+  state = fit.place_state(init, trainer.mesh)
+  warmup = 1 + -(-stream_prefetch // steps)
+  total = steps * (warmup + FLAGS.blocks + (1 if FLAGS.profile else 0))
+  stream = stream_lib.Stream(trainer, data, rng=init.rng, batch_size=batch, total_steps=total,
+                             threads=stream_threads, prefetch=stream_prefetch)
+  stream.open(0)
+  try:
+    t0 = time.perf_counter()
+    chunk, compiled = fit.compile_chunk(trainer, steps, batch_spec=stream.spec).compiled(state,
+                                                                                        stream)
+    compile_s = time.perf_counter() - t0
+    return _time_run(name, variant, batch, steps,
+                     lambda st: chunk(st, stream, np.int32(steps))[0], state, compile_s,
+                     compiled, warmup=warmup)
+  finally:
+    stream.close()
 
 
 def bench_translator(name: str, batch: int, steps: int) -> Result:
@@ -278,32 +337,57 @@ def translator_workload(name: str, steps: int) -> Callable[[], Result] | None:
   if match and (CONFIGS / f"{match[1]}.py").exists():
     return lambda: bench_translator(match[1], int(match[2]), steps)
   stage = name.removeprefix("demo_")
-  if stage != name and (CONFIGS / f"{stage}.py").exists():
-    return lambda: bench_demo(stage, steps)
+  placement = "stream" if stage.endswith(STREAM_SUFFIX) else "device"
+  stage = stage.removesuffix(STREAM_SUFFIX)
+  if name.startswith("demo_") and (CONFIGS / f"{stage}.py").exists():
+    return lambda: bench_demo(stage, steps, placement)
   return None
 
 
-def bench_demo(stage: str, steps: int) -> Result:
+def bench_demo(stage: str, steps: int, placement: str = "device") -> Result:
   """One of experiment:demo's stages at its own sizes (64 px images, small networks, batch 4 or
-  32: what a CPU trains), on random data of the demo's training-split sizes."""
+  32: what a CPU trains), on experiment:demo's own training split: the embedded synthetic default
+  at its size and scale, prepared (array_record copy, cached) and split as a run does
+  (`dataset.load_splits`); the classifier trains on the whole split, a translator on its source
+  and target classes.
+
+  `placement` is `config.data.placement`: 'device' (`demo_<stage>`: the split in memory, on the
+  devices, each batch gathered there) or 'stream' (`demo_<stage>_stream`: the split as views of
+  the prepared copy on disk, each step's batch read by the stream a `--config.data.placement=
+  stream` run reads, with config.data's reader threads and read-ahead: `_time_stream`). Both
+  read the same images and train on the same batches, so their ratio is the cost of streaming.
+  `--override=data.<key>=...` changes the data (e.g. data.image_size, data.synthetic_scale)."""
   config = configlib.load_config_file(CONFIGS / "experiment.py", "demo")
   block = config[stage]
   block.data = config.data
   _apply_overrides(block)
+  block.data.placement = placement
+  train = dataset.load_splits(block.data)["train"]
   mesh = mesh_lib.make_mesh()
-  rng = np.random.default_rng(0)
-  size = config.data.image_size
-  images = lambda n: rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8)  # noqa: E731
+  size = block.data.image_size
   if stage == "classifier":
-    model = classifier.Classifier(block, class_names=("COVID", "NORMAL", "VIRAL_PNEUMONIA"),
-                                  steps_per_epoch=20, total_steps=20 * block.num_epochs,
-                                  mesh=mesh)
-    data = (images(640), rng.integers(0, 3, 640).astype(np.int32))
+    setup = classifier.run_setup(block, train)
+    model = classifier.Classifier(block, class_names=train.class_names,
+                                  steps_per_epoch=setup.steps_per_epoch,
+                                  total_steps=setup.total_steps, mesh=mesh,
+                                  weights=setup.weights, schedule_epoch=setup.schedule_epoch)
+    data = (train.images, train.labels.astype(np.int32))
   else:
-    model = translator.find(stage)(block, image_size=size, steps_per_epoch=58, mesh=mesh)
-    data = (images(234), images(234))
-  return _time_trainer(f"demo_{stage}", _variant(block.compute_dtype), block.batch_size, steps,
-                       model, data)
+    data = (train.of_class(block.source_class).images, train.of_class(block.target_class).images)
+    model = translator.find(stage)(block, image_size=size,
+                                   steps_per_epoch=len(data[0]) // block.batch_size, mesh=mesh)
+  name = f"demo_{stage}" + (STREAM_SUFFIX if placement == "stream" else "")
+  return _time_trainer(name, _variant(block.compute_dtype), block.batch_size, steps, model, data,
+                       stream_lib.options(block.data) if placement == "stream" else None)
+
+
+def stream_ratios(results: list[dict]) -> dict[str, float]:
+  """{demo_<stage>: streamed images/s / resident images/s} for every pair of rows (a row and its
+  `_stream` twin) among `results` (the last of each name)."""
+  rate = {r["name"]: r["images_per_s"] for r in results}
+  return {name.removesuffix(STREAM_SUFFIX): rate[name] / rate[name.removesuffix(STREAM_SUFFIX)]
+          for name in rate
+          if name.endswith(STREAM_SUFFIX) and name.removesuffix(STREAM_SUFFIX) in rate}
 
 
 def bench_resnet(channels: int, batch: int, steps: int) -> Result:
@@ -416,6 +500,149 @@ def recorded_experiment(workdir: str | os.PathLike) -> dict:
           "total_s": sum(stages.values()), "workdir": str(workdir)}
 
 
+# ------------------------------------------------------------------- host memory of streaming
+
+STREAM_MEMORY_PLACEMENTS = ("device", "stream")
+
+
+def _memory_config(placement: str, scale: float, size: int, steps: int):
+  """experiment:demo's classifier (small ResNet, batch 32, input at most 48 px) on the embedded
+  synthetic default at `size` px and `scale`, trained `steps` steps (one epoch of the schedule:
+  one validation and one checkpoint, at the end) with `placement`."""
+  config = configlib.load_config_file(CONFIGS / "experiment.py", "demo")
+  block = config.classifier
+  block.data = config.data
+  block.data.update(image_size=size, synthetic_scale=scale, placement=placement)
+  block.image_size = min(block.image_size, size)
+  block.train_steps, block.num_epochs, block.warmup_epochs = steps, 1, 0
+  block.steps_per_call = block.log_every = steps
+  block.freeze_backbone_epochs = 0
+  return block
+
+
+def _status_mb(key: str) -> float:
+  """A `VmRSS` / `VmHWM` line of /proc/self/status, in MB."""
+  for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+    if line.startswith(key + ":"):
+      return int(line.split()[1]) / 1024
+  raise KeyError(key)
+
+
+def stream_memory_child(placement: str, scale: str, size: str, steps: str, out: str,
+                        compile_cache: str = "0") -> None:
+  """One measurement, in a process of its own (`stream_memory` starts it): loads the splits as a
+  run of `placement` does, then trains the classifier (`classifier.train`: what `main.py` runs,
+  checkpoint, validation and export included); writes its memory to the JSON file `out`.
+  `compile_cache` '1': the persistent compilation cache is used (see `bench_stream_memory`)."""
+  from cxr_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  if compile_cache == "1":
+    runtime.enable_compilation_cache()
+  config = _memory_config(placement, float(scale), int(size), int(steps))
+  rss_start = _status_mb("VmRSS")
+  t0 = time.perf_counter()
+  splits = dataset.load_splits(config.data)
+  load_s = time.perf_counter() - t0
+  rss_loaded, peak_loaded = _status_mb("VmRSS"), _status_mb("VmHWM")
+  run = workdir_lib.prepare(pathlib.Path(out).with_suffix(".run"), config)
+  t0 = time.perf_counter()
+  classifier.train(config, run, splits["train"], splits["val"], fit.make_mesh(config))
+  train_s = time.perf_counter() - t0
+  pathlib.Path(out).write_text(json.dumps({
+      "placement": placement, "scale": float(scale), "size": int(size), "steps": int(steps),
+      "images": sum(len(v) for v in splits.values()), "train_images": len(splits["train"]),
+      "trained": fit.placement_of((splits["train"].images,)),
+      "rss_start_mb": rss_start, "rss_loaded_mb": rss_loaded, "peak_loaded_mb": peak_loaded,
+      "peak_mb": _status_mb("VmHWM"), "load_s": load_s, "train_s": train_s}))
+
+
+def _prepare_memory_data(scale: float, size: int, cache: pathlib.Path) -> None:
+  """The synthetic database and its array_record copy, built once in `cache` (here, not in a
+  measured process: building is not what is measured)."""
+  from cxr_jax.data import tfds_builder  # pylint: disable=import-outside-toplevel
+  data = _memory_config("device", scale, size, 1).data
+  data.cache_dir = str(cache)
+  tfds_builder.prepare(dataset.resolve_source(data), size, cache)
+
+
+def bench_stream_memory(scales: list[float], size: int, steps: int, *,
+                        compile_cache: bool = False) -> dict:
+  """The host's peak memory (RSS) of a short classifier training run on the embedded synthetic
+  default at each of `scales`, resident (`device`) and streamed (`stream`).
+
+  Each (placement, scale) runs in a fresh process (`stream_memory_child`) whose peak RSS is its
+  own (`VmHWM`, and the kernel's `ru_maxrss` of it, from `wait4`), so nothing one run holds shows
+  in another's. The data of a scale are built first, here, into a cache folder of that scale
+  under a temporary folder (`CXR_JAX_CACHE` of both of its runs, which only read it: the
+  prepared copy's cache key holds the source's path, so a copy elsewhere would be built again
+  and its building measured); the streamed run writes the record index there, as a first
+  streamed run does. Resident host memory grows with the data set (all images decoded in
+  memory, and on a CPU the devices' copy too); streamed, it should not.
+
+  Compiling takes host memory too (on 2 CPU cores, 32 px: ~1.25 GB peak compiling, ~0.83 GB with
+  every program from the persistent cache), so every run compiles alike: without the persistent
+  compilation cache (a user's first run), unless `compile_cache` (the tests: faster, and the
+  runs after the first then read programs the first compiled)."""
+  root = pathlib.Path(tempfile.mkdtemp(prefix="cxr-bench-stream-memory-"))
+  rows = []
+  try:
+    for scale in scales:
+      cache = root / f"scale{scale:g}" / "cache"
+      t0 = time.perf_counter()
+      _prepare_memory_data(scale, size, cache)
+      print(f"stream_memory: data of scale {scale:g} at {size} px prepared in "
+            f"{time.perf_counter() - t0:.0f} s", flush=True)
+      for placement in STREAM_MEMORY_PLACEMENTS:
+        out = root / f"scale{scale:g}" / f"{placement}.json"
+        code = ("import sys; from benchmarks import bench; "
+                "bench.stream_memory_child(*sys.argv[1:])")
+        env = dict(os.environ, CXR_JAX_CACHE=str(cache),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(CONFIGS.parent),
+                                                            os.environ.get("PYTHONPATH")])))
+        if not compile_cache:
+          env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        with open(out.with_suffix(".log"), "w") as log:
+          proc = subprocess.Popen([sys.executable, "-c", code, placement, str(scale), str(size),
+                                   str(steps), str(out), str(int(compile_cache))],
+                                  cwd=CONFIGS.parent, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)
+          _, status, usage = os.wait4(proc.pid, 0)
+          proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+          tail = "".join(out.with_suffix(".log").read_text().splitlines(True)[-20:])
+          raise RuntimeError(f"stream_memory {placement} scale {scale:g} failed "
+                             f"(exit {proc.returncode}):\n{tail}")
+        row = json.loads(out.read_text())
+        row["maxrss_mb"] = usage.ru_maxrss / 1024   # KiB on Linux
+        rows.append(row)
+        print(f"stream_memory {placement} scale {scale:g}: {row['images']} images, peak "
+              f"{row['peak_mb']:.0f} MB", flush=True)
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+  return {"size": size, "steps": steps, "rows": rows}
+
+
+def format_stream_memory(result: dict) -> str:
+  """The table of `bench_stream_memory`, and how each placement's peak grows with the data."""
+  lines = [f"stream_memory: host RSS of a {result['steps']}-step classifier run (experiment:demo's"
+           f" classifier) at {result['size']} px",
+           f"{'placement':<11}{'scale':>7}{'images':>8}{'images MB':>11}{'RSS loaded MB':>15}"
+           f"{'peak MB':>9}{'maxrss MB':>11}{'load s':>8}{'train s':>9}"]
+  for r in result["rows"]:
+    lines.append(f"{r['placement']:<11}{r['scale']:>7g}{r['images']:>8}"
+                 f"{r['images'] * r['size'] ** 2 / 1e6:>11.1f}{r['rss_loaded_mb']:>15.0f}"
+                 f"{r['peak_mb']:>9.0f}{r['maxrss_mb']:>11.0f}{r['load_s']:>8.1f}"
+                 f"{r['train_s']:>9.1f}")
+  for placement in STREAM_MEMORY_PLACEMENTS:
+    rows = sorted((r for r in result["rows"] if r["placement"] == placement),
+                  key=lambda r: r["scale"])
+    if len(rows) > 1:
+      first, last = rows[0], rows[-1]
+      lines.append(f"{placement}: peak {first['peak_mb']:.0f} -> {last['peak_mb']:.0f} MB "
+                   f"({last['peak_mb'] - first['peak_mb']:+.0f} MB) from {first['images']} to "
+                   f"{last['images']} images")
+  return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------- comparison
 
 
@@ -468,7 +695,7 @@ def goals(results: dict, goals_file: str | os.PathLike = GOALS_FILE) -> list[dic
 
 def format_table(results: dict) -> str:
   lines = [f"devices: {', '.join(results['devices']) or '?'}",
-           f"{'workload':<20}{'implementation':<42}{'batch':>6}{'steps/s':>9}{'images/s':>10}"
+           f"{'workload':<24}{'implementation':<42}{'batch':>6}{'steps/s':>9}{'images/s':>10}"
            f"{'compile s':>11}{'prog GB':>8}{'peak GB':>8}"]
   gb = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
   rows = []
@@ -482,7 +709,7 @@ def format_table(results: dict) -> str:
     rows.append((name, _torch_name(r), r["batch"], 1e3 / r["step_ms"], r["images_per_s"],
                  f"{r['warmup_s']:.0f} (w-up)", "-", "-"))
   for name, impl, batch, sps, ips, comp, prog, peak in sorted(rows, key=lambda t: (t[0], -t[4])):
-    lines.append(f"{name:<20}{impl:<42}{batch:>6}{sps:>9.1f}{ips:>10.1f}{comp:>11}{prog:>8}"
+    lines.append(f"{name:<24}{impl:<42}{batch:>6}{sps:>9.1f}{ips:>10.1f}{comp:>11}{prog:>8}"
                  f"{peak:>8}")
   for g in goals(results):
     lines.append(f"GOAL {g['goal']}: {g['ours_images_per_s']:.0f} vs "
@@ -517,14 +744,14 @@ def main(argv):
       pathlib.Path(FLAGS.out).write_text(json.dumps(dict(results, goals=goals(results)), indent=2))
     return
   chosen = FLAGS.only or list(DEFAULT_WORKLOADS)
-  unknown = sorted(name for name in set(chosen) - set(STEP_WORKLOADS) - {"experiment"}
+  unknown = sorted(name for name in set(chosen) - set(STEP_WORKLOADS) - set(OTHER_WORKLOADS)
                    if translator_workload(name, 0) is None)
   if unknown:
     raise app.UsageError(f"unknown workloads {unknown}; choose from "
-                         f"{list(STEP_WORKLOADS) + ['experiment']}")
+                         f"{list(STEP_WORKLOADS) + list(OTHER_WORKLOADS)}")
   out: dict[str, Any] = {"jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                          "results": []}
-  steps_chosen = [name for name in chosen if name != "experiment"]
+  steps_chosen = [name for name in chosen if name not in OTHER_WORKLOADS]
   if steps_chosen:  # (initialising the backend here would hold the GPU the experiment needs)
     if not FLAGS.channel_padding:   # read when the convolutions are traced
       layers.ALIGNED_BACKENDS = frozenset()
@@ -543,6 +770,8 @@ def main(argv):
     }
     for name in DEMO_WORKLOADS:
       workloads[name] = lambda name=name: bench_demo(name.removeprefix("demo_"), steps)
+      workloads[name + STREAM_SUFFIX] = lambda name=name: bench_demo(name.removeprefix("demo_"),
+                                                                     steps, "stream")
     seeds_batch = FLAGS.seeds_batch or (8 if on_cpu else 64)
     for name, n in SEED_COUNTS.items():
       workloads[name] = lambda n=n: bench_resnet_seeds(n, seeds_batch, steps)
@@ -554,6 +783,15 @@ def main(argv):
       out["results"].append(r.to_json())
       print(f"{r.name} [{r.variant}]: {r.steps_per_s:.2f} steps/s, {r.images_per_s:.1f} images/s "
             f"(compile {r.compile_s:.1f} s)", flush=True)
+    ratios = stream_ratios(out["results"])
+    if ratios:
+      out["stream_ratios"] = ratios
+    for name, ratio in ratios.items():
+      print(f"STREAM {name}: streamed/resident = {ratio:.2f} (images/s)", flush=True)
+  if "stream_memory" in chosen:
+    out["stream_memory"] = bench_stream_memory([float(v) for v in FLAGS.stream_memory_scales],
+                                               FLAGS.stream_memory_size, FLAGS.stream_memory_steps)
+    print(format_stream_memory(out["stream_memory"]), flush=True)
   if "experiment" in chosen:
     out["experiment"] = bench_experiment()
   if FLAGS.out:

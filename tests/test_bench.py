@@ -122,7 +122,8 @@ def test_a_cpu_sized_workload_runs_through_the_timing_path():
   absl_logger = absl_logging.get_absl_logger()
   level = absl_logger.level   # unparsing resets --verbosity, which sets the absl logger's level
   bench.FLAGS.unparse_flags()
-  bench.FLAGS(["bench", "--chunk=dispatch", "--blocks=1", "--override=model.ngf=4,model.ndf=4"])
+  bench.FLAGS(["bench", "--chunk=dispatch", "--blocks=1",
+               f"--override=model.ngf=4,model.ndf=4,{TINY_DATA}"])
   try:
     result = bench.bench_demo("pix2pix", 1)
   finally:
@@ -130,5 +131,73 @@ def test_a_cpu_sized_workload_runs_through_the_timing_path():
     absl_logger.setLevel(level)   # later tests read INFO records (tests/test_training_infra.py)
   assert result.name == "demo_pix2pix" and result.batch == 4
   assert result.variant.startswith("float32+") and result.variant.endswith("+dispatch")
-  assert "model.ngf=4" in result.variant
+  assert "model.ngf=4" in result.variant and "data.image_size=32" in result.variant
   assert result.step_s > 0 and result.compile_s > 0
+
+
+def _with_flags(*args):
+  """Runs the body with bench's flags parsed from `args`, then restores them (and the absl
+  logger's level, which unparsing resets: later tests read INFO records)."""
+  import contextlib  # pylint: disable=import-outside-toplevel
+
+  @contextlib.contextmanager
+  def scope():
+    absl_logger = absl_logging.get_absl_logger()
+    level = absl_logger.level
+    bench.FLAGS.unparse_flags()
+    bench.FLAGS(["bench", *args])
+    try:
+      yield
+    finally:
+      bench.FLAGS.unparse_flags()
+      absl_logger.setLevel(level)
+  return scope()
+
+
+# experiment:demo's data shrunk to experiment:smoke's (32 px, 58 images), read in small batches.
+TINY_DATA = "data.image_size=32,data.synthetic_scale=0.02,data.stream_prefetch=2"
+
+
+def test_streamed_and_resident_demo_rows_and_their_ratio(tmp_path, capsys):
+  """demo_classifier and demo_classifier_stream through `main` (the prepared data, the stream,
+  the one-step program): both report, and their ratio is printed and stored; only that they run,
+  never how fast."""
+  out = tmp_path / "stream.json"
+  with _with_flags("--only=demo_classifier,demo_classifier_stream", "--steps=1", "--blocks=1",
+                   f"--override={TINY_DATA},image_size=32", f"--out={out}"):
+    bench.main([])
+  printed = capsys.readouterr().out
+  data = json.loads(out.read_text())
+  rows = {r["name"]: r for r in data["results"]}
+  assert set(rows) == {"demo_classifier", "demo_classifier_stream"}
+  assert all(r["images_per_s"] > 0 and r["batch"] == 32 for r in rows.values())
+  ratio = data["stream_ratios"]["demo_classifier"]
+  assert ratio == pytest.approx(rows["demo_classifier_stream"]["images_per_s"]
+                                / rows["demo_classifier"]["images_per_s"])
+  assert f"STREAM demo_classifier: streamed/resident = {ratio:.2f} (images/s)" in printed
+
+
+def test_a_streamed_translator_row_runs():
+  """demo_cyclegan_stream: CycleGAN's source and target classes streamed from disk."""
+  with _with_flags("--blocks=1", f"--override={TINY_DATA},model.ngf=4,model.ndf=4"):
+    result = bench.translator_workload("demo_cyclegan_stream", 1)()
+  assert result.name == "demo_cyclegan_stream" and result.batch == 4
+  assert result.step_s > 0 and result.images_per_s > 0
+  assert bench.stream_ratios([result.to_json()]) == {}   # no resident twin: no ratio
+  assert bench.translator_workload("demo_pix2pix_stream", 1) is not None
+  assert bench.translator_workload("pix2pix_stream", 1) is None
+
+
+def test_stream_memory_measures_each_placement_and_scale_in_its_own_process():
+  """--only=stream_memory at a tiny size: one row per (placement, scale), each run trained with
+  its placement, with positive memory figures; the table names both placements' growth."""
+  result = bench.bench_stream_memory([0.02, 0.04], 32, 2, compile_cache=True)
+  rows = {(r["placement"], r["scale"]): r for r in result["rows"]}
+  assert sorted(rows) == [("device", 0.02), ("device", 0.04), ("stream", 0.02), ("stream", 0.04)]
+  for (placement, _), r in rows.items():
+    assert r["trained"] == placement
+    assert 0 < r["rss_loaded_mb"] <= r["peak_mb"] and r["maxrss_mb"] > 0
+  assert rows["device", 0.04]["images"] > rows["device", 0.02]["images"]
+  assert rows["device", 0.02]["images"] == rows["stream", 0.02]["images"]
+  table = bench.format_stream_memory(result)
+  assert "device: peak" in table and "stream: peak" in table
