@@ -14,6 +14,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=4").strip()
+# The tests' programs are tiny and each runs a few times: LLVM's optimisation passes cost more than
+# they save (20 % fewer CPU seconds, docs/performance.md). Programs compiled with other settings may
+# round differently: tests compare runs of one program bitwise, different programs to rounding.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:  # set it to compare
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A fresh folder per session (removed at its end), so that no run reads a stale cache; set
 # JAX_COMPILATION_CACHE_DIR to keep one across sessions. The `main.py` processes the tests start
@@ -43,6 +48,30 @@ REPO_ROOT = _ROOT
 def pytest_unconfigure(config):  # pylint: disable=unused-argument
   if _OWN_CACHE:
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+# pytest-xdist (`-n 2`, the README's command, with pyproject's `--dist=loadfile`): a module's tests
+# run on one worker (its module fixtures, and `smoke_experiment`, are built once), and the longest
+# modules (measured, docs/performance.md) are handed out first, so that the workers finish
+# together. The workers inherit this process's environment, hence the compilation cache above.
+_LONGEST_FIRST = ("test_experiment", "test_multiseed", "test_kill_resume", "test_multiprocess",
+                  "test_cut", "test_cyclegan", "test_bench", "test_pix2pix", "test_stream",
+                  "test_classifier", "test_models", "test_torch_io", "test_translate")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):  # pylint: disable=unused-argument
+  """A test's captured output as valid UTF-8: xdist sends reports between processes as UTF-8, and
+  the hostile-input tests log file names that are not (undecodable bytes as surrogates)."""
+  report = yield
+  report.sections = [(title, text.encode("utf-8", "backslashreplace").decode("utf-8"))
+                     for title, text in report.sections]
+  return report
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  rank = {m: i for i, m in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: file order otherwise
 
 
 @pytest.fixture(autouse=True)
@@ -115,10 +144,10 @@ def _external_set(config, root):
 
 @pytest.fixture(scope="session")
 def smoke_experiment(tmp_path_factory):
-  """`experiment:smoke` (with an external test set) run once for test_experiment.py and
-  test_cli.py: in-process until the last-but-one classifier row is preempted right after its first
+  """`experiment:smoke` (with an external test set) run once for test_experiment.py's end-to-end
+  and console tests: in-process until the last-but-one classifier row is preempted right after its first
   checkpoint, then resumed to the end by `main.py` (the README's command) in a subprocess, whose
-  console and log the CLI test reads. Returns the workdir, config, the stage records' times
+  console and log the console test reads. Returns the workdir, config, the stage records' times
   before and after the resume, and the subprocess's result."""
   root = tmp_path_factory.mktemp("smoke_experiment")
   with pytest.MonkeyPatch.context() as mp:

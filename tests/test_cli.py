@@ -235,23 +235,6 @@ def test_closing_summary_shows_the_headline_table(tmp_path):
                         f"Full log: {tmp_path / 'x.log'} (2 Python warning(s) there)"]
 
 
-def test_experiment_smoke_console_is_short_and_ends_with_the_report(smoke_experiment):
-  """The README's job in small: the console stays under a bound (it was 927 lines before the
-  quiet console), ends with where the report is, and the log file has the library records.
-  `main.py` here resumes conftest's `smoke_experiment` run (preempted in its last-but-one row),
-  so that test_experiment.py's end-to-end test and this one share one run."""
-  result, run = smoke_experiment["resumed"], smoke_experiment["workdir"]
-  assert result.returncode == 0, result.stderr[-3000:]
-  lines = (result.stdout + result.stderr).splitlines()
-  # 80: the bound of a whole smoke run; this resumed part (the last rows and the report) logs fewer
-  assert len(lines) <= 80, "\n".join(lines)
-  assert not [line for line in lines if "orbax" in line.lower() or "Warning:" in line]
-  assert f"Report: {run / 'report.md'}" in lines
-  assert lines[-1].startswith(f"Full log: {run / 'logs' / 'experiment-'}")
-  log = next((run / "logs").glob("experiment-*.log")).read_text()
-  assert "checkpoint" in log and "Config:" in log and len(log.splitlines()) > 5 * len(lines)
-
-
 def test_pyproject_lists_every_package_and_admits_the_pins():
   """pyproject.toml names its packages explicitly (configs/ is mapped in as cxr_jax.configs): a
   new subpackage left out would be missing from an installed copy. Its ranges must admit the

@@ -2,8 +2,8 @@
 rows and seed groups a config asks for, its checks, and the whole pipeline at smoke size (every
 row from scratch, the transfer rows listed as skipped without weights, an interrupted run that
 resumes, a re-run that skips everything, the lungs-hidden row and an external test set rendered
-with another synthetic seed): conftest's `smoke_experiment` run, which test_cli.py's console
-test reads too (one run for both). Transfer training itself is tested in test_classifier.py /
+with another synthetic seed) and the console of `main.py` resuming it: conftest's
+`smoke_experiment` run (one run for both). Transfer training itself is tested in test_classifier.py /
 test_pretrained.py; here it would double the time of the end-to-end test."""
 
 from __future__ import annotations
@@ -257,3 +257,20 @@ def test_smoke_experiment(smoke_experiment):
   # A third run has nothing left to do.
   experiment.run_experiment(config, workdir)
   assert _stage_times(workdir) == after
+
+
+def test_experiment_smoke_console_is_short_and_ends_with_the_report(smoke_experiment):
+  """The README's job in small: the console stays under a bound (it was 927 lines before the
+  quiet console), ends with where the report is, and the log file has the library records.
+  `main.py` here resumes conftest's `smoke_experiment` run (preempted in its last-but-one row),
+  so that the end-to-end test above and this one share one run."""
+  result, run = smoke_experiment["resumed"], smoke_experiment["workdir"]
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = (result.stdout + result.stderr).splitlines()
+  # 80: the bound of a whole smoke run; this resumed part (the last rows and the report) logs fewer
+  assert len(lines) <= 80, "\n".join(lines)
+  assert not [line for line in lines if "orbax" in line.lower() or "Warning:" in line]
+  assert f"Report: {run / 'report.md'}" in lines
+  assert lines[-1].startswith(f"Full log: {run / 'logs' / 'experiment-'}")
+  log = next((run / "logs").glob("experiment-*.log")).read_text()
+  assert "checkpoint" in log and "Config:" in log and len(log.splitlines()) > 5 * len(lines)
