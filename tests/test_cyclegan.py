@@ -605,12 +605,20 @@ def test_export_load_translate_round_trip(smoke_runs, tmp_path):
   nnx.replace_by_pure_dict(params, jax.device_get(nnx.to_pure_dict(gen.params)))
   want, _ = net.apply(params, stats, pixels.to_signed(jnp.asarray(images)), train=True)
   got = gen.translate(images, batch_size=4)
-  np.testing.assert_array_equal(got, np.asarray(pixels.to_uint8(want)))
-  np.testing.assert_array_equal(got, gen.translate(images, batch_size=8))
+
+  def assert_one_level(a, b):
+    """Two programs (the layers one by one and one jitted batch; batches of 4 and of 8) may sum
+    in other orders, so a pixel on a half level may round the other way: one level, few pixels."""
+    diff = np.abs(a.astype(int) - np.asarray(b).astype(int))
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.002 * diff.size, np.count_nonzero(diff)
+
+  assert_one_level(got, pixels.to_uint8(want))
+  assert_one_level(got, gen.translate(images, batch_size=8))
   assert not np.array_equal(got[0], got[1])  # the output depends on the input
   # Saved again by hand and loaded by the one loader: the same translation.
   export.save(tmp_path / "g", params, stats, gen.meta)
-  np.testing.assert_array_equal(export.load_generator(tmp_path / "g").translate(images), got)
+  np.testing.assert_array_equal(
+      export.load_generator(tmp_path / "g").translate(images, batch_size=4), got)
 
 
 def test_exported_g_feeds_the_synthesize_task(smoke_runs, tmp_path):
