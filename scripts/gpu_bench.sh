@@ -11,10 +11,11 @@
 #   3. pix2pix with bf16 compute;
 #   4. pix2pix b1 with XLA's CUDA-graph command buffers extended to the scan's while loop;
 #   5. experiment:paper with one seed (pix2pix shortened to 4 epochs), for the time that is left.
-# MODE `seeds` (issue 15; about 420 s): ResNet-50 at the experiment's size and batch (224 px, 64)
+# MODE `seeds` (issues 15 and 23; about 540 s): ResNet-50 at the experiment's size and batch (224 px, 64)
 # with 1, 3, 5 seeds in one program (vmap; 3 seeds with lax.map too), images/s summed over seeds;
 # the pix2pix batch-1 step with and without the channel padding of the first convolutions; and
-# CycleGAN's step where benchmarks.bench has that workload (its part fails, logged, until then).
+# CycleGAN's step; and the streamed input path against the resident one at experiment:demo's sizes
+# (the per-step host work a streamed run adds, on an accelerator).
 # MODE `experiment`: experiment:paper end to end with one seed, unshortened, for TOTAL_SECONDS
 # (its stage times are reported when it is stopped early).
 # MODE `profile` prints where the device time of each step goes (the kernels per step and the
@@ -81,6 +82,9 @@ elif [ "$mode" = seeds ]; then
   part "pix2pix b1 without channel padding" 50 "${bench[@]}" --steps=20 --only=pix2pix_b1 \
     --nochannel_padding --out="$raw/jax-pix2pix-b1-nopad.json"
   part "CycleGAN step" 60 "${bench[@]}" --steps=20 --only=cyclegan_b1 --out="$raw/jax-cyclegan.json"
+  part "streamed vs resident input (experiment:demo sizes)" 120 "${bench[@]}" --steps=20 \
+    --only=demo_classifier,demo_classifier_stream,demo_cyclegan,demo_cyclegan_stream \
+    --out="$raw/jax-stream.json"
 elif [ "$mode" = experiment ]; then
   weights="$raw/resnet50-random-init.safetensors"   # stands in for ImageNet weights (see below)
   python3 -c "import torchvision, safetensors.torch as st; \
