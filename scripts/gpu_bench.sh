@@ -11,11 +11,11 @@
 #   3. pix2pix with bf16 compute;
 #   4. pix2pix b1 with XLA's CUDA-graph command buffers extended to the scan's while loop;
 #   5. experiment:paper with one seed (pix2pix shortened to 4 epochs), for the time that is left.
-# MODE `seeds` (issues 15 and 23; about 540 s): ResNet-50 at the experiment's size and batch (224 px, 64)
-# with 1, 3, 5 seeds in one program (vmap; 3 seeds with lax.map too), images/s summed over seeds;
-# the pix2pix batch-1 step with and without the channel padding of the first convolutions; and
-# CycleGAN's step; and the streamed input path against the resident one at experiment:demo's sizes
-# (the per-step host work a streamed run adds, on an accelerator).
+# MODE `seeds` (issues 15 and 23; about 540 s): ResNet-50 at the experiment's size and batch
+# (224 px, 64) with 1, 3, 5 seeds in one program (vmap; 3 seeds with lax.map too), images/s summed
+# over seeds; the pix2pix batch-1 step with and without the channel padding of the first
+# convolutions; CycleGAN's step; and the streamed input path against the resident one at
+# experiment:demo's sizes (the per-step host work a streamed run adds, on an accelerator).
 # MODE `experiment`: experiment:paper end to end with one seed, unshortened, for TOTAL_SECONDS
 # (its stage times are reported when it is stopped early).
 # MODE `profile` prints where the device time of each step goes (the kernels per step and the

@@ -147,8 +147,8 @@ def smoke_experiment(tmp_path_factory):
   """`experiment:smoke` (with an external test set) run once for test_experiment.py's end-to-end
   and console tests: in-process until the last-but-one classifier row is preempted right after its
   first checkpoint, then resumed to the end by `main.py` (the README's command) in a subprocess,
-  whose console and log the console test reads. Returns the workdir, config, the stage records' times
-  before and after the resume, and the subprocess's result."""
+  whose console and log the console test reads. Returns the workdir, config, the stage records'
+  times before and after the resume, and the subprocess's result."""
   root = tmp_path_factory.mktemp("smoke_experiment")
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("CXR_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "cxr_cache"))

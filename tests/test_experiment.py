@@ -3,8 +3,8 @@ rows and seed groups a config asks for, its checks, and the whole pipeline at sm
 row from scratch, the transfer rows listed as skipped without weights, an interrupted run that
 resumes, a re-run that skips everything, the lungs-hidden row and an external test set rendered
 with another synthetic seed) and the console of `main.py` resuming it: conftest's
-`smoke_experiment` run (one run for both). Transfer training itself is tested in test_classifier.py /
-test_pretrained.py; here it would double the time of the end-to-end test."""
+`smoke_experiment` run (one run for both). Transfer training itself is tested in
+test_classifier.py / test_pretrained.py; here it would double the time of the end-to-end test."""
 
 from __future__ import annotations
 
