@@ -34,6 +34,7 @@ from cxr_jax.training import export
 from cxr_jax.training import translator
 
 from conftest import REPO_ROOT
+from conftest import xla_flags_with_devices
 
 PROCESS_TIMEOUT_S = 300  # one smoke run takes well under a minute; CI must never hang
 POLL_S = 0.002
@@ -134,10 +135,8 @@ def start(config: tuple[str, tuple[str, ...]], workdir: pathlib.Path, log: pathl
   # other tests' subject, and 4 simulated devices would add Orbax's per-device slicing programs to
   # every process's first save (a third of a run). A dataset cache per chain of processes:
   # concurrent ones never write the same files.
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
   env = dict(os.environ, JAX_PLATFORMS="cpu", CXR_JAX_CACHE=str(cache),
-             XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=1"]))
+             XLA_FLAGS=xla_flags_with_devices(1))
   return Process(argv, log, env, workdir.parent, registry)
 
 

@@ -30,6 +30,7 @@ from cxr_jax.training import translator
 from cxr_jax.training.checkpoint import Checkpointer
 
 from conftest import REPO_ROOT
+from conftest import xla_flags_with_devices
 
 WORKER = REPO_ROOT / "tests" / "multiprocess_worker.py"
 NUM_PROCESSES = 2
@@ -55,7 +56,7 @@ def _workers(workdir, out_dir):
   try:
     for pid in range(NUM_PROCESSES):
       env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT),
-                 XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                 XLA_FLAGS=xla_flags_with_devices(2),  # the suite's compiler settings
                  JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",  # jax's default; mpi needs an MPI
                  CXR_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                  CXR_NUM_PROCESSES=str(NUM_PROCESSES), CXR_PROCESS_ID=str(pid),
