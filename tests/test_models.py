@@ -3,6 +3,8 @@ shapes, BatchNorm/dropout train-vs-eval behaviour and bf16 compute, on narrow ne
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -296,3 +298,33 @@ def test_resnet_v1_layout():
   assert v15.stem.conv.bias is None and v15.stem.bn.momentum == pytest.approx(0.9)
   with pytest.raises(ConfigError, match="variant"):
     ResNet(num_classes=2, variant="v2", rngs=nnx.Rngs(0))
+
+
+
+def test_a_network_built_again_reuses_its_initialisation_program_and_gets_new_arrays(caplog):
+  """build.init_module keeps the compiled initialisation of (architecture, seed): the same
+  network built again compiles nothing, has the same values in new arrays; another seed or
+  another size is another program."""
+  from cxr_jax.models import build  # pylint: disable=import-outside-toplevel
+  arch = {"variant": "v1.5", "stage_sizes": [1, 1, 1, 1], "width": 4, "in_channels": 1}
+
+  def compiled_building(seed, width=4):
+    caplog.clear()
+    with jax.log_compiles(True):  # logged for every program lowered (cached on disk or not)
+      model = build.build_resnet(dict(arch, width=width), num_classes=3, compute_dtype="float32",
+                                 seed=seed)
+    return model, any("Compiling" in r.getMessage() for r in caplog.records)
+
+  caplog.set_level(logging.WARNING)
+  first, _ = compiled_building(11)
+  again, compiled = compiled_building(11)
+  assert not compiled, "the same network's initialisation was compiled again"
+  a, b = jax.tree.leaves(nnx.state(first)), jax.tree.leaves(nnx.state(again))
+  assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+  again.fc.kernel[...] = again.fc.kernel[...] + 1.0  # new arrays: the first build is untouched
+  assert not np.array_equal(first.fc.kernel[...], again.fc.kernel[...])
+  other_seed, compiled_seed = compiled_building(12)
+  wider, compiled_width = compiled_building(11, width=8)
+  assert compiled_seed and compiled_width
+  assert not np.array_equal(other_seed.fc.kernel[...], first.fc.kernel[...])
+  assert wider.fc.kernel[...].shape != first.fc.kernel[...].shape

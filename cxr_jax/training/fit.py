@@ -181,15 +181,19 @@ def compile_chunk(trainer: Trainer, steps_per_call: int, *,
   one-step program of `trainer.train_on_batch`, dispatched once per step with that step's batch
   (a batch per step has to come from the host, so the steps are not looped on the device)."""
   rep = mesh_lib.replicated(trainer.mesh)
+  # The step as a jitted function of its own, called by the program and by the metrics buffer's
+  # shape inference alike: JAX traces it once for both (a trace of a small network's step costs
+  # about as much as compiling it on a CPU); XLA inlines it into the program.
   if batch_spec is not None:
     batch_sharding = mesh_lib.batch_sharding(trainer.mesh)
+    on_batch = jax.jit(trainer.train_on_batch)
 
     def empty_stream_buffer(state, _):
-      _, shapes = jax.eval_shape(trainer.train_on_batch, state, batch_spec)
+      _, shapes = jax.eval_shape(on_batch, state, batch_spec)
       return jax.tree.map(lambda s: jnp.zeros((steps_per_call,) + s.shape, s.dtype), shapes)
 
     def train_batch_step(state, buffer, batch, i):
-      state, metrics = trainer.train_on_batch(state, batch)
+      state, metrics = on_batch(state, batch)
       return state, jax.tree.map(lambda b, m: b.at[i].set(m), buffer, metrics)
 
     program = jax.jit(train_batch_step, donate_argnums=(0, 1),
@@ -200,8 +204,10 @@ def compile_chunk(trainer: Trainer, steps_per_call: int, *,
   if on_device is None:
     on_device = loop_on_device()
 
+  step = jax.jit(trainer.train_step)
+
   def empty_buffer(state, data):
-    _, shapes = jax.eval_shape(trainer.train_step, state, data)
+    _, shapes = jax.eval_shape(step, state, data)
     return jax.tree.map(lambda s: jnp.zeros((steps_per_call,) + s.shape, s.dtype), shapes)
 
   def record(buffer, i, metrics):
@@ -211,7 +217,7 @@ def compile_chunk(trainer: Trainer, steps_per_call: int, *,
     def train_chunk(state, data, num_steps):
       def body(i, carry):
         st, buf = carry
-        st, metrics = trainer.train_step(st, data)
+        st, metrics = step(st, data)
         return st, record(buf, i, metrics)
 
       return jax.lax.fori_loop(0, num_steps, body, (state, empty_buffer(state, data)))
@@ -220,7 +226,7 @@ def compile_chunk(trainer: Trainer, steps_per_call: int, *,
                       out_shardings=(rep, rep))
   else:
     def train_chunk_step(state, buffer, data, i):
-      state, metrics = trainer.train_step(state, data)
+      state, metrics = step(state, data)
       return state, record(buffer, i, metrics)
 
     program = jax.jit(train_chunk_step, donate_argnums=(0, 1),
