@@ -73,8 +73,9 @@ def pytest_unconfigure(config):  # pylint: disable=unused-argument
 # modules (measured, docs/performance.md) are handed out first, so that the workers finish
 # together. The workers inherit this process's environment, hence the compilation cache above.
 _LONGEST_FIRST = ("test_experiment", "test_multiseed", "test_kill_resume", "test_multiprocess",
-                  "test_cut", "test_cyclegan", "test_bench", "test_pix2pix", "test_stream",
-                  "test_classifier", "test_models", "test_torch_io", "test_translate")
+                  "test_bench", "test_cut", "test_cyclegan", "test_pix2pix", "test_stream",
+                  "test_translate", "test_classifier", "test_pretrained", "test_own_data",
+                  "test_torch_io", "test_synthesize", "test_models")
 
 
 @pytest.hookimpl(wrapper=True)
