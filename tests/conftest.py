@@ -37,7 +37,6 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 
 
-
 def xla_flags_with_devices(count: int) -> str:
   """This session's XLA flags (the compiler settings above) with `count` simulated CPU devices,
   for the processes a test starts."""
@@ -137,7 +136,8 @@ def assert_same_across_programs(actual, desired, err_msg: str = "") -> None:
     np.testing.assert_array_equal(actual, desired, err_msg=err_msg)  # steps, keys: always exact
   else:
     # Relative to the array's own scale: Adam's normalised updates carry a gradient's rounding to
-    # small elements as much as to large ones (measured: <= 2e-5 of the scale after 6 steps).
+    # small elements as much as to large ones (measured: <= 3e-5 of the scale, after a row's 6
+    # steps and after the streamed test's 10).
     scale = float(np.max(np.abs(desired))) if desired.size else 0.0
     np.testing.assert_allclose(actual, desired, rtol=1e-4, atol=max(1e-7, 1e-4 * scale),
                                err_msg=err_msg)

@@ -300,7 +300,6 @@ def test_resnet_v1_layout():
     ResNet(num_classes=2, variant="v2", rngs=nnx.Rngs(0))
 
 
-
 def test_a_network_built_again_reuses_its_initialisation_program_and_gets_new_arrays(caplog):
   """build.init_module keeps the compiled initialisation of (architecture, seed): the same
   network built again compiles nothing, has the same values in new arrays; another seed or
