@@ -46,6 +46,7 @@ def xla_flags_with_devices(count: int) -> str:
 
 
 import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
@@ -55,6 +56,9 @@ from cxr_jax import workdir as workdir_lib  # pylint: disable=wrong-import-posit
 from cxr_jax.data import dataset  # pylint: disable=wrong-import-position
 from cxr_jax.pipeline import experiment  # pylint: disable=wrong-import-position
 from cxr_jax.training import checkpoint  # pylint: disable=wrong-import-position
+from cxr_jax.training import fit  # pylint: disable=wrong-import-position
+from cxr_jax.training import mesh as mesh_lib  # pylint: disable=wrong-import-position
+from cxr_jax.training import pixels  # pylint: disable=wrong-import-position
 from cxr_jax.training import translator  # pylint: disable=wrong-import-position
 
 runtime.enable_compilation_cache()
@@ -124,6 +128,38 @@ def train_interrupted_and_resumed(cls, config, root: pathlib.Path, *, stop_after
   finally:
     checkpoint.Checkpointer.save = original_save
   return full_dir, full, run, translator.train(cls, config, run)
+
+
+def two_steps_on_each_mesh(build_model, outputs_of) -> tuple[list, tuple]:
+  """An unpaired translator (`build_model(mesh)`) trained two steps, one chunk, on 1 and on 4
+  devices from the same random sets (12 source and 5 target images of 32 px). Returns, per mesh,
+  (metrics, state on the host, `outputs_of(model, host state, probe)` for two random probe
+  images), and the 1-device run to go on with: (model, chunk, state, data, metrics)."""
+  a = np.random.default_rng(1).integers(0, 256, (12, 32, 32, 1)).astype(np.uint8)
+  b = np.random.default_rng(2).integers(0, 256, (5, 32, 32, 1)).astype(np.uint8)
+  probe = pixels.to_signed(jnp.asarray(np.random.default_rng(3).integers(0, 256, (2, 32, 32, 1))))
+  results, single = [], None
+  for devices in (1, 4):
+    mesh = mesh_lib.make_mesh(devices)
+    model = build_model(mesh)
+    state = fit.place_state(model.init_state(), mesh)
+    chunk = fit.compile_chunk(model, steps_per_call=2)
+    data = mesh_lib.put_replicated((a, b), mesh)
+    state, metrics = chunk(state, data, np.int32(2))
+    host = jax.device_get(state)
+    results.append((jax.device_get(metrics), host, outputs_of(model, host, probe)))
+    if devices == 1:
+      single = (model, chunk, state, data, metrics)
+  return results, single
+
+
+def assert_networks_moved(model, state, nets) -> None:
+  """Every network in `nets` (fields of the state) has parameters other than its initial ones."""
+  init = model.init_state()
+  for net in nets:
+    before = jax.tree.leaves(getattr(init, net).params)
+    after = jax.tree.leaves(jax.device_get(getattr(state, net).params))
+    assert any(not np.array_equal(x, y) for x, y in zip(before, after)), net
 
 
 def assert_same_across_programs(actual, desired, err_msg: str = "") -> None:

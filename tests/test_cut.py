@@ -19,12 +19,11 @@ from cxr_jax.models.patch_mlp import PatchMLP
 from cxr_jax.models.resnet_generator import ResnetGenerator, encoder_channels
 from cxr_jax.training import cut
 from cxr_jax.training import export
-from cxr_jax.training import fit
 from cxr_jax.training import mesh as mesh_lib
-from cxr_jax.training import pixels
 from cxr_jax.training import translator
 
 from conftest import REPO_ROOT, assert_resumed_equals_uninterrupted, train_interrupted_and_resumed
+from conftest import assert_networks_moved, two_steps_on_each_mesh
 
 
 def load(variant=""):
@@ -174,28 +173,18 @@ def test_sharded_step_equals_single_device_and_steps_learn():
   """Two steps on 1 and on 4 devices: the same losses and networks (compared by their outputs).
   Six more on one device: the PatchNCE loss falls and G, D and the head all move."""
   config = tiny(batch_size=4)
-  a = np.random.default_rng(1).integers(0, 256, (12, 32, 32, 1)).astype(np.uint8)
-  b = np.random.default_rng(2).integers(0, 256, (5, 32, 32, 1)).astype(np.uint8)
-  probe = pixels.to_signed(jnp.asarray(np.random.default_rng(3).integers(0, 256, (2, 32, 32, 1))))
-  results, single = [], None
-  for devices in (1, 4):
-    mesh = mesh_lib.make_mesh(devices)
-    model = cut.CUT(config, image_size=32, steps_per_epoch=3, mesh=mesh)
-    state = fit.place_state(model.init_state(), mesh)
-    chunk = fit.compile_chunk(model, steps_per_call=2)
-    data = mesh_lib.put_replicated((a, b), mesh)
-    state, metrics = chunk(state, data, np.int32(2))
-    st = jax.device_get(state)
+
+  def outputs(model, st, probe):
     feats = model.gen.apply(st.g.params, st.g.stats, probe, layers=model.layers, train=False,
                             method="encode")[0]
     ids = [jnp.arange(4)] * len(feats)
-    outputs = [model.gen.apply(st.g.params, st.g.stats, probe, train=False)[0],
-               model.disc.apply(st.d.params, st.d.stats, probe, train=False)[0],
-               *model.head.apply(st.f.params, st.f.stats, feats, ids)[0]]
-    results.append((jax.device_get(metrics), outputs))
-    if devices == 1:
-      single = (model, chunk, state, data, metrics)
-  (m1, o1), (m4, o4) = results
+    return [model.gen.apply(st.g.params, st.g.stats, probe, train=False)[0],
+            model.disc.apply(st.d.params, st.d.stats, probe, train=False)[0],
+            *model.head.apply(st.f.params, st.f.stats, feats, ids)[0]]
+
+  results, single = two_steps_on_each_mesh(
+      lambda mesh: cut.CUT(config, image_size=32, steps_per_epoch=3, mesh=mesh), outputs)
+  (m1, _, o1), (m4, _, o4) = results
   for k in ("g_loss", "g_gan", "g_nce", "g_nce_idt", "d_loss"):
     np.testing.assert_allclose(m1[k], m4[k], rtol=1e-4, err_msg=k)
   for x, y in zip(o1, o4):
@@ -210,11 +199,7 @@ def test_sharded_step_equals_single_device_and_steps_learn():
   m = jax.device_get(last)
   np.testing.assert_allclose(
       m["g_loss"], m["g_gan"] + 0.5 * (m["g_nce"] + m["g_nce_idt"]), rtol=1e-5)
-  init = model.init_state()
-  for net in ("g", "d", "f"):
-    before = jax.tree.leaves(getattr(init, net).params)
-    after = jax.tree.leaves(jax.device_get(getattr(state, net).params))
-    assert any(not np.array_equal(x, y) for x, y in zip(before, after)), net
+  assert_networks_moved(model, state, ("g", "d", "f"))
 
 
 def test_fastcut_has_no_identity_term():

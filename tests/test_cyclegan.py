@@ -29,6 +29,7 @@ from cxr_jax.training import translator
 from cxr_jax.training.functional import Functional
 
 from conftest import REPO_ROOT, assert_resumed_equals_uninterrupted, train_interrupted_and_resumed
+from conftest import assert_networks_moved, two_steps_on_each_mesh
 
 
 def abstract(ctor):
@@ -528,36 +529,27 @@ def test_sharded_step_equals_single_device_and_steps_learn():
   networks move."""
   config = smoke(batch_size=4, pool_size=6)
   config.model.n_blocks, config.model.n_layers_d = 0, 1   # a smaller program to compile
-  a = np.random.default_rng(1).integers(0, 256, (12, 32, 32, 1)).astype(np.uint8)
-  b = np.random.default_rng(2).integers(0, 256, (5, 32, 32, 1)).astype(np.uint8)
-  probe = pixels.to_signed(jnp.asarray(np.random.default_rng(3).integers(0, 256, (2, 32, 32, 1))))
-  results, single = [], None
-  for devices in (1, 4):
-    mesh = mesh_lib.make_mesh(devices)
-    model = cyclegan.CycleGAN(config, image_size=32, steps_per_epoch=3, mesh=mesh)
-    state = fit.place_state(model.init_state(), mesh)
-    assert int(state.pool_b.count) == 0 and state.pool_b.images.shape == (6, 32, 32, 1)
-    chunk = fit.compile_chunk(model, steps_per_call=2)
-    data = mesh_lib.put_replicated((a, b), mesh)
-    state, metrics = chunk(state, data, np.int32(2))
-    st = jax.device_get(state)
-    outputs = [model.gen.apply(st.g_ab.params, st.g_ab.stats, probe, train=False)[0],
-               model.gen.apply(st.g_ba.params, st.g_ba.stats, probe, train=False)[0],
-               model.disc.apply(st.d_a.params, st.d_a.stats, probe, train=False)[0],
-               model.disc.apply(st.d_b.params, st.d_b.stats, probe, train=False)[0]]
-    results.append((jax.device_get(metrics), st.pool_a, st.pool_b, outputs))
-    if devices == 1:
-      single = (model, chunk, state, data, metrics)
-  (m1, pa1, pb1, o1), (m4, pa4, pb4, o4) = results
+
+  def outputs(model, st, probe):
+    return [model.gen.apply(st.g_ab.params, st.g_ab.stats, probe, train=False)[0],
+            model.gen.apply(st.g_ba.params, st.g_ba.stats, probe, train=False)[0],
+            model.disc.apply(st.d_a.params, st.d_a.stats, probe, train=False)[0],
+            model.disc.apply(st.d_b.params, st.d_b.stats, probe, train=False)[0]]
+
+  results, single = two_steps_on_each_mesh(
+      lambda mesh: cyclegan.CycleGAN(config, image_size=32, steps_per_epoch=3, mesh=mesh), outputs)
+  (m1, st1, o1), (m4, st4, o4) = results
   for k in ("g_loss", "g_cycle_a", "g_cycle_b", "g_idt_ab", "d_a_loss", "d_b_loss"):
     np.testing.assert_allclose(m1[k], m4[k], rtol=1e-4, err_msg=k)
-  for p1, p4 in ((pa1, pa4), (pb1, pb4)):
+  for p1, p4 in ((st1.pool_a, st4.pool_a), (st1.pool_b, st4.pool_b)):
     assert int(p1.count) == int(p4.count) == 6      # 2 steps x 4 images, capped at 6
     np.testing.assert_allclose(p1.images, p4.images, rtol=1e-4, atol=1e-5)
   for x, y in zip(o1, o4):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-4)
 
   model, chunk, state, data, first = single
+  init = model.init_state()  # the pools start empty
+  assert int(init.pool_b.count) == 0 and init.pool_b.images.shape == (6, 32, 32, 1)
   later = []
   for _ in range(3):
     state, m = chunk(state, data, np.int32(2))
@@ -568,11 +560,7 @@ def test_sharded_step_equals_single_device_and_steps_learn():
   total = sum(np.asarray(later[-1]["g_" + k]) for k in ("adv_ab", "adv_ba", "cycle_a", "cycle_b",
                                                         "idt_ab", "idt_ba"))
   np.testing.assert_allclose(np.asarray(later[-1]["g_loss"]), total, rtol=1e-5)
-  init = model.init_state()
-  for net in ("g_ab", "g_ba", "d_a", "d_b"):
-    before = jax.tree.leaves(getattr(init, net).params)
-    after = jax.tree.leaves(jax.device_get(getattr(state, net).params))
-    assert any(not np.array_equal(x, y) for x, y in zip(before, after)), net
+  assert_networks_moved(model, state, ("g_ab", "g_ba", "d_a", "d_b"))
 
 
 @pytest.fixture(scope="module")
