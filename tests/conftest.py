@@ -163,9 +163,16 @@ def assert_networks_moved(model, state, nets) -> None:
 
 
 def assert_same_across_programs(actual, desired, err_msg: str = "") -> None:
-  """Arrays computed by two different programs from the same inputs and keys: bitwise equal with
-  XLA's default CPU emitters, else equal to float rounding (a few steps' accumulated last bits; a
-  wrong batch, key or update is orders of magnitude further off)."""
+  """Arrays (or pytrees of them, e.g. flat checkpoints) computed by two different programs from
+  the same inputs and keys: bitwise equal with XLA's default CPU emitters, else equal to float
+  rounding (a few steps' accumulated last bits; a wrong batch, key or update is orders of
+  magnitude further off)."""
+  leaves, tree = jax.tree_util.tree_flatten_with_path(actual)
+  if tree.num_leaves != 1 or leaves[0][0]:  # a pytree: leaf by leaf, named by its path
+    assert tree == jax.tree.structure(desired), (err_msg, tree, jax.tree.structure(desired))
+    for (path, a), d in zip(leaves, jax.tree.leaves(desired)):
+      assert_same_across_programs(a, d, f"{err_msg}: {jax.tree_util.keystr(path)}")
+    return
   actual, desired = np.asarray(actual), np.asarray(desired)
   assert actual.dtype == desired.dtype, (err_msg, actual.dtype, desired.dtype)
   if CROSS_PROGRAM_BITWISE or not np.issubdtype(actual.dtype, np.inexact):

@@ -138,14 +138,6 @@ def _assert_same(a: dict, b: dict, what: str) -> None:
   assert not differ, f"{what}: {len(differ)} of {len(a)} leaves differ, e.g. {differ[:3]}"
 
 
-def _assert_same_across_programs(a: dict, b: dict, what: str) -> None:
-  """The states of a streamed and a resident run: different programs (the batch an input, or
-  gathered in the step), compared as conftest's `assert_same_across_programs` does."""
-  assert sorted(a) == sorted(b), what
-  for k in a:
-    assert_same_across_programs(a[k], b[k], err_msg=f"{what}: {k}")
-
-
 def test_streamed_classifier_equals_resident_and_resumes_exactly(tmp_path, monkeypatch):
   assert jax.device_count() == 4  # the batch is sharded: each device reads its own rows
   resident_cfg, stream_cfg = smoke_config("device"), smoke_config("stream")
@@ -178,7 +170,8 @@ def test_streamed_classifier_equals_resident_and_resumes_exactly(tmp_path, monke
 
   _train(resident_cfg, tmp_path / "device", splits["device"])
   streamed = _state(tmp_path / "stream")
-  _assert_same_across_programs(streamed, _state(tmp_path / "device"), "streamed vs resident")
+  # Different programs (the batch an input, or gathered in the step): conftest says how compared.
+  assert_same_across_programs(streamed, _state(tmp_path / "device"), "streamed vs resident")
   saved = json.loads(next((tmp_path / "stream" / "checkpoints" / str(total)).glob(
       f"{checkpoint.ITERATOR}/*")).read_text())
   assert saved["step"] == total and saved["grain"]["next_index"] == total
@@ -194,7 +187,7 @@ def test_streamed_classifier_equals_resident_and_resumes_exactly(tmp_path, monke
   run = _train(resident_cfg, tmp_path / "switched", splits["device"], stop_after=per_epoch)
   classifier.train(stream_cfg, run, splits["stream"]["train"], splits["stream"]["val"],
                    mesh_lib.make_mesh())
-  _assert_same_across_programs(_state(run), streamed, "resident, resumed streamed vs streamed")
+  assert_same_across_programs(_state(run), streamed, "resident, resumed streamed vs streamed")
 
 
 def test_a_checkpoint_of_another_pipeline_position_is_refused(tmp_path):

@@ -45,8 +45,8 @@ _INIT_PROGRAMS: collections.OrderedDict[Hashable, Callable[[], nnx.Module]] = (
 _INIT_PROGRAMS_KEPT = 16
 
 
-def init_module(make: Callable[[nnx.Rngs], nnx.Module], seed: int, *, abstract: bool = False,
-                arch_key: Hashable | None = None) -> nnx.Module:
+def init_module(make: Callable[[nnx.Rngs], nnx.Module], seed: int, *, arch_key: Hashable,
+                abstract: bool = False) -> nnx.Module:
   """Builds a module with its whole initialisation compiled as one program.
 
   Built eagerly, every parameter shape compiles its own threefry sampler: tens of seconds for a
@@ -58,16 +58,13 @@ def init_module(make: Callable[[nnx.Rngs], nnx.Module], seed: int, *, abstract: 
   """
   if abstract:
     return nnx.eval_shape(lambda: make(nnx.Rngs(0)))
-  key = None if arch_key is None else (arch_key, int(seed))
-  program = _INIT_PROGRAMS.get(key) if key is not None else None
+  key = (arch_key, int(seed))
+  program = _INIT_PROGRAMS.pop(key, None)
   if program is None:
     program = nnx.jit(lambda: make(nnx.Rngs(jax.random.key(seed, impl="rbg"))))
-    if key is not None:
-      _INIT_PROGRAMS[key] = program
-      while len(_INIT_PROGRAMS) > _INIT_PROGRAMS_KEPT:
-        _INIT_PROGRAMS.popitem(last=False)
-  elif key is not None:
-    _INIT_PROGRAMS.move_to_end(key)
+  _INIT_PROGRAMS[key] = program  # the newest last
+  while len(_INIT_PROGRAMS) > _INIT_PROGRAMS_KEPT:
+    _INIT_PROGRAMS.popitem(last=False)
   return program()
 
 
